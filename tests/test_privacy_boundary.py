@@ -1,0 +1,48 @@
+"""The privacy boundary: sensitive shard sets are refused to every reader except the release."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from privacy.boundary import check_readable, is_sensitive, mark_sensitive, read_manifest
+
+
+def _shard_set(path, **extra):
+    path.mkdir(parents=True)
+    (path / "shard-000000.tar").write_bytes(b"")
+    (path / "manifest.json").write_text(json.dumps({"num_samples": 1, **extra}))
+    return path
+
+
+def test_mark_and_refuse(tmp_path):
+    d = _shard_set(tmp_path / "faces" / "train")
+    public = _shard_set(tmp_path / "public" / "train")
+    check_readable(d, job="train")  # not yet sensitive
+    mark_sensitive(d)
+    mark_sensitive(d)  # idempotent
+    m = read_manifest(d)
+    assert is_sensitive(m) and m["num_samples"] == 1
+    for source in (d, str(d), d / "manifest.json", str(d / "shard-{000000..000000}.tar"), f"file://{d}",
+                   tmp_path / "faces", m):  # the directory above a sensitive set is refused too
+        with pytest.raises(PermissionError, match="sensitive shard set; only `flowrail privacy release` may read"):
+            check_readable(source, job="train")
+    check_readable(d, job="privacy release", allow_sensitive=True)
+    check_readable(public, job="train")
+    assert not is_sensitive(read_manifest(public))
+
+
+def test_message_is_one_line_and_names_the_dir(tmp_path):
+    d = _shard_set(tmp_path / "s")
+    mark_sensitive(d)
+    with pytest.raises(PermissionError) as err:
+        check_readable(d, job="evaluate")
+    assert "\n" not in str(err.value) and str(d) in str(err.value) and "evaluate" in str(err.value)
+
+
+def test_mark_missing_dir_or_manifest(tmp_path):
+    with pytest.raises(FileNotFoundError, match="shard directory not found"):
+        mark_sensitive(tmp_path / "nope")
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(FileNotFoundError, match="no shard manifest"):
+        mark_sensitive(tmp_path / "bare")
