@@ -47,7 +47,7 @@ def time_for_noise_level(path: Any, s: float, tol: float = 1e-12) -> float:
         raise ValueError(f"noise level s={s} exceeds what this path reaches (sigma/alpha at t=0 is {sigma(lo) / a_lo:.4g})")
     if g(hi) > 0:
         raise ValueError(f"noise level s={s} is too small to resolve on this path")
-    return float(brentq(g, lo, hi, xtol=tol, rtol=4 * 2.2e-16, maxiter=500))
+    return float(brentq(g, lo, hi, xtol=tol, maxiter=500))
 
 
 def linear_time_for_noise_level(s: float) -> float:
