@@ -157,6 +157,9 @@ class FluxConfig(Section):
     lora_targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
     guidance: float = Field(default=1.0, ge=0)  # guidance-embedding value for guidance-distilled models
     autoencoder: str | None = None  # local AutoencoderKL folder, for decoding samples
+    config: str | None = None  # transformer config (local folder or config.json) for a single-file checkpoint
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"  # SD3-style weights on the flow-matching loss
+    grad_checkpointing: bool = True
 
 
 class TrainJobConfig(Section):

@@ -1,0 +1,158 @@
+"""The FLUX transformer (diffusers ``FluxTransformer2DModel``) from local weights only (REFERENCE.md section 9).
+
+Two on-disk forms are accepted, never a hub id:
+
+- a diffusers folder: a pipeline root with ``model_index.json`` and a ``transformer/`` subfolder, or the
+  ``transformer/`` folder itself (``config.json`` + safetensors);
+- one original-format (Black Forest Labs) ``.safetensors`` file with keys ``double_blocks.N.img_attn.qkv`` etc.,
+  loaded through ``FluxTransformer2DModel.from_single_file(state_dict, config=<local dir>, local_files_only=True)``.
+
+diffusers 0.42's BFL converter hard-codes the FLUX.1 width (3072) when it splits each single block's fused
+``linear1`` into q, k, v and the MLP input. We split those tensors ourselves by the checkpoint's own width and let
+the converter map everything else, so the same code path loads a full-size file and a tiny test file.
+The transformer config of a single file is read from ``flux.config`` (a local diffusers folder or ``config.json``)
+or inferred from the tensor shapes (RoPE axes (16, 56, 56) when the head dim is 128, as in FLUX.1).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import FluxTransformer2DModel
+from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+from pipeline.config import FluxConfig
+
+BFL_PREFIX = "model.diffusion_model."
+FLUX1_WIDTH = 3072  # the width diffusers' converter assumes for single-block linear1
+FLUX1_AXES = (16, 56, 56)
+MLP_RATIO = 4  # FluxSingleTransformerBlock / FluxTransformerBlock use a 4x MLP
+
+
+def tiny_flux_config(guidance_embeds: bool = True) -> dict[str, Any]:
+    """A 1 double + 1 single block, 2-head, head-dim-16 FLUX (16-channel latents packed 2x2 -> 64 channels)."""
+    return dict(patch_size=1, in_channels=64, out_channels=None, num_layers=1, num_single_layers=1,
+                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+                guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6))
+
+
+def flux1_config(guidance_embeds: bool = True) -> dict[str, Any]:
+    """FLUX.1 [dev] (guidance_embeds=True) / [schnell] transformer sizes."""
+    return dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
+                attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                guidance_embeds=guidance_embeds, axes_dims_rope=FLUX1_AXES)
+
+
+def build_flux_model(flux_cfg: FluxConfig | None, tiny: bool = False,
+                     torch_dtype: torch.dtype | None = None) -> FluxTransformer2DModel:
+    """The FLUX transformer named by ``flux_cfg.weights`` (a local path), or a random tiny one with ``tiny=True``."""
+    if tiny:
+        guidance = True if flux_cfg is None else flux_cfg.guidance > 0
+        return FluxTransformer2DModel.from_config(tiny_flux_config(guidance_embeds=guidance))
+    if flux_cfg is None or not flux_cfg.weights:
+        raise ValueError("flux.weights is required for model=flux (a local diffusers folder or a BFL .safetensors file)")
+    path = Path(flux_cfg.weights).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"flux.weights={flux_cfg.weights}: no such file or directory")
+    if path.is_dir():
+        return load_diffusers_transformer(path, torch_dtype)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"flux.weights={flux_cfg.weights}: expected a diffusers folder or a .safetensors file")
+    return load_bfl_checkpoint(path, config=flux_cfg.config, torch_dtype=torch_dtype)
+
+
+def load_diffusers_transformer(path: Path, torch_dtype: torch.dtype | None = None) -> FluxTransformer2DModel:
+    """A diffusers pipeline root (``transformer/`` subfolder) or a transformer folder, offline."""
+    subfolder = None
+    if (path / "model_index.json").is_file() or (path / "transformer" / "config.json").is_file():
+        subfolder = "transformer"
+    folder = path / subfolder if subfolder else path
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"flux.weights={path}: no transformer config.json (expected {folder / 'config.json'})")
+    return FluxTransformer2DModel.from_pretrained(str(path), subfolder=subfolder, local_files_only=True,
+                                                  torch_dtype=torch_dtype)
+
+
+def load_bfl_checkpoint(path: Path, config: str | None = None,
+                        torch_dtype: torch.dtype | None = None) -> FluxTransformer2DModel:
+    """An original-format FLUX ``.safetensors`` file -> ``FluxTransformer2DModel`` (no network)."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for truncated/invalid files
+        raise ValueError(f"flux.weights={path}: not a readable safetensors file ({exc})") from None
+    state = {k.removeprefix(BFL_PREFIX): v for k, v in state.items()}
+    if "img_in.weight" not in state or not any(k.startswith("double_blocks.") for k in state):
+        raise ValueError(f"flux.weights={path}: not an original-format FLUX transformer (no img_in / double_blocks keys)")
+    model_config = read_config(config) if config else infer_bfl_config(state, path)
+    converted = convert_bfl_state_dict(state, model_config)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel", **model_config}))
+        return FluxTransformer2DModel.from_single_file(converted, config=tmp, local_files_only=True,
+                                                       torch_dtype=torch_dtype)
+
+
+def read_config(config: str) -> dict[str, Any]:
+    """A transformer config from a local ``config.json``, transformer folder or pipeline root."""
+    path = Path(config).expanduser()
+    for candidate in (path, path / "config.json", path / "transformer" / "config.json"):
+        if candidate.is_file():
+            data = json.loads(candidate.read_text())
+            return {k: v for k, v in data.items() if not k.startswith("_")}
+    raise FileNotFoundError(f"flux.config={config}: no transformer config.json there")
+
+
+def infer_bfl_config(state: dict[str, torch.Tensor], path: Path | str = "<state dict>") -> dict[str, Any]:
+    """Transformer sizes read off an original-format state dict (RoPE axes need head dim 128, as in FLUX.1)."""
+    width, in_channels = state["img_in.weight"].shape
+    head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    if head_dim != 128:
+        raise ValueError(f"flux.weights={path}: head dim {head_dim} is not FLUX.1's 128, so the RoPE axes cannot be "
+                         "inferred; pass flux.config=<local diffusers folder or config.json>")
+    out_channels = state["final_layer.linear.weight"].shape[0]
+    return dict(patch_size=1, in_channels=int(in_channels),
+                out_channels=None if out_channels == in_channels else int(out_channels),
+                num_layers=_count_blocks(state, "double_blocks."), num_single_layers=_count_blocks(state, "single_blocks."),
+                attention_head_dim=int(head_dim), num_attention_heads=int(width // head_dim),
+                joint_attention_dim=int(state["txt_in.weight"].shape[1]),
+                pooled_projection_dim=int(state["vector_in.in_layer.weight"].shape[1]),
+                guidance_embeds="guidance_in.in_layer.weight" in state, axes_dims_rope=FLUX1_AXES)
+
+
+def _count_blocks(state: dict[str, torch.Tensor], prefix: str) -> int:
+    return 1 + max((int(k[len(prefix):].split(".", 1)[0]) for k in state if k.startswith(prefix)), default=-1)
+
+
+def convert_bfl_state_dict(state: dict[str, torch.Tensor], model_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """BFL key names -> diffusers key names, for any width (consumes ``state``).
+
+    Single blocks fuse ``linear1 = [q; k; v; mlp_in]`` with sizes (w, w, w, 4w). diffusers' converter assumes
+    w = 3072, so we split them here by the real width, hand the converter same-named placeholders of the size it
+    expects, and then put the real tensors in place of what it produced from the placeholders.
+    """
+    width = model_config["num_attention_heads"] * model_config["attention_head_dim"]
+    expected = (3 + MLP_RATIO) * FLUX1_WIDTH
+    split: dict[str, torch.Tensor] = {}
+    n_single = _count_blocks(state, "single_blocks.")
+    for i in range(n_single):
+        for kind in ("weight", "bias"):
+            fused = state[f"single_blocks.{i}.linear1.{kind}"]
+            if fused.shape[0] != (3 + MLP_RATIO) * width:
+                raise ValueError(f"single_blocks.{i}.linear1.{kind} has {fused.shape[0]} rows, expected "
+                                 f"{(3 + MLP_RATIO) * width} for width {width}")
+            if width == FLUX1_WIDTH:
+                continue
+            q, k, v, mlp = torch.split(fused, (width, width, width, MLP_RATIO * width), dim=0)
+            prefix = f"single_transformer_blocks.{i}."
+            split.update({f"{prefix}attn.to_q.{kind}": q, f"{prefix}attn.to_k.{kind}": k,
+                          f"{prefix}attn.to_v.{kind}": v, f"{prefix}proj_mlp.{kind}": mlp})
+            state[f"single_blocks.{i}.linear1.{kind}"] = torch.empty(expected, dtype=fused.dtype)
+    converted = convert_flux_transformer_checkpoint_to_diffusers(state)
+    if state:
+        raise ValueError(f"unexpected keys in the FLUX checkpoint: {sorted(state)[:5]}")
+    converted.update(split)
+    return converted
