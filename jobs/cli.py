@@ -1,0 +1,48 @@
+"""``flowrail <command> ...``: dispatch to ``jobs/<command>.py:main(argv) -> int``.
+
+User errors (bad config, missing files, corrupt shards, refused sensitive data, bad checkpoints) are printed as
+one line and exit with code 2; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "run": ("jobs.run", "make digits shards if missing, train, sample, log (the embedded default)"),
+    "shards": ("jobs.shards", "write WebDataset shards: `shards digits --out DIR` or `shards images SRC --out DIR`"),
+    "train": ("jobs.train", "train or fine-tune a model with Ray Train + DeepSpeed"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: flowrail <command> [args] [key=value ...]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.errors import FlowrailError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"flowrail: unknown command '{command}' (allowed: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    try:
+        return int(module.main(rest) or 0)
+    except (FlowrailError, FileNotFoundError, PermissionError, ValueError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"flowrail {command}: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flowrail {command}: interrupted; checkpoints already written are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Ray Data streaming of a shard set into training workers.
+
+``read_webdataset`` → decode (uint8 HWC → float CHW in [-1, 1], optional bilinear resize; latents pass through)
+→ the Ray Train worker takes its split with ``get_dataset_shard`` and ``iter_torch_batches``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.data.shards import read_manifest, shard_paths
+from pipeline.errors import DataError
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model needs to know about its data."""
+
+    kind: str  # "pixels" or "latents"
+    field: str  # the shard member holding the array, e.g. "image.npy"
+    channels: int
+    size: int  # spatial size after resizing (square)
+    num_classes: int
+    num_samples: int
+    latent_scale: float | None = None
+    vae: str | None = None  # for latent sets: the autoencoder folder that decodes them
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def describe(shards: str, image_size: int | None, job: str = "train") -> tuple[list[str], DataInfo]:
+    """Validate a shard set for ``job`` and return its shard paths and :class:`DataInfo`."""
+    manifest = read_manifest(shards)
+    from privacy.boundary import check_readable
+
+    check_readable(manifest if isinstance(manifest, dict) else shards, job=job)
+    channels, height, width = manifest["shape"]
+    if height != width:
+        raise DataError(f"shard set {shards} holds {height}x{width} images; flowrail trains on square images")
+    kind = manifest.get("kind", "pixels")
+    size = height if (image_size is None or kind == "latents") else image_size
+    info = DataInfo(kind=kind, field=manifest.get("field", "image.npy"), channels=channels, size=size,
+                    num_classes=int(manifest.get("num_classes", 0)), num_samples=int(manifest["num_samples"]),
+                    latent_scale=manifest.get("latent_scale"), vae=manifest.get("vae"))
+    return shard_paths(shards, manifest), info
+
+
+class Decode:
+    """A batch of raw samples → ``{"image": float32 (B, C, H, W), "label": int64 (B,)}``.
+
+    Pixels: ``x = u8 / 127.5 - 1``; resized bilinearly (antialiased) when the stored size differs.
+    Samples with a wrong shape, a missing field or non-finite values are skipped and counted (policy ``skip``)
+    or raise a one-line :class:`DataError` naming the sample (policy ``fail``).
+    """
+
+    def __init__(self, info: DataInfo, policy: str = "skip") -> None:
+        self.info = info
+        self.policy = policy
+
+    def _bad(self, key: str, url: str, why: str) -> None:
+        if self.policy == "fail":
+            raise DataError(f"sample {key} in {url}: {why}")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+        import torch.nn.functional as F
+
+        info = self.info
+        keys = batch.get("__key__", np.array(["?"] * len(next(iter(batch.values())))))
+        urls = batch.get("__url__", np.array(["?"] * len(keys)))
+        arrays, labels = batch.get(info.field), batch.get("cls")
+        good_x, good_y, skipped = [], [], 0
+        for i in range(len(keys)):
+            x = None if arrays is None else arrays[i]
+            if x is None or (isinstance(x, float) and np.isnan(x)):
+                self._bad(keys[i], urls[i], f"missing field '{info.field}'")
+                skipped += 1
+                continue
+            x = np.asarray(x)
+            if info.kind == "pixels":
+                expected = (x.shape[0], x.shape[0], info.channels)
+                ok = x.ndim == 3 and x.shape == expected
+            else:
+                ok = x.ndim == 3 and x.shape[0] == info.channels and x.shape[1] == x.shape[2] == info.size
+            if not ok:
+                self._bad(keys[i], urls[i], f"array of shape {x.shape} does not match the manifest")
+                skipped += 1
+                continue
+            if x.dtype.kind == "f" and not np.isfinite(x).all():
+                self._bad(keys[i], urls[i], "array holds NaN or Inf values")
+                skipped += 1
+                continue
+            label = -1 if labels is None else labels[i]
+            good_x.append(x)
+            good_y.append(int(label) if label is not None and label == label else -1)
+        if not good_x:
+            out_shape = (0, info.channels, info.size, info.size)
+            return {"image": np.zeros(out_shape, np.float32), "label": np.zeros(0, np.int64),
+                    "skipped": np.zeros(0, np.int64)}
+        stacked = np.stack(good_x)
+        if info.kind == "pixels":
+            tensor = torch.from_numpy(stacked).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+            if tensor.shape[-1] != info.size:
+                tensor = F.interpolate(tensor, size=(info.size, info.size), mode="bilinear", antialias=True,
+                                       align_corners=False).clamp_(-1.0, 1.0)
+            images = tensor.numpy()
+        else:
+            images = stacked.astype(np.float32, copy=False)
+        count = np.zeros(len(good_x), np.int64)
+        count[0] = skipped
+        return {"image": images, "label": np.asarray(good_y, np.int64), "skipped": count}
+
+
+def build_dataset(shards: str, *, image_size: int | None, job: str = "train", policy: str = "skip",
+                  shuffle_files: bool = True) -> tuple[Any, DataInfo]:
+    """A streaming Ray Dataset of decoded samples, and its :class:`DataInfo`."""
+    import ray
+
+    paths, info = describe(shards, image_size, job)
+    ds = ray.data.read_webdataset(paths, shuffle="files" if shuffle_files else None)
+    ds = ds.map_batches(Decode(info, policy), batch_format="numpy", batch_size=256, zero_copy_batch=True)
+    return ds, info

@@ -1,0 +1,123 @@
+"""MLflow tracking: one run per training run (created by the driver, written to by rank 0).
+
+The run id is kept beside the Ray run so that re-running the same ``run_name`` resumes the same MLflow run.
+Metrics go through :class:`MetricLogger`, which either fails fast when the server is unreachable or buffers the
+metrics and flushes them when it returns (``tracking.on_unreachable``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import TrainJobConfig, flatten, tracking_uri
+from pipeline.errors import FlowrailError
+
+SECRET_MARKERS = ("password", "token", "secret", "credential", "api_key")
+
+
+class TrackingError(FlowrailError):
+    """The tracking server cannot be reached."""
+
+
+def client(uri: str):  # noqa: ANN201
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _quiet_mlflow_http() -> None:
+    # fail fast on an unreachable server instead of retrying for minutes
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    _quiet_mlflow_http()
+    c = client(uri)
+    try:
+        exp = c.get_experiment_by_name(name)
+        return exp.experiment_id if exp else c.create_experiment(name)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds for an unreachable server
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({type(exc).__name__})") from None
+
+
+def loggable_params(cfg: TrainJobConfig) -> dict[str, str]:
+    """Resolved config as MLflow params; never values of keys that look like credentials."""
+    params = {}
+    for key, value in flatten(cfg).items():
+        if any(marker in key.lower() for marker in SECRET_MARKERS):
+            continue
+        params[key] = str(value)[:500]
+    return params
+
+
+def run_record(cfg: TrainJobConfig) -> Path:
+    return Path(cfg.run_dir) / "ray" / cfg.run_name / "mlflow_run.json"
+
+
+def start_or_resume_run(cfg: TrainJobConfig, tags: dict[str, str] | None = None) -> tuple[str, bool]:
+    """The MLflow run of this training run: resumed when the run record exists, else created with params."""
+    from mlflow.entities import Param, RunTag
+
+    uri = tracking_uri(cfg)
+    record = run_record(cfg)
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        if saved.get("tracking_uri") == uri:
+            try:
+                client(uri).update_run(saved["run_id"], status="RUNNING")
+                return saved["run_id"], True
+            except Exception:  # noqa: BLE001 - the run was deleted or the store replaced: start a new one
+                pass
+    experiment_id = ensure_experiment(uri, cfg.tracking.experiment)
+    c = client(uri)
+    run = c.create_run(experiment_id, run_name=cfg.run_name, tags={"flowrail.job": "train", **(tags or {})})
+    params = [Param(k, v) for k, v in loggable_params(cfg).items()]
+    for i in range(0, len(params), 90):
+        c.log_batch(run.info.run_id, params=params[i:i + 90])
+    c.log_batch(run.info.run_id, tags=[RunTag("mlflow.note.content", f"flowrail run {cfg.run_name}")])
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}))
+    return run.info.run_id, False
+
+
+class MetricLogger:
+    """Log metric dicts to one run; on an unreachable server either raise or buffer and retry later."""
+
+    def __init__(self, uri: str, run_id: str, policy: str = "fail") -> None:
+        _quiet_mlflow_http()
+        self.uri, self.run_id, self.policy = uri, run_id, policy
+        self.pending: list[Any] = []
+        self.failures = 0
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        self.flush()
+
+    def flush(self) -> bool:
+        if not self.pending:
+            return True
+        try:
+            c = client(self.uri)
+            for i in range(0, len(self.pending), 900):
+                c.log_batch(self.run_id, metrics=self.pending[i:i + 900])
+            self.pending = []
+            return True
+        except Exception as exc:  # noqa: BLE001
+            self.failures += 1
+            if self.policy == "fail":
+                raise TrackingError(f"MLflow tracking server {self.uri} is unreachable "
+                                    f"({type(exc).__name__}); set tracking.on_unreachable=buffer to train on") from None
+            return False
+
+
+def mlflow_ui_hint(uri: str) -> str:
+    if uri.startswith("sqlite:") or uri.startswith("file:"):
+        return f"mlflow ui --backend-store-uri {uri}"
+    return f"open {uri}"

@@ -1,0 +1,44 @@
+"""Exponential moving average of the weights: ``ema <- d * ema + (1 - d) * theta``.
+
+The EMA is a full fp32 copy of the model held by every rank. Under ZeRO-3 the parameters are partitioned, so they
+are gathered (a collective: every rank calls ``update``) before the average is taken.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+
+    @staticmethod
+    def _gathered(params: list[nn.Parameter]):  # noqa: ANN205
+        if any(hasattr(p, "ds_id") for p in params):
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return nullcontext()
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay: float | None = None) -> None:
+        d = self.decay if decay is None else decay
+        live = dict(model.named_parameters())
+        params = [live[name] for name, _ in self.model.named_parameters() if name in live]
+        with self._gathered(params):
+            for name, ema_p in self.model.named_parameters():
+                if name in live:
+                    ema_p.lerp_(live[name].detach().float(), 1.0 - d)
+
+    @torch.no_grad()
+    def copy_from(self, model: nn.Module) -> None:
+        """Set the EMA to the live weights (decay 0)."""
+        self.update(model, 0.0)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()}

@@ -1,0 +1,64 @@
+"""DeepSpeed engine construction: ZeRO stage, precision, AdamW, gradient clipping, warm-up.
+
+The optimizer is a plain ``torch.optim.AdamW`` handed to DeepSpeed as client optimizer (DeepSpeed's fused Adam
+builds C++ at run time, which CPU machines often cannot do).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import TrainConfig
+
+
+def resolve_precision(cfg: TrainConfig) -> str:
+    """``auto`` means bf16 on GPU and fp32 on CPU (DeepSpeed has no fp16 on CPU)."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16" if cfg.use_gpu and torch.cuda.is_available() else "fp32"
+
+
+def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config that matches a flowrail ``train`` section."""
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage >= 2:
+        zero.update({"overlap_comm": False, "contiguous_gradients": True})
+    if cfg.zero_stage == 3:
+        zero.update({"stage3_gather_16bit_weights_on_model_save": False})
+    if cfg.offload:
+        if cfg.zero_stage < 2:
+            raise ValueError("train.offload=true needs train.zero_stage=2 or 3")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
+        if cfg.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": resolve_precision(cfg) == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_size: int) -> Any:
+    """Wrap ``model`` in a DeepSpeed engine with AdamW and a linear warm-up."""
+    if not cfg.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    warmup = cfg.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, micro_batch, world_size), dist_init_required=False)
+    return engine

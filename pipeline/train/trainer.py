@@ -1,0 +1,130 @@
+"""The driver side of training: dataset, MLflow run, Ray Train ``TorchTrainer`` with DeepSpeed workers, samples."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import TrainJobConfig, tracking_uri
+from pipeline.errors import FlowrailError
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    checkpoint: Path
+    metrics: dict[str, Any]
+    tracking_uri: str
+    grid: Path | None = None
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to the cluster in ``RAY_ADDRESS`` or start a local Ray (quiet, no dashboard)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}} \
+        if not os.environ.get("CUDA_VISIBLE_DEVICES") and not _has_cuda() else {}
+    kwargs: dict[str, Any] = {"runtime_env": env, "log_to_driver": True}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _unwrap(exc: BaseException) -> BaseException | None:
+    """The user-facing error inside a Ray Train failure, if there is one."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (FlowrailError, PermissionError, FileNotFoundError)):
+            return e
+        for attr in ("cause", "__cause__", "__context__"):
+            inner = getattr(e, attr, None)
+            if isinstance(inner, BaseException):
+                stack.append(inner)
+        for inner in getattr(e, "worker_failures", {}).values() if isinstance(getattr(e, "worker_failures", None), dict) else []:
+            stack.append(inner)
+    return None
+
+
+def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: bool = True) -> TrainResult:
+    """Train (or resume) the run ``cfg.run_name``; returns its MLflow run id and latest checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.data.streaming import build_dataset
+    from pipeline.tracking import client, start_or_resume_run
+    from pipeline.train.worker import train_loop_per_worker
+
+    init_ray()
+    dataset, info = build_dataset(cfg.data.shards, image_size=cfg.data.image_size, job="train",
+                                  policy=cfg.data.bad_sample_policy)
+    uri = tracking_uri(cfg)
+    run_id, resumed = start_or_resume_run(cfg, tags)
+    print(f"[flowrail] MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {uri}", flush=True)
+    tcfg = cfg.train
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "data": info.to_dict(), "run_id": run_id,
+                           "tracking_uri": uri},
+        scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
+                                               resources_per_worker={"CPU": tcfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name, storage_path=str(Path(cfg.run_dir) / "ray"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures)),
+        datasets={"train": dataset},
+        torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001
+        user_error = _unwrap(exc)
+        client(uri).set_terminated(run_id, status="FAILED")
+        if user_error is not None:
+            raise user_error from None
+        raise
+    if result.checkpoint is None:
+        raise FlowrailError(f"run {cfg.run_name} finished without a checkpoint")
+    checkpoint = Path(result.checkpoint.path)
+    out = TrainResult(run_id=run_id, checkpoint=checkpoint, metrics=dict(result.metrics or {}), tracking_uri=uri)
+    if make_grid:
+        out.grid = log_samples_and_curves(cfg, out)
+    client(uri).set_tag(run_id, "flowrail.checkpoint", str(checkpoint))
+    client(uri).set_terminated(run_id, status="FINISHED")
+    return out
+
+
+def log_samples_and_curves(cfg: TrainJobConfig, result: TrainResult) -> Path:
+    """Sample a labelled grid from the EMA weights and log it, with the loss/throughput curves, as images."""
+    from pipeline.images import save_curves
+    from pipeline.sampling import class_grid
+    from pipeline.tracking import client
+    from pipeline.train.checkpoint import load_trained
+
+    trained = load_trained(result.checkpoint)
+    out_dir = Path(cfg.run_dir) / "samples" / cfg.run_name
+    grid, nfe = class_grid(trained, out_dir / f"samples_step{trained.step:07d}.png", cfg.samples.per_class,
+                           cfg.samples.seed)
+    c = client(result.tracking_uri)
+    c.log_artifact(result.run_id, str(grid), artifact_path="samples")
+    history = {name: [(m.step, m.value) for m in c.get_metric_history(result.run_id, name)]
+               for name in ("loss", "samples_per_s")}
+    curves = save_curves(history, out_dir / "curves.png", title=cfg.run_name)
+    c.log_artifact(result.run_id, str(curves), artifact_path="curves")
+    c.log_metric(result.run_id, "sample_nfe", nfe, step=trained.step)
+    print(f"[flowrail] sample grid: {grid}", flush=True)
+    return grid
