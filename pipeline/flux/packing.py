@@ -1,0 +1,57 @@
+"""FLUX latent layout: 2x2 packing into 64-channel tokens, RoPE position ids, autoencoder shift/scale.
+
+- pack: ``(B, C, H, W) -> (B, (H/2)(W/2), 4C)``; token ``(i, j)`` holds the 2x2 patch at rows ``2i..2i+1``,
+  columns ``2j..2j+1``, channel-major (``c * 4 + 2 * di + dj``), as FLUX and diffusers lay it out.
+- image ids: per token ``(0, i, j)``; text ids: all zeros ``(L, 3)``.
+- autoencoder normalisation: ``latent = (z - shift_factor) * scaling_factor``; decode with the inverse.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W) -> (B, H/2 * W/2, 4C)`` (H and W must be even)."""
+    b, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"FLUX latents need even height and width, got {h}x{w}")
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents`: ``(B, H/2 * W/2, 4C) -> (B, C, H, W)``."""
+    b, n, d = tokens.shape
+    if n != (height // 2) * (width // 2) or d % 4:
+        raise ValueError(f"{n} tokens of width {d} do not unpack to a {height}x{width} latent")
+    x = tokens.reshape(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, height, width)
+
+
+def image_ids(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``(H/2 * W/2, 3)`` RoPE ids of the packed tokens: ``(0, row, col)``."""
+    rows = torch.arange(height // 2, device=device, dtype=dtype)
+    cols = torch.arange(width // 2, device=device, dtype=dtype)
+    ids = torch.zeros(height // 2, width // 2, 3, device=device, dtype=dtype)
+    ids[..., 1] = rows[:, None]
+    ids[..., 2] = cols[None, :]
+    return ids.reshape(-1, 3)
+
+
+def text_ids(length: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``(L, 3)`` zeros: FLUX gives text tokens no spatial position."""
+    return torch.zeros(length, 3, device=device, dtype=dtype)
+
+
+def num_image_tokens(height: int, width: int) -> int:
+    return (height // 2) * (width // 2)
+
+
+def normalize_latents(z: torch.Tensor, shift_factor: float, scaling_factor: float) -> torch.Tensor:
+    """Autoencoder latent -> model space: ``(z - shift) * scale``."""
+    return (z - shift_factor) * scaling_factor
+
+
+def denormalize_latents(latents: torch.Tensor, shift_factor: float, scaling_factor: float) -> torch.Tensor:
+    """Model space -> autoencoder latent: ``latents / scale + shift``."""
+    return latents / scaling_factor + shift_factor
