@@ -1,5 +1,8 @@
 """Exponential moving average of the weights: ``ema <- d * ema + (1 - d) * theta``.
 
+With warm-up the decay used at step k is ``min(d, (1 + k) / (10 + k))``, so short runs are not dominated by
+the random initialisation.
+
 The EMA is a full fp32 copy of the model held by every rank. Under ZeRO-3 the parameters are partitioned, so they
 are gathered (a collective: every rank calls ``update``) before the average is taken.
 """
@@ -24,6 +27,9 @@ class EMA:
 
             return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         return nullcontext()
+
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1.0 + step) / (10.0 + step))
 
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float | None = None) -> None:

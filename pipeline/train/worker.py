@@ -127,7 +127,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 continue
             engine.backward(loss)
             engine.step()
-            ema.update(engine.module)
+            ema.update(engine.module, ema.decay_at(state.step))
             state.step += 1
             window["loss"] += loss.item()
             window["n"] += 1

@@ -1,0 +1,104 @@
+"""Session-wide real components shared by the test suite: one local Ray, digits shards, an MLflow server,
+and one small trained run that evaluation/registry tests reuse."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray with 2 CPUs for the whole session."""
+    import ray
+
+    from pipeline.train.trainer import init_ray
+
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    """Digits WebDataset shards: ``<dir>/train`` (1438 samples) and ``<dir>/val`` (359)."""
+    from pipeline.data.sources import write_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    write_digits(root, samples_per_shard=256)
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, local artifact root); yields its URI."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("mlflow server did not become healthy within 120 s")
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def tiny_train_overrides(shards: Path, run_dir: Path, **extra: object) -> list[str]:
+    """Overrides for a small, fast training run on the digits shards."""
+    base = {
+        "run_dir": str(run_dir), "data.shards": str(shards / "train"), "data.val_shards": str(shards / "val"),
+        "data.image_size": 8, "data.batch_size": 32, "model.hidden_size": 32, "model.depth": 2,
+        "model.num_heads": 2, "model.patch_size": 2, "train.steps": 30, "train.log_every": 5,
+        "train.checkpoint_every": 15, "train.lr": 2e-3, "sampler.steps": 8, "samples.per_class": 2,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def trained_digits(ray_local, digits_shards, tmp_path_factory):
+    """One finished 2-worker ZeRO-2 run on digits (local sqlite MLflow): ``(cfg, TrainResult)``."""
+    from pipeline.config import TrainJobConfig, load_config
+    from pipeline.train.trainer import fit
+
+    run_dir = tmp_path_factory.mktemp("trained")
+    cfg = load_config(TrainJobConfig, "train", tiny_train_overrides(digits_shards, run_dir, run_name="shared"))
+    return cfg, fit(cfg)
