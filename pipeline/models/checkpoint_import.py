@@ -193,8 +193,8 @@ def load_official_checkpoint(path: str | Path, model: nn.Module, use_ema: bool =
     model.load_state_dict(adapted, strict=True)
     report.loaded = sum(1 for k in adapted if k in state)
     report.notes = notes
-    if hasattr(model, "after_import"):
-        model.after_import()
+    if hasattr(model, "after_import"):  # e.g. DFM zeroes stage layers a SiT checkpoint does not have
+        model.after_import([k for k in adapted if k not in state])
     return report
 
 
