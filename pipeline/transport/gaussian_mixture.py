@@ -55,6 +55,28 @@ class GaussianMixture:
         second = torch.einsum("k,kij->ij", self.weights, self.covs + torch.einsum("ki,kj->kij", self.means, self.means))
         return second - torch.outer(m, m)
 
+    def mmd2(self, x: torch.Tensor, bandwidth: float = 0.5) -> float:
+        """Squared MMD between samples ``x`` and this law, Gaussian kernel ``exp(-|x - y|^2 / (2 h^2))``.
+
+        The law's terms are exact (Gaussian integrals): ``E_y k(x, y)`` for ``y ~ N(m, S)`` is
+        ``h^D det(S + h^2 I)^{-1/2} exp(-(x - m)^T (S + h^2 I)^{-1} (x - m) / 2)``; the x-x term is unbiased.
+        """
+        x = x.to(torch.float64)
+        h2, d, n = bandwidth**2, self.dim, x.shape[0]
+        eye = torch.eye(d, dtype=torch.float64)
+
+        def expected_k(diff: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+            c = cov + h2 * eye
+            sol = torch.linalg.solve(c, diff.unsqueeze(-1)).squeeze(-1)
+            return bandwidth**d / torch.sqrt(torch.linalg.det(c)) * torch.exp(-0.5 * (diff * sol).sum(-1))
+
+        kxx = torch.exp(-torch.cdist(x, x) ** 2 / (2 * h2))
+        xx = (kxx.sum() - n) / (n * (n - 1))
+        xy = (expected_k(x[:, None, :] - self.means[None], self.covs[None]) @ self.weights).mean()
+        dm = self.means[:, None, :] - self.means[None, :, :]  # y - y' ~ N(mu_k - mu_l, S_k + S_l)
+        yy = self.weights @ expected_k(dm, self.covs[:, None] + self.covs[None]) @ self.weights
+        return float(xx - 2 * xy + yy)
+
     # ------------------------------------------------------------------ marginals of x_t
 
     def _components(self, path: Path, x: torch.Tensor, t: torch.Tensor):
