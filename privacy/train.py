@@ -1,0 +1,269 @@
+"""``flowrail privacy train``: SFBD, SFBD flow and their baselines as a Ray Train + DeepSpeed job.
+
+Driver: the release's clean and noisy shard sets become two Ray Datasets (the lead's streaming decoder; noisy
+copies are float CHW and pass through unresized), one MLflow run, a ``TorchTrainer``. Worker: the spine's model,
+DeepSpeed engine, EMA and checkpoint helpers, with its own loop: each worker keeps its split of the clean set and of
+the noisy set in memory (SFBD needs random access to its pool), denoises its own slice when the
+:class:`privacy.sfbd.Schedule` says so, and trains on the mixed loss of :mod:`privacy.sfbd`.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import DataError
+from privacy.config import PrivacyTrainConfig
+from privacy.sfbd import DenoisedPool, Schedule, denoise, mixed_loss, sample_clean
+
+
+def schedule_for(cfg: PrivacyTrainConfig) -> Schedule:
+    p, steps = cfg.privacy, cfg.train.steps
+    ramp_start = p.warmup_steps if p.ramp_start is None else p.ramp_start
+    ramp_end = p.ramp_end if p.ramp_end is not None else ramp_start + max(0, steps - ramp_start) // 2
+    return Schedule(p.method, steps, warmup_steps=p.warmup_steps if p.method in ("sfbd", "sfbd_flow") else 0,
+                    rounds=p.rounds, refresh_every=p.refresh_every, ramp_start=ramp_start, ramp_end=ramp_end)
+
+
+def _materialize(shard: Any, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over this worker's split of a dataset, kept in memory."""
+    xs, ys = [], []
+    for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=False):
+        xs.append(batch["image"].float())
+        ys.append(batch["label"].long())
+    if not xs:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def privacy_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+
+    from pipeline.data.streaming import DataInfo
+    from pipeline.objective import build_objective
+    from pipeline.tracking import MetricLogger
+    from pipeline.train import checkpoint as ckpt_io
+    from pipeline.train.checkpoint import TrainState
+    from pipeline.train.ema import EMA
+    from pipeline.train.engine import build_engine, resolve_precision
+    from pipeline.train.worker import TooManyBadSteps, _all_reduce, build_worker_model
+
+    cfg = PrivacyTrainConfig.model_validate(loop_config["cfg"])
+    base = cfg.base()
+    info = DataInfo(**loop_config["data"])
+    s = float(loop_config["noise_std"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tcfg, pcfg = cfg.train, cfg.privacy
+    sched = schedule_for(cfg)
+
+    model = build_worker_model(base, info)
+    ema = EMA(model, tcfg.ema_decay)
+    engine = build_engine(model, tcfg, cfg.data.batch_size, world)
+    device = engine.device
+    ema.model.to(device)
+    objective = build_objective(base, info.num_classes)
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+                if resolve_precision(tcfg) == "bf16" else nullcontext())
+
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = ckpt_io.restore(Path(ckpt_dir), engine=engine, ema=ema, rank=rank)
+    torch.manual_seed(cfg.seed * 1009 + rank + 7919 * state.step)
+    gen = torch.Generator().manual_seed(cfg.seed * 104729 + rank + 7919 * state.step)
+
+    clean_x, clean_y = _materialize(ray.train.get_dataset_shard("clean")) if sched.uses_clean else (None, None)
+    noisy_x, noisy_y = _materialize(ray.train.get_dataset_shard("noisy")) if sched.uses_pool else (None, None)
+    n_clean_local = 0 if clean_x is None else clean_x.shape[0]
+    n_pool_local = 0 if noisy_x is None else noisy_x.shape[0]
+    n_clean, n_pool = (int(v) for v in _all_reduce([n_clean_local, n_pool_local]))
+    if sched.uses_clean and n_clean_local == 0:
+        raise DataError(f"worker {rank} got no clean samples from {cfg.clean_dir} (too few for {world} workers)")
+    if sched.uses_pool and n_pool_local == 0:
+        raise DataError(f"worker {rank} got no noisy samples from {cfg.noisy_dir} (too few for {world} workers)")
+    pool = DenoisedPool(noisy_x, noisy_y, keep_noisy=not sched.denoises) if sched.uses_pool else None
+
+    logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"], cfg.tracking.on_unreachable) \
+        if rank == 0 and loop_config.get("run_id") else None
+    window = {"loss": 0.0, "n": 0, "samples": 0, "t0": time.perf_counter(), "denoise_s": 0.0}
+    denoise_nfe = 0
+
+    def refresh(kind: str) -> None:
+        nonlocal denoise_nfe
+        assert pool is not None
+        t0 = time.perf_counter()
+        idx = pool.next_indices(None if kind == "full" else pcfg.refresh_size)
+        net = ema.model if pcfg.denoise_with == "ema" else engine.module
+        net.eval()
+        with autocast:
+            x_hat, denoise_nfe = denoise(objective, net, pool.noisy[idx].to(device), s, pool.labels[idx].to(device),
+                                         steps=pcfg.denoise_steps, solver=pcfg.denoise_solver,
+                                         batch_size=pcfg.denoise_batch)
+        engine.module.train()
+        pool.update(idx, x_hat.float().cpu().clamp(-1.5, 1.5))
+        window["denoise_s"] += time.perf_counter() - t0
+
+    def checkpoint_and_report(metrics: dict[str, float]) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix=f"flowrail-privacy-ckpt-r{rank}-"))
+        try:
+            ckpt_io.save(tmp, engine=engine, ema=ema, state=state, cfg=base, info=info, rank=rank,
+                         extra={"mlflow_run_id": loop_config.get("run_id"),
+                                "privacy": pcfg.model_dump(mode="json")})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    resumed_mid_run = sched.denoises and state.step > sched.warmup_steps
+    while state.step < tcfg.steps:
+        step = state.step
+        kind = "full" if resumed_mid_run else sched.refresh(step)
+        resumed_mid_run = False
+        if kind is not None:
+            refresh(kind)
+        w = sched.weight(step)
+        with autocast:
+            loss_c = objective.loss(engine, {k: v.to(device) for k, v in sample_clean(
+                clean_x, clean_y, cfg.data.batch_size, gen).items()}) if sched.uses_clean else None
+            loss_p = objective.loss(engine, {k: v.to(device) for k, v in pool.sample(
+                cfg.data.batch_size, gen).items()}) if pool is not None and w > 0 else None
+            loss = mixed_loss(loss_c, loss_p, n_clean, n_pool, w)
+        if _all_reduce([1.0 - torch.isfinite(loss.detach()).float().item()])[0] > 0:
+            state.bad_steps += 1
+            engine.zero_grad() if hasattr(engine, "zero_grad") else None
+            if state.bad_steps > tcfg.max_bad_steps:
+                raise TooManyBadSteps(f"loss was NaN/Inf in {state.bad_steps} steps "
+                                      f"(train.max_bad_steps={tcfg.max_bad_steps}); last step {state.step}")
+            continue
+        engine.backward(loss)
+        engine.step()
+        ema.update(engine.module)
+        state.step += 1
+        window["loss"] += loss.item()
+        window["n"] += 1
+        window["samples"] += cfg.data.batch_size * (int(loss_c is not None) + int(loss_p is not None))
+
+        last = state.step >= tcfg.steps
+        if state.step % tcfg.log_every == 0 or last or state.step % tcfg.checkpoint_every == 0:
+            loss_sum, n, samples, den_s = _all_reduce([window["loss"], window["n"], window["samples"],
+                                                       window["denoise_s"]])
+            elapsed = time.perf_counter() - window["t0"]
+            metrics = {"loss": loss_sum / max(n, 1), "samples_per_s": samples / max(elapsed, 1e-9),
+                       "denoised_weight": w, "denoise_seconds": den_s / world, "step": state.step,
+                       "bad_steps": state.bad_steps}
+            if pool is not None:
+                refreshes, change = _all_reduce([pool.refreshes, 0.0 if pool.last_change != pool.last_change
+                                                 else pool.last_change])
+                metrics.update({"pool_refreshes": refreshes / world, "pool_change": change / world,
+                                "denoise_nfe": denoise_nfe})
+            if logger is not None:
+                logger.log({k: v for k, v in metrics.items() if k != "step"}, step=state.step)
+                print(f"[flowrail privacy] {pcfg.method} step {state.step}/{tcfg.steps}  loss {metrics['loss']:.4f}  "
+                      f"w {w:.2f}  {metrics['samples_per_s']:.0f} samples/s", flush=True)
+            window.update(loss=0.0, n=0, samples=0, t0=time.perf_counter(), denoise_s=0.0)
+            if state.step % tcfg.checkpoint_every == 0 or last:
+                checkpoint_and_report(metrics)
+            else:
+                ray.train.report(metrics)
+    if logger is not None and not logger.flush():
+        print(f"[flowrail privacy] {len(logger.pending)} metrics could not be logged: tracking server unreachable")
+
+
+def build_datasets(cfg: PrivacyTrainConfig, sched: Schedule) -> tuple[dict[str, Any], Any, float]:
+    """The clean and noisy Ray Datasets this method needs, the model's DataInfo and the release noise level."""
+    from pipeline.data.shards import read_manifest
+    from pipeline.data.streaming import build_dataset
+    from privacy.release import read_release
+
+    release = read_release(cfg.privacy.release)
+    s = float(release["noise_std"])
+    datasets: dict[str, Any] = {}
+    infos = []
+    if sched.uses_clean:
+        if not (Path(cfg.clean_dir) / "manifest.json").is_file():
+            raise DataError(f"privacy.method={sched.method} needs a clean set: {cfg.clean_dir} holds none "
+                            f"(release with --clean-fraction/--clean-from, or set privacy.clean_shards)")
+        datasets["clean"], info = build_dataset(cfg.clean_dir, image_size=None, job="privacy train",
+                                                policy=cfg.data.bad_sample_policy)
+        infos.append(info)
+    if sched.uses_pool:
+        datasets["noisy"], info = build_dataset(cfg.noisy_dir, image_size=None, job="privacy train",
+                                                policy=cfg.data.bad_sample_policy)
+        infos.append(replace(info, kind="pixels", field="image.npy"))
+        if read_manifest(cfg.noisy_dir).get("noise_std") != s:
+            raise DataError(f"{cfg.noisy_dir} does not match its release manifest's noise_std={s}")
+    info = infos[0]
+    for other in infos[1:]:
+        if (other.channels, other.size) != (info.channels, info.size):
+            raise DataError(f"clean set {cfg.clean_dir} ({info.channels}x{info.size}x{info.size}) and noisy set "
+                            f"{cfg.noisy_dir} ({other.channels}x{other.size}x{other.size}) differ in shape")
+    if cfg.data.image_size not in (None, info.size):
+        raise ValueError(f"data.image_size={cfg.data.image_size}: privacy training runs at the release's stored size "
+                         f"{info.size} (resizing noisy copies changes their noise level); set data.image_size=null")
+    num_classes = max(i.num_classes for i in infos)
+    return datasets, replace(info, num_classes=num_classes, num_samples=sum(i.num_samples for i in infos)), s
+
+
+def fit_privacy(cfg: PrivacyTrainConfig, *, make_grid: bool = True):  # noqa: ANN201
+    """Train one privacy method; returns the spine's ``TrainResult`` (MLflow run id, checkpoint, metrics)."""
+    import ray.train
+    from mlflow.entities import Param
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.config import flatten, tracking_uri
+    from pipeline.errors import FlowrailError
+    from pipeline.tracking import client, start_or_resume_run
+    from pipeline.train.trainer import TrainResult, _unwrap, init_ray, log_samples_and_curves
+
+    sched = schedule_for(cfg)
+    if cfg.privacy.denoise_with == "model" and cfg.train.zero_stage == 3:
+        raise ValueError("privacy.denoise_with=model needs train.zero_stage < 3 (ZeRO-3 partitions the live weights;"
+                         " use privacy.denoise_with=ema)")
+    init_ray()
+    datasets, info, s = build_datasets(cfg, sched)
+    base = cfg.base()
+    uri = tracking_uri(base)
+    run_id, resumed = start_or_resume_run(base, {"flowrail.job": "privacy train", "privacy.method": cfg.privacy.method})
+    if not resumed:
+        params = [Param(k, str(v)[:500]) for k, v in flatten(cfg.privacy, "privacy.").items()]
+        params.append(Param("privacy.noise_std", str(s)))
+        client(uri).log_batch(run_id, params=params)
+    print(f"[flowrail privacy] {cfg.privacy.method}: MLflow run {run_id} at {uri}", flush=True)
+    tcfg = cfg.train
+    trainer = TorchTrainer(
+        privacy_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "data": info.to_dict(), "run_id": run_id,
+                           "tracking_uri": uri, "noise_std": s},
+        scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
+                                               resources_per_worker={"CPU": tcfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name, storage_path=str(Path(cfg.run_dir) / "ray"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures)),
+        datasets=datasets,
+        torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001
+        user_error = _unwrap(exc)
+        client(uri).set_terminated(run_id, status="FAILED")
+        if user_error is not None:
+            raise user_error from None
+        raise
+    if result.checkpoint is None:
+        raise FlowrailError(f"privacy run {cfg.run_name} finished without a checkpoint")
+    out = TrainResult(run_id=run_id, checkpoint=Path(result.checkpoint.path), metrics=dict(result.metrics or {}),
+                      tracking_uri=uri)
+    if make_grid:
+        out.grid = log_samples_and_curves(base, out)
+    client(uri).set_tag(run_id, "flowrail.checkpoint", str(out.checkpoint))
+    client(uri).set_terminated(run_id, status="FINISHED")
+    return out
