@@ -13,6 +13,7 @@ COMMANDS = {
     "shards": ("jobs.shards", "write WebDataset shards: `shards digits --out DIR` or `shards images SRC --out DIR`"),
     "train": ("jobs.train", "train or fine-tune a model with Ray Train + DeepSpeed"),
     "privacy": ("jobs.privacy", "privacy stage: `privacy mark|release|train|audit ...` (noisy release, SFBD flow, audit)"),
+    "encode": ("jobs.encode", "pre-encode pixel shards into autoencoder latent shards: `encode --vae DIR --src SHARDS --out DIR`"),
     "flux_encode": ("jobs.flux_encode", "pre-encode image+caption shards for FLUX: latents + T5/CLIP text embeddings"),
 }
 
