@@ -60,8 +60,12 @@ def _unwrap(exc: BaseException) -> BaseException | None:
     return None
 
 
-def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: bool = True) -> TrainResult:
-    """Train (or resume) the run ``cfg.run_name``; returns its MLflow run id and latest checkpoint."""
+def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: bool = True,
+        callbacks: list[Any] | None = None) -> TrainResult:
+    """Train (or resume) the run ``cfg.run_name``; returns its MLflow run id and latest checkpoint.
+
+    ``callbacks``: Ray Train ``UserCallback``s for the run config (a Tune trial passes its report callback).
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -85,7 +89,8 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
         run_config=ray.train.RunConfig(
             name=cfg.run_name, storage_path=str(Path(cfg.run_dir) / "ray"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
+            callbacks=list(callbacks or [])),
         datasets={"train": dataset},
         torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
     )
