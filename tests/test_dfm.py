@@ -86,9 +86,11 @@ class PointOracle(nn.Module):
         self.dummy_param = nn.Parameter(torch.zeros(()))
         self.parts = decompose(target, stages)
         self.calls: list[torch.Tensor] = []
+        self.batch_sizes: list[int] = []
 
     def forward(self, xs, t, y=None):
         self.calls.append(t.clone())
+        self.batch_sizes.append(xs[0].shape[0])
         return [(p.expand_as(x) - x) / (1 - t[:, s]).clamp_min(1e-6).reshape(-1, 1, 1, 1)
                 for s, (p, x) in enumerate(zip(self.parts, xs))]
 
@@ -105,6 +107,29 @@ def test_stage_wise_sampler_reaches_the_data_and_counts_nfe(stages: int, steps: 
     assert first == [0.0] * stages  # stage 0 starts alone; later stages wait at t = 0
     start_of_phase_1 = oracle.calls[steps[0]][0].tolist()
     assert start_of_phase_1[:2] == pytest.approx([0.7, 0.0])
+
+
+def test_guidance_runs_conditional_and_null_labels_in_one_call() -> None:
+    from pipeline.config import GuidanceConfig
+
+    target = torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    oracle = PointOracle(target, 2).double()
+    obj = DFMObjective(stages=2, stage_steps=[3, 1], guidance=GuidanceConfig(scale=3.0, t_min=0.0, t_max=0.5),
+                       num_classes=10)
+    out = obj.sample(oracle, {"label": torch.tensor([1, 2])}, (2, 1, 8, 8))
+    assert out.nfe == 4 and torch.allclose(out.x, target.expand(2, -1, -1, -1), atol=1e-8)
+    assert oracle.batch_sizes == [4, 4, 2, 4]  # guided while the newest stage's time (0, .3, .6 | 0) is in [0, .5]
+
+
+def test_parameter_overhead_matches_paper() -> None:
+    """DFM adds about 0.6% parameters to DiT-XL/2 (REFERENCE.md section 6)."""
+    with torch.device("meta"):
+        sit = build_sit("SiT-XL/2", in_channels=4, input_size=32, num_classes=1000, learn_sigma=True)
+        dfm = DFM(stages=2, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                  num_classes=1000, learn_sigma=True)
+    n_sit = sum(p.numel() for p in sit.parameters())
+    n_dfm = sum(p.numel() for p in dfm.parameters())
+    assert 0.005 < (n_dfm - n_sit) / n_sit < 0.007
 
 
 def test_phase_schedule() -> None:
