@@ -36,21 +36,26 @@ def load_pixels(shard_dir: str | Path, job: str, allow_sensitive: bool = False) 
 
 
 def feature_space(train: torch.Tensor, prefer: str = "auto") -> tuple[Features | None, str]:
-    """The digits classifier's features (evals) when available and asked for; raw centred pixels otherwise."""
-    if prefer in ("auto", "digits_classifier"):
-        try:
-            from evals.digits_classifier import digits_features  # type: ignore[attr-defined]
-        except ImportError:
-            if prefer == "digits_classifier":
-                raise ValueError("--features digits_classifier needs evals.digits_classifier (not available)") from None
-        else:
-            return (lambda x: digits_features(x).double()), "digits_classifier"
-    return None, "pixels"
+    """The digits classifier's 64-d features (evals) for 1-channel images, or raw centred pixels.
+
+    ``auto`` picks the classifier for grey images (the digits default) and pixels otherwise.
+    """
+    if prefer == "pixels" or (prefer == "auto" and train.shape[1] != 1):
+        return None, "pixels"
+    try:
+        from evals.digits_classifier import load_digits_classifier
+    except ImportError:
+        if prefer == "digits_classifier":
+            raise ValueError("--features digits_classifier needs evals.digits_classifier (not available)") from None
+        return None, "pixels"
+    classifier = load_digits_classifier()
+    return classifier.features, "digits_classifier"
 
 
 def audit_checkpoint(checkpoint: str | Path, sensitive: str | Path, *, release: str | Path | None = None,
                      num_samples: int = 500, seed: int = 0, features: str = "auto", n: int = 50,
-                     alpha: float = 0.5, log: bool = True, prefix: str = "audit_") -> dict[str, Any]:
+                     alpha: float = 0.5, denoise_steps: int = 40, log: bool = True,
+                     prefix: str = "audit_") -> dict[str, Any]:
     """All audit statistics for one checkpoint; logged into its MLflow run (``prefix``-ed) when ``log``."""
     from pipeline.sampling import sample_classes
     from pipeline.train.checkpoint import load_trained
@@ -79,7 +84,8 @@ def audit_checkpoint(checkpoint: str | Path, sensitive: str | Path, *, release: 
         if missing:
             raise ValueError(f"release {release} holds {len(missing)} samples not in {sensitive} (e.g. {missing[0]})")
         originals = train[[by_key[k] for k in nkeys]]
-        x_hat, nfe = denoise(trained.objective, trained.model, noisy, float(rec["noise_std"]), nlabels)
+        x_hat, nfe = denoise(trained.objective, trained.model, noisy, float(rec["noise_std"]), nlabels,
+                             steps=denoise_steps)
         out.update({f"pool_{k}": v for k, v in audit_reconstructions(x_hat.float().clamp(-1, 1), originals,
                                                                       alpha, n).items()})
         # the noisy copies themselves, as the floor of what the release already reveals

@@ -39,11 +39,19 @@ class PrivacyConfig(Section):
         return self
 
 
+class PrivacyDataConfig(DataConfig):
+    """``data`` for privacy training: no resizing by default, shards filled in from the release."""
+
+    shards: str = ""  # default: <privacy.release>/clean
+    val_shards: str | None = None
+    image_size: int | None = Field(default=None, ge=2)  # must be null or the release's stored size
+
+
 class PrivacyTrainConfig(TrainJobConfig):
     """``flowrail privacy train`` settings: every ``flowrail train`` key plus ``privacy.*``."""
 
     run_name: str = "privacy"
-    data: DataConfig = DataConfig(image_size=None, shards="", val_shards=None)
+    data: PrivacyDataConfig = PrivacyDataConfig()
     privacy: PrivacyConfig = PrivacyConfig()
 
     def resolve_paths(self, base: Path | None = None) -> "PrivacyTrainConfig":
