@@ -156,3 +156,17 @@ def convert_bfl_state_dict(state: dict[str, torch.Tensor], model_config: dict[st
         raise ValueError(f"unexpected keys in the FLUX checkpoint: {sorted(state)[:5]}")
     converted.update(split)
     return converted
+
+
+def prepare_for_training(model: FluxTransformer2DModel, flux_cfg: FluxConfig) -> FluxTransformer2DModel:
+    """LoRA (frozen base) or full fine-tune set-up; see :func:`pipeline.flux.lora.prepare_for_training`."""
+    from pipeline.flux.lora import prepare_for_training as prepare
+
+    return prepare(model, flux_cfg)
+
+
+def save_finetuned(model: torch.nn.Module, flux_cfg: FluxConfig, out_dir: str | Path) -> Path:
+    """LoRA file or diffusers folder (call on every rank under ZeRO-3); see :func:`pipeline.flux.lora.save_finetuned`."""
+    from pipeline.flux.lora import save_finetuned as save
+
+    return save(model, flux_cfg, out_dir)

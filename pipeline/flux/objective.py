@@ -8,7 +8,8 @@ the network predicts ``d x / d sigma = x0 - x1 = -u`` on packed 2x2 tokens.
 Training loss: ``E_t w(sigma) || v_theta(x_t, t) - (x1 - x0) ||^2`` with t from ``cfg.transport`` (uniform,
 logit-normal or mode; optional FLUX resolution shift) and ``w`` one of
 ``none`` (1), ``sigma_sqrt`` (``sigma^-2``) or ``cosmap`` (``2 / (pi (1 - 2 sigma + 2 sigma^2))``), as in SD3.
-Batches: ``latent`` (B, 16, H, W, already ``(z - shift) * scale``), ``t5`` (B, L, D_t5), ``clip_pooled`` (B, D_clip).
+Batches: ``latent`` (or ``image``; B, 16, H, W, already ``(z - shift) * scale``), ``t5`` (B, L, D_t5),
+``clip_pooled`` (B, D_clip).
 """
 from __future__ import annotations
 
@@ -91,10 +92,12 @@ class FluxObjective:
                    train_eps=cfg.transport.train_eps or 0.0)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        for key in ("latent", "t5", "clip_pooled"):
-            if key not in batch:
-                raise ValueError(f"FLUX batches need '{key}' (have: {', '.join(sorted(batch))}); pre-encode the shards")
-        x1 = batch["latent"].float()
+        latent = batch.get("latent", batch.get("image"))  # the streaming loader names any stored array "image"
+        for key, value in (("latent", latent), ("t5", batch.get("t5")), ("clip_pooled", batch.get("clip_pooled"))):
+            if value is None:
+                raise ValueError(f"FLUX batches need '{key}' (have: {', '.join(sorted(batch))}); "
+                                 "pre-encode the shards with `flowrail flux_encode`")
+        x1 = latent.float()
         b, _, h, w = x1.shape
         x0 = torch.randn_like(x1)
         t = sample_train_times(self.transport, b, self.train_eps, num_tokens=num_image_tokens(h, w), device=x1.device)
