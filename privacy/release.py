@@ -116,7 +116,7 @@ def release(sensitive_dir: str | os.PathLike, out_dir: str | os.PathLike, noise_
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise ValueError(f"--out {out} must lie outside the sensitive set {src}")
     if (out / RELEASE_MANIFEST).exists():
-        raise FileExistsError(f"{out} already holds a release ({RELEASE_MANIFEST}); choose a new --out")
+        raise ValueError(f"{out} already holds a release ({RELEASE_MANIFEST}); choose a new --out")
 
     channels, height, width = manifest["shape"]
     public_manifest: dict[str, Any] | None = None

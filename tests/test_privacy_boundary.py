@@ -46,3 +46,23 @@ def test_mark_missing_dir_or_manifest(tmp_path):
     (tmp_path / "bare").mkdir()
     with pytest.raises(FileNotFoundError, match="no shard manifest"):
         mark_sensitive(tmp_path / "bare")
+
+
+def test_streaming_and_cli_refuse_a_marked_set(tmp_path, capsys):
+    """The lead's streaming entry point refuses a marked set; `flowrail privacy mark` marks; errors exit 2."""
+    from jobs.cli import main
+    from pipeline.data.shards import write_shard_set
+    from pipeline.data.streaming import describe
+    import numpy as np
+
+    d = tmp_path / "set"
+    write_shard_set(d, ((f"k{i}", {"image.npy": np.zeros((8, 8, 1), np.uint8), "cls": 0}) for i in range(4)),
+                    samples_per_shard=4, extra={"kind": "pixels", "field": "image.npy", "shape": [1, 8, 8],
+                                                "num_classes": 1})
+    describe(str(d), None, job="train")  # readable before marking
+    assert main(["privacy", "mark", str(d)]) == 0
+    with pytest.raises(PermissionError, match="sensitive shard set"):
+        describe(str(d), None, job="train")
+    assert main(["privacy", "mark", str(tmp_path / "missing")]) == 2
+    assert "shard directory not found" in capsys.readouterr().err
+    assert main(["privacy", "frobnicate"]) == 2

@@ -104,3 +104,22 @@ def test_release_input_errors(sets, tmp_path):
         release(root / "sensitive", tmp_path / "x", 0.0, SECRET)
     with pytest.raises(PermissionError, match="sensitive shard set"):  # a sensitive set is no public clean source
         release(root / "sensitive", tmp_path / "y", 0.59, SECRET, clean_from=root / "sensitive")
+
+
+def test_release_cli_reads_the_secret_from_a_file_or_env(sets, tmp_path, monkeypatch, capsys):
+    from jobs.cli import main
+
+    root, _ = sets
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(SECRET)
+    args = ["privacy", "release", "--sensitive", str(root / "sensitive"), "--noise-std", "0.59", "--clean-fraction",
+            "0.1"]
+    assert main(args + ["--out", str(tmp_path / "a"), "--secret-seed-file", str(secret_file)]) == 0
+    monkeypatch.setenv("FLOWRAIL_PRIVACY_SECRET", SECRET.decode())
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    assert read_release(tmp_path / "a")["noisy"]["shards"] == read_release(tmp_path / "b")["noisy"]["shards"]
+    monkeypatch.delenv("FLOWRAIL_PRIVACY_SECRET")
+    capsys.readouterr()
+    assert main(args + ["--out", str(tmp_path / "c")]) == 2
+    assert "no secret noise seed" in capsys.readouterr().err
+    assert main(args + ["--out", str(tmp_path / "a"), "--secret-seed-file", str(secret_file)]) == 2  # no overwrite
