@@ -31,6 +31,7 @@ class DataConfig(Section):
     batch_size: int = Field(default=64, ge=1)  # per worker
     shuffle_buffer: int = Field(default=512, ge=0)  # local shuffle of the stream; 0 disables
     bad_sample_policy: Literal["fail", "skip"] = "skip"  # corrupt/malformed samples: raise, or skip and count
+    verify_checksums: bool = True  # check every shard's sha256 against the manifest before training
 
 
 class ModelConfig(Section):
@@ -125,6 +126,8 @@ class TrainConfig(Section):
     eval_every: int = Field(default=0, ge=0)  # 0: evaluate only at the end
     max_bad_steps: int = Field(default=10, ge=0)  # NaN/Inf losses skipped before the run aborts
     max_failures: int = Field(default=0, ge=-1)  # Ray Train FailureConfig; -1 retries forever
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # Ray placement of the workers
+    storage_path: str | None = None  # Ray checkpoint storage: a shared dir or a pyarrow URL (s3://, gs://); None: run_dir/ray
 
 
 class SamplesConfig(Section):
@@ -147,6 +150,7 @@ class TrackingConfig(Section):
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under run_dir
     experiment: str = "flowrail"
     on_unreachable: Literal["fail", "buffer"] = "fail"  # buffer: train on, log when the server returns
+    buffer_grace_s: float = Field(default=60.0, ge=0)  # buffer: at the end, wait this long for the server to return
 
 
 class FluxConfig(Section):

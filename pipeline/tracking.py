@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,13 @@ from typing import Any
 from pipeline.config import TrainJobConfig, flatten, tracking_uri
 from pipeline.errors import FlowrailError
 
-SECRET_MARKERS = ("password", "token", "secret", "credential", "api_key")
+SECRET_MARKERS = ("password", "token", "secret", "credential", "api_key", "access_key", "private_key")
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact(value: str) -> str:
+    """``scheme://user:pass@host/...`` → ``scheme://***@host/...``: credentials never reach logs or params."""
+    return _USERINFO.sub(r"\g<scheme>***@", value)
 
 
 class TrackingError(FlowrailError):
@@ -41,16 +48,17 @@ def ensure_experiment(uri: str, name: str) -> str:
         exp = c.get_experiment_by_name(name)
         return exp.experiment_id if exp else c.create_experiment(name)
     except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds for an unreachable server
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({type(exc).__name__})") from None
+        raise TrackingError(f"MLflow tracking server {redact(uri)} is unreachable ({type(exc).__name__}); "
+                            f"start it or fix tracking.tracking_uri / $MLFLOW_TRACKING_URI") from None
 
 
 def loggable_params(cfg: TrainJobConfig) -> dict[str, str]:
-    """Resolved config as MLflow params; never values of keys that look like credentials."""
+    """Resolved config as MLflow params; never values of keys that look like credentials, nor URL userinfo."""
     params = {}
     for key, value in flatten(cfg).items():
         if any(marker in key.lower() for marker in SECRET_MARKERS):
             continue
-        params[key] = str(value)[:500]
+        params[key] = redact(str(value))[:500]
     return params
 
 
@@ -85,11 +93,15 @@ def start_or_resume_run(cfg: TrainJobConfig, tags: dict[str, str] | None = None)
 
 
 class MetricLogger:
-    """Log metric dicts to one run; on an unreachable server either raise or buffer and retry later."""
+    """Log metric dicts to one run; on an unreachable server either raise (``fail``) or buffer and retry (``buffer``).
 
-    def __init__(self, uri: str, run_id: str, policy: str = "fail") -> None:
+    Buffered metrics keep their original step and timestamp; every later ``log`` retries them, and the final
+    ``flush(final=True)`` waits up to ``grace_s`` seconds for the server to return.
+    """
+
+    def __init__(self, uri: str, run_id: str, policy: str = "fail", grace_s: float = 60.0) -> None:
         _quiet_mlflow_http()
-        self.uri, self.run_id, self.policy = uri, run_id, policy
+        self.uri, self.run_id, self.policy, self.grace_s = uri, run_id, policy, grace_s
         self.pending: list[Any] = []
         self.failures = 0
 
@@ -100,21 +112,30 @@ class MetricLogger:
         self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
         self.flush()
 
-    def flush(self) -> bool:
-        if not self.pending:
-            return True
-        try:
-            c = client(self.uri)
-            for i in range(0, len(self.pending), 900):
-                c.log_batch(self.run_id, metrics=self.pending[i:i + 900])
-            self.pending = []
-            return True
-        except Exception as exc:  # noqa: BLE001
-            self.failures += 1
-            if self.policy == "fail":
-                raise TrackingError(f"MLflow tracking server {self.uri} is unreachable "
-                                    f"({type(exc).__name__}); set tracking.on_unreachable=buffer to train on") from None
-            return False
+    def _send(self) -> None:
+        c = client(self.uri)
+        while self.pending:
+            c.log_batch(self.run_id, metrics=self.pending[:900])
+            self.pending = self.pending[900:]
+
+    def flush(self, final: bool = False) -> bool:
+        deadline = time.monotonic() + (self.grace_s if final and self.policy == "buffer" else 0.0)
+        while self.pending:
+            try:
+                self._send()
+            except Exception as exc:  # noqa: BLE001
+                self.failures += 1
+                if self.policy == "fail":
+                    raise TrackingError(f"MLflow tracking server {redact(self.uri)} is unreachable "
+                                        f"({type(exc).__name__}); set tracking.on_unreachable=buffer to train on") \
+                        from None
+                if self.failures == 1 or final:
+                    print(f"[flowrail] tracking server {redact(self.uri)} unreachable: {len(self.pending)} metric "
+                          f"values buffered", flush=True)
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(1.0)
+        return True
 
 
 def mlflow_ui_hint(uri: str) -> str:

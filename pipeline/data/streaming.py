@@ -1,7 +1,12 @@
 """Ray Data streaming of a shard set into training workers.
 
-``read_webdataset`` → decode (uint8 HWC → float CHW in [-1, 1], optional bilinear resize; latents pass through)
-→ the Ray Train worker takes its split with ``get_dataset_shard`` and ``iter_torch_batches``.
+``read_webdataset`` → decode (uint8 HWC → float CHW in [-1, 1], optional bilinear resize; latents pass through).
+
+Training reads a deterministic stream per (seed, epoch, rank) — see :func:`epoch_dataset` — so that a run resumed
+from a checkpoint sees exactly the batches an uninterrupted run would have seen. Ray Data's ``streaming_split``
+hands blocks to whichever worker asks first ("OutputSplitter does not provide any ordering guarantees"), so the
+training workers do not use it: each worker reads its own files of the epoch's seeded file permutation, in order
+(``preserve_order``), with a seeded local shuffle.
 """
 from __future__ import annotations
 
@@ -112,6 +117,58 @@ class Decode:
         count = np.zeros(len(good_x), np.int64)
         count[0] = skipped
         return {"image": images, "label": np.asarray(good_y, np.int64), "skipped": count}
+
+
+def epoch_files(paths: list[str], *, seed: int, epoch: int, rank: int, world: int) -> list[str]:
+    """This rank's shard files for ``epoch``: a permutation seeded by ``(seed, epoch)``, files ``rank::world``.
+
+    Every rank computes the same permutation, so the ranks' file sets are disjoint and cover the shard set.
+    """
+    if len(paths) < world:
+        raise DataError(f"shard set has {len(paths)} shard file(s), fewer than the {world} training workers "
+                        f"(write it with a smaller --samples-per-shard or use fewer train.num_workers)")
+    order = np.random.default_rng([seed, epoch]).permutation(len(paths))
+    return [paths[i] for i in order[rank::world]]
+
+
+def epoch_dataset(paths: list[str], info: DataInfo, *, policy: str, seed: int, epoch: int, rank: int,
+                  world: int) -> tuple[Any, list[str]]:
+    """A Ray Dataset of this rank's decoded samples for ``epoch`` in a deterministic order, and its files.
+
+    Determinism: the files are fixed by (seed, epoch, rank); ``DataContext.execution_options.preserve_order``
+    makes Ray Data emit blocks in file order whatever the order its read tasks finish in.
+    """
+    import ray.data
+
+    files = epoch_files(paths, seed=seed, epoch=epoch, rank=rank, world=world)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ds = ray.data.read_webdataset(files, shuffle=None)
+    ds = ds.map_batches(Decode(info, policy), batch_format="numpy", batch_size=256, zero_copy_batch=True)
+    return ds, files
+
+
+def check_tar(path: str) -> str | None:
+    """Why the tar file at ``path`` cannot be read to its end, or None when it can."""
+    import tarfile
+
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.isfile():
+                    tar.extractfile(member).read()  # type: ignore[union-attr]
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def name_bad_shard(files: list[str], exc: BaseException) -> DataError:
+    """Turn a failure while streaming ``files`` into a one-line :class:`DataError` naming the bad shard."""
+    for path in files:
+        why = check_tar(path)
+        if why is not None:
+            return DataError(f"shard {path} is corrupt or truncated ({why})")
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+    return DataError(f"reading shards {files[0]}... failed: {first[:300]}")
 
 
 def build_dataset(shards: str, *, image_size: int | None, job: str = "train", policy: str = "skip",

@@ -7,11 +7,19 @@ Layout of one checkpoint directory (Ray merges the ranks' directories into one):
     deepspeed/state/...    DeepSpeed ``save_checkpoint`` output (every rank writes its shard)
     rng/rank<R>.pt         torch RNG state of rank R
 
-Ray only registers a checkpoint once every rank has reported it, so a half-written one is never the latest.
+A half-written checkpoint is never the latest:
+- each rank writes into a local temporary directory; ``flowrail.json`` is written last (temp file + rename);
+- Ray Train uploads every rank's directory and registers the checkpoint (``checkpoint_manager_snapshot.json``)
+  only after all ranks reported it; :func:`find_latest` only considers registered checkpoints when the snapshot
+  exists, and otherwise requires ``flowrail.json``, ``ema.safetensors`` and every rank's ``rng/rank<R>.pt``.
+A write that fails (e.g. a full disk) raises :class:`CheckpointError` naming the directory; the previous
+checkpoint is untouched (nothing is ever written into an existing checkpoint).
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +37,7 @@ META = "flowrail.json"
 EMA_FILE = "ema.safetensors"
 DS_DIR = "deepspeed"
 DS_TAG = "state"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the registered checkpoints
 
 
 @dataclass
@@ -37,21 +46,38 @@ class TrainState:
     epoch: int = 0
     bad_steps: int = 0
     skipped_samples: int = 0
+    batch_in_epoch: int = 0  # batches of this epoch already consumed (good or skipped): the data position
 
 
 def save(local_dir: Path, *, engine: Any, ema: Any, state: TrainState, cfg: TrainJobConfig, info: DataInfo,
-         rank: int, extra: dict[str, Any] | None = None) -> Path:
-    """Write this rank's part of a checkpoint into ``local_dir`` (collective: every rank calls it)."""
-    local_dir.mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(local_dir / DS_DIR), tag=DS_TAG, client_state={"step": state.step})
-    (local_dir / "rng").mkdir(exist_ok=True)
-    torch.save({"torch": torch.get_rng_state()}, local_dir / "rng" / f"rank{rank}.pt")
-    if rank == 0:
-        save_file(ema.state_dict(), str(local_dir / EMA_FILE))
-        meta = {"format": "flowrail-checkpoint/1", "step": state.step, "epoch": state.epoch,
-                "bad_steps": state.bad_steps, "skipped_samples": state.skipped_samples,
-                "config": cfg.model_dump(mode="json"), "data": info.to_dict(), **(extra or {})}
-        (local_dir / META).write_text(json.dumps(meta, indent=2))
+         rank: int, world: int = 1, extra: dict[str, Any] | None = None) -> Path:
+    """Write this rank's part of a checkpoint into ``local_dir`` (collective: every rank calls it).
+
+    ``flowrail.json`` (rank 0) is written last and atomically, so a directory that has it has everything of rank 0.
+    """
+    try:
+        local_dir.mkdir(parents=True, exist_ok=True)
+        engine.save_checkpoint(str(local_dir / DS_DIR), tag=DS_TAG, client_state={"step": state.step})
+        (local_dir / "rng").mkdir(exist_ok=True)
+        torch.save({"torch": torch.get_rng_state()}, local_dir / "rng" / f"rank{rank}.pt")
+        if rank == 0:
+            save_file(ema.state_dict(), str(local_dir / EMA_FILE))
+            meta = {"format": "flowrail-checkpoint/1", "step": state.step, "epoch": state.epoch,
+                    "batch_in_epoch": state.batch_in_epoch, "world_size": world,
+                    "bad_steps": state.bad_steps, "skipped_samples": state.skipped_samples,
+                    "config": cfg.model_dump(mode="json"), "data": info.to_dict(), **(extra or {})}
+            tmp = local_dir / f".{META}.tmp"
+            tmp.write_text(json.dumps(meta, indent=2))
+            os.replace(tmp, local_dir / META)
+    except OSError as exc:
+        why = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or type(exc).__name__)
+        raise CheckpointError(f"could not write checkpoint {local_dir} at step {state.step}: {why}; "
+                              f"the previous checkpoint is kept") from None
+    except RuntimeError as exc:  # torch/safetensors wrap ENOSPC in RuntimeError
+        if "No space left" not in str(exc) and "write" not in str(exc).lower():
+            raise
+        raise CheckpointError(f"could not write checkpoint {local_dir} at step {state.step}: "
+                              f"{str(exc).splitlines()[0][:200]}; the previous checkpoint is kept") from None
     return local_dir
 
 
@@ -59,7 +85,13 @@ def read_meta(ckpt_dir: Path) -> dict[str, Any]:
     path = Path(ckpt_dir) / META
     if not path.is_file():
         raise CheckpointError(f"{ckpt_dir} is not a flowrail checkpoint: {META} is missing")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {META} is not valid JSON ({exc.msg})") from None
+    if not isinstance(meta, dict) or "step" not in meta or "config" not in meta:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {META} is not flowrail checkpoint metadata")
+    return meta
 
 
 def restore(ckpt_dir: Path, *, engine: Any, ema: Any, rank: int) -> TrainState:
@@ -73,7 +105,7 @@ def restore(ckpt_dir: Path, *, engine: Any, ema: Any, rank: int) -> TrainState:
     if rng_file.is_file():
         torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
     return TrainState(step=meta["step"], epoch=meta["epoch"], bad_steps=meta.get("bad_steps", 0),
-                      skipped_samples=meta.get("skipped_samples", 0))
+                      skipped_samples=meta.get("skipped_samples", 0), batch_in_epoch=meta.get("batch_in_epoch", 0))
 
 
 def _step_of(path: Path) -> int:
@@ -83,17 +115,51 @@ def _step_of(path: Path) -> int:
         return -1
 
 
+def is_complete(ckpt: Path) -> bool:
+    """Rank 0's metadata and EMA weights and every rank's RNG file are present."""
+    try:
+        meta = read_meta(ckpt)
+    except CheckpointError:
+        return False
+    world = int(meta.get("world_size", 1))
+    return (ckpt / EMA_FILE).is_file() and all((ckpt / "rng" / f"rank{r}.pt").is_file() for r in range(world))
+
+
+def registered_checkpoints(run_dir: Path) -> set[str] | None:
+    """Names of the checkpoint directories Ray Train registered in ``run_dir`` (None without a snapshot)."""
+    snapshot = run_dir / RAY_SNAPSHOT
+    if not snapshot.is_file():
+        return None
+    try:
+        state = json.loads(snapshot.read_text())
+    except json.JSONDecodeError:
+        return None
+    names = {r["checkpoint_dir_name"] for r in state.get("checkpoint_results", []) if "checkpoint_dir_name" in r}
+    latest = state.get("latest_checkpoint_result") or {}
+    if "checkpoint_dir_name" in latest:
+        names.add(latest["checkpoint_dir_name"])
+    return names
+
+
 def find_latest(path: str | Path) -> Path:
-    """A checkpoint directory itself, or the newest complete checkpoint under a run directory."""
+    """A checkpoint directory itself, or the newest complete (and, under Ray, registered) checkpoint under a dir."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if (path / META).is_file():
+        if not (path / EMA_FILE).is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {EMA_FILE} is missing")
         return path
-    candidates = [p for p in path.rglob(META)]
-    complete = [p.parent for p in candidates if (p.parent / EMA_FILE).is_file()]
+    complete = []
+    for meta in path.rglob(META):
+        ckpt = meta.parent
+        registered = registered_checkpoints(ckpt.parent)
+        if registered is not None and ckpt.name not in registered:
+            continue  # written but never registered by Ray Train (a rank failed while reporting it)
+        if is_complete(ckpt):
+            complete.append(ckpt)
     if not complete:
-        raise CheckpointError(f"no flowrail checkpoint found under {path}")
+        raise CheckpointError(f"no complete flowrail checkpoint found under {path}")
     return max(complete, key=lambda p: (_step_of(p), p.stat().st_mtime))
 
 
@@ -125,12 +191,23 @@ def load_trained(path: str | Path, overrides: TrainJobConfig | None = None) -> T
 
     ckpt = find_latest(path)
     meta = read_meta(ckpt)
-    cfg = overrides or TrainJobConfig.model_validate(meta["config"])
-    info = DataInfo(**meta["data"])
+    try:
+        cfg = overrides or TrainJobConfig.model_validate(meta["config"])
+        info = DataInfo(**meta["data"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt} has metadata this flowrail cannot read "
+                              f"({str(exc).splitlines()[0][:200]})") from None
     model = build_model(cfg.model, in_channels=info.channels, input_size=info.size, num_classes=info.num_classes,
                         flux_cfg=cfg.flux)
-    state = load_file(str(ckpt / EMA_FILE))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        state = load_file(str(ckpt / EMA_FILE))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+        raise CheckpointError(f"checkpoint {ckpt}: {EMA_FILE} cannot be read ({str(exc).splitlines()[0][:200]})") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch
+        detail = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc).splitlines()[0])
+        raise CheckpointError(f"checkpoint {ckpt} does not fit model '{cfg.model.name}': {detail[:300]}") from None
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {ckpt} does not fit model '{cfg.model.name}': "
                               f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")

@@ -28,6 +28,11 @@ def init_ray(num_cpus: int | None = None) -> None:
     env = {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}} \
         if not os.environ.get("CUDA_VISIBLE_DEVICES") and not _has_cuda() else {}
     kwargs: dict[str, Any] = {"runtime_env": env, "log_to_driver": True}
+    # Ray's token authentication (on by default for new local clusters since Ray 2.59) is left as Ray sets it:
+    # nothing here passes RAY_AUTH_MODE or an auth system config.
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        print("[flowrail] warning: RAY_AUTH_MODE=disabled: this Ray cluster accepts unauthenticated requests",
+              flush=True)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
@@ -69,29 +74,41 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.data.streaming import build_dataset
-    from pipeline.tracking import client, start_or_resume_run
+    from pipeline.data.shards import verify_shards
+    from pipeline.data.streaming import describe, epoch_files
+    from pipeline.errors import CheckpointError
+    from pipeline.tracking import client, redact, start_or_resume_run
     from pipeline.train.worker import train_loop_per_worker
 
-    init_ray()
-    dataset, info = build_dataset(cfg.data.shards, image_size=cfg.data.image_size, job="train",
-                                  policy=cfg.data.bad_sample_policy)
+    paths, info = describe(cfg.data.shards, cfg.data.image_size, job="train")
+    if cfg.data.verify_checksums:
+        verify_shards(cfg.data.shards)
+    if len(paths) < cfg.train.num_workers:
+        epoch_files(paths, seed=cfg.seed, epoch=0, rank=0, world=cfg.train.num_workers)  # raises a DataError
+    if cfg.init_from and "://" not in cfg.init_from and not Path(cfg.init_from).exists():
+        raise CheckpointError(f"init_from={cfg.init_from}: file or directory does not exist")
     uri = tracking_uri(cfg)
-    run_id, resumed = start_or_resume_run(cfg, tags)
-    print(f"[flowrail] MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {uri}", flush=True)
+    run_id, resumed = start_or_resume_run(cfg, tags)  # an unreachable server fails here, before Ray starts
+    print(f"[flowrail] MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {redact(uri)}", flush=True)
+    init_ray()
     tcfg = cfg.train
+    storage = tcfg.storage_path or str(Path(cfg.run_dir) / "ray")
+    loop_config = {"cfg": cfg.model_dump(mode="json"), "data": info.to_dict(), "paths": paths, "run_id": run_id,
+                   "tracking_uri": uri}
+    if os.environ.get("FLOWRAIL_FAULT_INJECT"):  # reliability tests only: see worker.FaultInjection
+        loop_config.update(fault_injection=os.environ["FLOWRAIL_FAULT_INJECT"],
+                           fault_marker_dir=str(Path(cfg.run_dir) / "faults" / cfg.run_name),
+                           fault_run_storage=str(Path(storage) / cfg.run_name))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "data": info.to_dict(), "run_id": run_id,
-                           "tracking_uri": uri},
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
-                                               resources_per_worker={"CPU": tcfg.cpus_per_worker}),
+                                               resources_per_worker={"CPU": tcfg.cpus_per_worker},
+                                               placement_strategy=tcfg.placement_strategy),
         run_config=ray.train.RunConfig(
-            name=cfg.run_name, storage_path=str(Path(cfg.run_dir) / "ray"),
+            name=cfg.run_name, storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
-            callbacks=list(callbacks or [])),
-        datasets={"train": dataset},
+            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures)),
         torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
     )
     try:
@@ -104,13 +121,25 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
         raise
     if result.checkpoint is None:
         raise FlowrailError(f"run {cfg.run_name} finished without a checkpoint")
-    checkpoint = Path(result.checkpoint.path)
+    checkpoint = local_checkpoint(result.checkpoint, Path(cfg.run_dir) / "checkpoints" / cfg.run_name)
     out = TrainResult(run_id=run_id, checkpoint=checkpoint, metrics=dict(result.metrics or {}), tracking_uri=uri)
     if make_grid:
         out.grid = log_samples_and_curves(cfg, out)
     client(uri).set_tag(run_id, "flowrail.checkpoint", str(checkpoint))
     client(uri).set_terminated(run_id, status="FINISHED")
     return out
+
+
+def local_checkpoint(checkpoint: Any, download_dir: Path) -> Path:
+    """The checkpoint as a local directory: its path on a local/shared filesystem, else downloaded (s3://, gs://)."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return Path(checkpoint.path)
+    target = download_dir / Path(checkpoint.path).name
+    if not target.is_dir():
+        checkpoint.to_directory(str(target))
+    return target
 
 
 def log_samples_and_curves(cfg: TrainJobConfig, result: TrainResult) -> Path:

@@ -1,12 +1,20 @@
 """The Ray Train worker loop: the only place that knows it runs distributed.
 
-Per step: batch from this worker's Ray Data split → objective loss → DeepSpeed backward/step → EMA update.
-Every ``log_every`` steps the ranks agree on the mean loss and rank 0 logs it; every ``checkpoint_every`` steps
-(and at the end) every rank writes its part of a checkpoint and reports it to Ray Train.
+Per step: batch from this worker's deterministic stream (:func:`pipeline.data.streaming.epoch_dataset`) →
+objective loss → DeepSpeed backward/step → EMA update. Every ``log_every`` steps the ranks agree on the mean loss
+and rank 0 logs it; every ``checkpoint_every`` steps (and at the end) every rank writes its part of a checkpoint
+and reports it to Ray Train.
+
+Resume: a restarted worker group (``train.max_failures``) or a re-run restores model, optimizer, EMA, RNG and the
+data position (epoch, batches consumed in it) from the latest checkpoint and skips those batches, so it takes the
+same steps on the same batches as an uninterrupted run. An epoch ends for all ranks as soon as one rank's stream
+runs out (ranks agree on it before every step), so every rank takes the same number of steps.
 """
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import tempfile
 import time
 from contextlib import nullcontext
@@ -35,12 +43,70 @@ def _all_reduce(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def _user_error(exc: BaseException) -> FlowrailError | None:
+    """A :class:`FlowrailError` in the cause chain of ``exc`` (Ray Data wraps errors raised in its tasks)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, FlowrailError):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return None
+
+
+class FaultInjection:
+    """Deliberate faults for reliability tests, from ``$FLOWRAIL_FAULT_INJECT`` on the driver.
+
+    ``kill@R:S``: rank R SIGKILLs its own process right after step S, once per run (a marker file in ``marker_dir``
+    stops the restarted worker from doing it again). Before killing it waits until Ray Train has registered the
+    last checkpoint (``checkpoint_manager_snapshot.json`` in ``run_storage``): the controller collects reports by
+    polling, and a checkpoint reported moments before a crash may never be registered (the restart then resumes
+    from the one before). ``nan@R:B``: rank R's loss is NaN on its B-th batch (counted as steps + skipped steps,
+    so it fires once). Comma-separated for several.
+    """
+
+    def __init__(self, spec: str | None, marker_dir: str | None, run_storage: str | None = None) -> None:
+        self.faults: list[tuple[str, int, int]] = []
+        self.marker_dir = Path(marker_dir) if marker_dir else None
+        self.run_storage = Path(run_storage) if run_storage else None
+        for part in filter(None, (spec or "").split(",")):
+            kind, _, where = part.strip().partition("@")
+            rank, _, index = where.partition(":")
+            self.faults.append((kind, int(rank), int(index)))
+
+    def nan_loss(self, rank: int, batch_index: int) -> bool:
+        return ("nan", rank, batch_index) in self.faults
+
+    def _registered_step(self) -> int:
+        if self.run_storage is None:
+            return -1
+        names = ckpt_io.registered_checkpoints(self.run_storage) or set()
+        steps = [ckpt_io.read_meta(self.run_storage / n)["step"] for n in names
+                 if (self.run_storage / n / ckpt_io.META).is_file()]
+        return max(steps, default=-1)
+
+    def maybe_kill(self, rank: int, step: int, last_checkpoint_step: int) -> None:
+        if ("kill", rank, step) not in self.faults or self.marker_dir is None:
+            return
+        marker = self.marker_dir / f".fault-kill-r{rank}-s{step}"
+        if marker.exists():
+            return
+        deadline = time.monotonic() + 300
+        while self._registered_step() < last_checkpoint_step and time.monotonic() < deadline:
+            time.sleep(0.5)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(os.getpid()))
+        print(f"[flowrail] fault injection: SIGKILL rank {rank} (pid {os.getpid()}) after step {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 def build_worker_model(cfg: TrainJobConfig, info: DataInfo) -> torch.nn.Module:
     """The model with the same initial weights on every rank (seeded), optionally initialised from a checkpoint."""
+    from pipeline.errors import CheckpointError
     from pipeline.models import build_model
 
     torch.manual_seed(cfg.seed)
@@ -49,7 +115,13 @@ def build_worker_model(cfg: TrainJobConfig, info: DataInfo) -> torch.nn.Module:
     if cfg.init_from:
         from pipeline.train.init_from import initialise_from
 
-        initialise_from(model, cfg.init_from)
+        try:
+            initialise_from(model, cfg.init_from)
+        except RuntimeError as exc:  # tensor shape mismatch from load_state_dict
+            detail = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln),
+                          str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            raise CheckpointError(f"init_from={cfg.init_from}: checkpoint does not fit the model ({detail[:300]})") \
+                from None
     if cfg.model.name.lower() == "flux":
         from pipeline.flux.model import prepare_for_training
 
@@ -60,6 +132,7 @@ def build_worker_model(cfg: TrainJobConfig, info: DataInfo) -> torch.nn.Module:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
+    from pipeline.data.streaming import epoch_dataset, name_bad_shard
     from pipeline.objective import build_objective
     from pipeline.tracking import MetricLogger
     from pipeline.train.ema import EMA
@@ -67,9 +140,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     cfg = TrainJobConfig.model_validate(loop_config["cfg"])
     info = DataInfo(**loop_config["data"])
+    paths: list[str] = loop_config["paths"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     tcfg = cfg.train
+    faults = FaultInjection(loop_config.get("fault_injection"), loop_config.get("fault_marker_dir"),
+                            loop_config.get("fault_run_storage"))
 
     model = build_worker_model(cfg, info)
     ema = EMA(model, tcfg.ema_decay)
@@ -86,43 +162,71 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as ckpt_dir:
             state = ckpt_io.restore(Path(ckpt_dir), engine=engine, ema=ema, rank=rank)
         if rank == 0:
-            print(f"[flowrail] resumed from step {state.step} (epoch {state.epoch})", flush=True)
+            print(f"[flowrail] resumed from step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})",
+                  flush=True)
     else:
         torch.manual_seed(cfg.seed * 1009 + rank)  # per-rank noise/time draws
 
-    logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"], cfg.tracking.on_unreachable) \
+    logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"], cfg.tracking.on_unreachable,
+                          grace_s=cfg.tracking.buffer_grace_s) \
         if rank == 0 and loop_config.get("run_id") else None
-    shard = ray.train.get_dataset_shard("train")
-    window = {"loss": 0.0, "n": 0, "samples": 0, "t0": time.perf_counter(), "wait": 0.0}
+    if logger is not None and checkpoint:
+        logger.log({"resumed_from_step": state.step}, step=state.step)
+    window = {"loss": 0.0, "n": 0, "samples": 0, "skipped": 0, "t0": time.perf_counter(), "wait": 0.0}
 
     def checkpoint_and_report(metrics: dict[str, float]) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f"flowrail-ckpt-r{rank}-"))
         try:
-            ckpt_io.save(tmp, engine=engine, ema=ema, state=state, cfg=cfg, info=info, rank=rank,
+            ckpt_io.save(tmp, engine=engine, ema=ema, state=state, cfg=cfg, info=info, rank=rank, world=world,
                          extra={"mlflow_run_id": loop_config.get("run_id")})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def epoch_batches(epoch: int):  # noqa: ANN202
+        """This rank's batches of ``epoch`` (deterministic); read errors become one line naming the shard."""
+        ds, files = epoch_dataset(paths, info, policy=cfg.data.bad_sample_policy, seed=cfg.seed, epoch=epoch,
+                                  rank=rank, world=world)
+        iterator = iter(ds.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True,
+                                              local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+                                              local_shuffle_seed=cfg.seed + 7919 * epoch + rank))
+        while True:
+            try:
+                yield next(iterator)
+            except StopIteration:
+                return
+            except Exception as exc:  # noqa: BLE001 - Ray Data wraps read/decode errors of its tasks
+                raise (_user_error(exc) or name_bad_shard(files, exc)) from None
+
     start_step = state.step
     while state.step < tcfg.steps:
         t_wait = time.perf_counter()
-        steps_before = state.step + state.bad_steps
-        for batch in shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True,
-                                              local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-                                              local_shuffle_seed=cfg.seed + 7919 * state.epoch + rank):
+        batches = epoch_batches(state.epoch)
+        for _ in range(state.batch_in_epoch):  # resume: skip what this epoch already consumed
+            next(batches, None)
+        consumed_before = state.batch_in_epoch
+        while True:
+            batch = next(batches, None)
+            if _all_reduce([float(batch is None)])[0] > 0:  # one rank ran out: the epoch ends for all
+                break
             window["wait"] += time.perf_counter() - t_wait
-            state.skipped_samples += int(batch.pop("skipped").sum()) if "skipped" in batch else 0
+            state.batch_in_epoch += 1
+            window["skipped"] += int(batch.pop("skipped").sum()) if "skipped" in batch else 0
             batch = _to_device(batch, device)
             with autocast:
                 loss = objective.loss(engine, batch)
+            if faults.nan_loss(rank, state.step + state.bad_steps):
+                loss = loss * float("nan")
             finite = torch.isfinite(loss.detach()).float().item()
             if _all_reduce([1.0 - finite])[0] > 0:  # every rank skips together, or none does
                 state.bad_steps += 1
                 engine.zero_grad() if hasattr(engine, "zero_grad") else None
+                if rank == 0:
+                    print(f"[flowrail] non-finite loss at step {state.step + 1}: skipped "
+                          f"({state.bad_steps}/{tcfg.max_bad_steps} allowed)", flush=True)
                 if state.bad_steps > tcfg.max_bad_steps:
                     raise TooManyBadSteps(f"loss was NaN/Inf in {state.bad_steps} steps "
-                                          f"(train.max_bad_steps={tcfg.max_bad_steps}); last step {state.step}")
+                                          f"(train.max_bad_steps={tcfg.max_bad_steps}); last good step {state.step}")
                 t_wait = time.perf_counter()
                 continue
             engine.backward(loss)
@@ -135,7 +239,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
             last = state.step >= tcfg.steps
             if state.step % tcfg.log_every == 0 or last or state.step % tcfg.checkpoint_every == 0:
-                loss_sum, n, samples = _all_reduce([window["loss"], window["n"], window["samples"]])
+                loss_sum, n, samples, skipped = _all_reduce([window["loss"], window["n"], window["samples"],
+                                                             window["skipped"]])
+                state.skipped_samples += int(skipped)
                 elapsed = time.perf_counter() - window["t0"]
                 metrics = {"loss": loss_sum / max(n, 1), "samples_per_s": samples / max(elapsed, 1e-9),
                            "data_wait_fraction": window["wait"] / max(elapsed, 1e-9),
@@ -149,17 +255,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     print(f"[flowrail] step {state.step}/{tcfg.steps}  loss {metrics['loss']:.4f}  "
                           f"{metrics['samples_per_s']:.0f} samples/s  eta {eta:.0f}s  ({done} this attempt)",
                           flush=True)
-                window.update(loss=0.0, n=0, samples=0, t0=time.perf_counter(), wait=0.0)
+                window.update(loss=0.0, n=0, samples=0, skipped=0, t0=time.perf_counter(), wait=0.0)
                 if state.step % tcfg.checkpoint_every == 0 or last:
                     checkpoint_and_report(metrics)
                 else:
                     ray.train.report(metrics)
+            faults.maybe_kill(rank, state.step, state.step // tcfg.checkpoint_every * tcfg.checkpoint_every)
             if last:
                 break
             t_wait = time.perf_counter()
-        state.epoch += 1
-        if state.step + state.bad_steps == steps_before and state.step < tcfg.steps:
+        if state.step >= tcfg.steps:
+            break
+        if state.batch_in_epoch == consumed_before == 0:
             raise DataError(f"an epoch of {cfg.data.shards} gave worker {rank} no full batch of "
                             f"{cfg.data.batch_size} samples (too few valid samples for data.batch_size)")
-    if logger is not None and not logger.flush():
+        state.epoch += 1
+        state.batch_in_epoch = 0
+    if logger is not None and not logger.flush(final=True):
         print(f"[flowrail] {len(logger.pending)} metrics could not be logged: tracking server unreachable", flush=True)
