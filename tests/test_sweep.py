@@ -1,0 +1,107 @@
+"""Sweep configuration, search space and summary ranking (no Ray needed)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError
+from pipeline.sweep.config import load_sweep_config, nest, trial_config
+from pipeline.sweep.space import grid_size, tune_space
+from pipeline.sweep.summary import Row, rank_rows, write_summary
+
+
+def _write(tmp_path, data) -> str:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_shipped_sweep_config_is_valid_and_fits_two_cores():
+    cfg = load_sweep_config("sweep")
+    assert grid_size(cfg.space) == 4 and len(cfg.sampling.configs) >= 4
+    from pipeline.sweep.config import base_train_config
+
+    base = base_train_config(cfg)
+    assert base.train.num_workers * base.train.cpus_per_worker * cfg.tune.max_concurrent < 2  # CPU left for Ray Data
+    assert cfg.tune.metric in cfg.eval.metrics and cfg.registry.enabled
+
+
+def test_space_becomes_tune_distributions():
+    from ray.tune.search.sample import Categorical, Float
+
+    space = tune_space({"transport.path": {"grid": ["linear", "gvp"]}, "train.lr": {"loguniform": [1e-4, 1e-2]},
+                        "model.hidden_size": {"choice": [32, 64]}})
+    assert space["transport.path"] == {"grid_search": ["linear", "gvp"]}
+    assert isinstance(space["train.lr"], Float) and space["train.lr"].lower == 1e-4
+    assert isinstance(space["model.hidden_size"], Categorical)
+
+
+def test_trial_config_applies_dotted_params_and_validates():
+    cfg = load_sweep_config("sweep")
+    from pipeline.sweep.config import base_train_config
+
+    base = base_train_config(cfg)
+    trial = trial_config(base, {"transport.path": "gvp", "train.lr": 0.01, "model.hidden_size": 64}, run_name="t1")
+    assert (trial.transport.path, trial.train.lr, trial.model.hidden_size, trial.run_name) == ("gvp", 0.01, 64, "t1")
+    assert trial.model.depth == base.model.depth == 2  # sweep overrides kept
+    with pytest.raises(ConfigError, match="transport.path"):
+        trial_config(base, {"transport.path": "curvy"})
+    assert nest({"a.b": 1, "c": {"d.e": 2}}) == {"a": {"b": 1}, "c": {"d": {"e": 2}}}
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"space": {"transport.pth": {"grid": ["linear"]}}}, "unknown key 'transport.pth'"),
+    ({"space": {"train.lr": {"normal": [0, 1]}}}, "space.train.lr must be one of"),
+    ({"space": {"train.lr": {"loguniform": [1e-3]}}}, r"space.train.lr.loguniform takes \[low, high\]"),
+    ({"space": {"transport.path": {"grid": ["linear"]}}, "tune": {"searcher": "optuna"}}, "use choice"),
+    ({"tune": {"metric": "fid"}}, "tune.metric=fid must be one of eval.metrics"),
+    ({"tune": {"max_concurent": 1}}, "unknown key 'tune.max_concurent'"),
+    ({"overrides": {"train.stepz": 3}}, "unknown key 'train.stepz'"),
+])
+def test_bad_sweep_config_is_one_line_naming_the_key(tmp_path, data, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_sweep_config(_write(tmp_path, data))
+    assert "\n" not in str(info.value)
+
+
+def test_sampling_variant_resolves_against_the_trial_sampler(tmp_path):
+    cfg = load_sweep_config(_write(tmp_path, {"sampling": {"configs": [
+        {"sampler": {"method": "sde", "steps": 9}, "guidance": {"scale": 2}},
+        {"name": "bad", "sampler": {"method": "sde", "solver": "rk4"}}]}}))
+    from pipeline.sweep.config import base_train_config
+
+    base = base_train_config(cfg)
+    sampler, guidance = cfg.sampling.configs[0].resolve(base)
+    assert (sampler.method, sampler.steps, sampler.solver, guidance.scale) == ("sde", 9, base.sampler.solver, 2.0)
+    assert cfg.sampling.configs[0].label == "method=sde,steps=9,cfgscale=2"
+    with pytest.raises(ConfigError, match="sampling variant bad: sampler.solver=rk4 is not an SDE solver"):
+        cfg.sampling.configs[1].resolve(base)
+
+
+def _row(trial, metric, status="completed", kind="trial"):
+    return Row(kind=kind, trial_id=trial, run_id=f"run-{trial}-{kind}", params={"transport.path": trial},
+               sampler="trained", metric=metric, status=status, step=30)
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_summary_ranks_completed_rows_and_leaves_stopped_unranked(tmp_path, mode, capsys):
+    rows = [_row("a", 3.0), _row("b", 1.0, "stopped"), _row("c", 2.0), _row("a", 0.5, kind="sampling"),
+            _row("d", math.nan)]
+    ranked = rank_rows(rows, "fd_pixels", mode)
+    order = [(r.trial_id, r.kind) for r in ranked if r.rank]
+    expected = [("a", "sampling"), ("c", "trial"), ("a", "trial")]
+    assert order == (expected if mode == "min" else expected[::-1])
+    assert [r.rank for r in ranked[:3]] == [1, 2, 3] and all(r.rank is None for r in ranked[3:])
+    csv = write_summary(ranked, tmp_path / "summary.csv", "fd_pixels")
+    lines = csv.read_text().splitlines()
+    assert lines[0].startswith("rank,kind,trial,sampler,fd_pixels") and lines[1].startswith("1,")
+    assert "stopped" in capsys.readouterr().out
+
+
+def test_sweep_cli_missing_config_exits_2(tmp_path, capsys):
+    from jobs.cli import main
+
+    assert main(["sweep", str(tmp_path / "nope.yaml")]) == 2
+    assert "sweep config file not found" in capsys.readouterr().err
