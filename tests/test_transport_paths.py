@@ -10,7 +10,14 @@ from pipeline.config import TransportConfig
 from pipeline.transport import build_path, build_transport, default_eps, time_for_noise_level
 from pipeline.transport import predictions as P
 from pipeline.transport.gaussian_mixture import GaussianMixture
-from pipeline.transport.timesteps import flux_mu, resolution_shift, sample_mode, sample_train_times, shift_time, time_grid
+from pipeline.transport.timesteps import (
+    flux_mu,
+    resolution_shift,
+    sample_mode,
+    sample_train_times,
+    shift_time,
+    time_grid,
+)
 
 PATHS = ["linear", "gvp", "vp", "polynomial", "linear_vp"]
 KINDS = ["velocity", "score", "noise"]
@@ -194,7 +201,7 @@ def test_training_loss_weights_and_targets():
     path = _path("linear")
     x1, x0 = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
     t = torch.full((4,), 0.25, dtype=torch.float64)
-    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    zero = lambda x, t: torch.zeros_like(x)
     v = build_transport(TransportConfig()).training_loss(zero, x1, x0=x0, t=t).loss
     torch.testing.assert_close(v, ((x1 - x0) ** 2).mean(1))
     drift_var = 0.75 / 0.25  # Linear: (1 - t) / t

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.config import GuidanceConfig, SamplerConfig, TrainJobConfig, TransportConfig
+from pipeline.config import SamplerConfig, TrainJobConfig, TransportConfig
 from pipeline.transport import TransportObjective, build_sampler, build_transport, guided, nll
 from pipeline.transport.gaussian_mixture import GaussianMixture
 from pipeline.transport.ode import integrate
@@ -97,7 +97,7 @@ def test_ode_error_falls_at_the_method_order(gm, path):
     tr = build_transport(TransportConfig(path=path))
     t0, t1 = tr.sample_interval()
     x0 = _noise(32, seed=3)
-    f = lambda t, x: gm.velocity(tr.path, x, t)  # noqa: E731
+    f = lambda t, x: gm.velocity(tr.path, x, t)
     ref = integrate(f, x0, "rk4", t0, t1, steps=128)  # ~(32/128)^4 = 0.4% of RK4's error at 32 steps
     smooth = path in ("linear", "gvp")
     for solver, steps, order in ORDERS:
@@ -167,7 +167,7 @@ def test_no_nan_at_the_endpoints(gm, path, prediction):
 def test_sde_generator_reproducible_and_bad_config():
     tr = build_transport(TransportConfig())
     s = build_sampler(tr, SamplerConfig(method="sde", steps=5))
-    fn = lambda x, t: -x  # noqa: E731
+    fn = lambda x, t: -x
     a = s.sample(fn, _noise(8), generator=torch.Generator().manual_seed(4)).x
     b = s.sample(fn, _noise(8), generator=torch.Generator().manual_seed(4)).x
     torch.testing.assert_close(a, b)

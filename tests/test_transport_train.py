@@ -13,9 +13,9 @@ import os
 
 import pytest
 import torch
+from conftest import tiny_train_overrides
 from mlflow.tracking import MlflowClient
 
-from conftest import tiny_train_overrides
 from pipeline.config import TrainJobConfig, load_config
 
 PATHS = ["linear", "gvp", "vp", "polynomial", "linear_vp"]

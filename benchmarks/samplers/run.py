@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import datetime as dt
+import math
 import platform
 import sys
 import time
@@ -119,18 +119,18 @@ def write(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
         "# Sampler benchmark: error vs NFE on a closed-form flow",
         "",
         f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}",
-        f"- machine: {platform.machine()} {platform.processor() or ''} {platform.system()}, "
-        f"torch {torch.__version__}, {args.threads} thread(s); shared CPU, so wall times are indicative only",
+        (f"- machine: {platform.machine()} {platform.processor() or ''} {platform.system()}, "
+         f"torch {torch.__version__}, {args.threads} thread(s); shared CPU, so wall times are indicative only"),
         f"- command: `{cmd.strip()}`",
-        f"- setup: 2-D Gaussian mixture (3 anisotropic components), exact velocity field on the `{args.path}` path, "
-        f"{args.n} samples (float64) from fixed noise; reference = dopri5 at atol = rtol = 1e-10.",
-        "- `state_error`: mean over samples of |x - x_ref| (ODE only, same noise). `mmd2`: squared MMD "
+        (f"- setup: 2-D Gaussian mixture (3 anisotropic components), exact velocity field on the `{args.path}` "
+         f"path, {args.n} samples (float64) from fixed noise; reference = dopri5 at atol = rtol = 1e-10."),
+        ("- `state_error`: mean over samples of |x - x_ref| (ODE only, same noise). `mmd2`: squared MMD "
         f"(Gaussian kernel, h = 0.5, unbiased, so it can be < 0) of the first {args.mmd_n} samples to the exact law; "
         f"exact samples of that size score |MMD^2| <= {args.mmd_floor:.1e} (5 draws): below that, sampler error is "
         "not resolved. SDEs: Euler-Maruyama / stochastic Heun to t = 0.96, "
-        "then an Euler (ODE) last step; NFE counts it.",
-        "- converged ODE samplers all sit at the same MMD^2 / mean / cov errors: those of the exact push-forward of "
-        "this particular noise draw (sampling noise), not solver error; the state error keeps falling.",
+        "then an Euler (ODE) last step; NFE counts it."),
+        ("- converged ODE samplers all sit at the same MMD^2 / mean / cov errors: those of the exact push-forward "
+         "of this particular noise draw (sampling noise), not solver error; the state error keeps falling."),
         "- plot: `error_vs_nfe.png`; raw numbers: `results.csv`.",
         "",
         "| kind | sampler | setting | NFE | state error | MMD^2 | mean err | cov err | us/sample |",

@@ -9,8 +9,8 @@ with ``w`` = 1 ("none"), ``(drift_var / sigma)^2`` ("velocity") or ``drift_var /
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

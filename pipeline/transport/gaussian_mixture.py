@@ -32,7 +32,7 @@ class GaussianMixture:
         return self.means.shape[1]
 
     @classmethod
-    def default_2d(cls) -> "GaussianMixture":
+    def default_2d(cls) -> GaussianMixture:
         """Three well-separated, anisotropic 2-D components with unequal weights."""
         means = torch.tensor([[-1.5, 0.5], [1.5, 1.0], [0.0, -1.5]])
         covs = torch.stack([torch.tensor([[0.20, 0.08], [0.08, 0.15]]), torch.tensor([[0.10, -0.05], [-0.05, 0.25]]),
@@ -107,13 +107,13 @@ class GaussianMixture:
         return torch.logsumexp(logw, dim=1)
 
     def score(self, path: Path, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a, s, da, ds, sol, logw = self._components(path, x, t)
+        *_, sol, logw = self._components(path, x, t)
         r = torch.softmax(logw, dim=1)
         return -(r[..., None] * sol).sum(1).to(x.dtype)
 
     def expectations(self, path: Path, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(E[x1 | x_t = x], E[x0 | x_t = x])."""
-        a, s, da, ds, sol, logw = self._components(path, x, t)
+        a, s, _, _, sol, logw = self._components(path, x, t)
         r = torch.softmax(logw, dim=1)[..., None]
         x1 = (r * (self.means[None] + a[:, None, None] * torch.einsum("kij,bkj->bki", self.covs, sol))).sum(1)
         x0 = (r * s[:, None, None] * sol).sum(1)

@@ -24,7 +24,7 @@ class TransportObjective:
         self.num_classes = num_classes
 
     @classmethod
-    def from_config(cls, cfg: TrainJobConfig, num_classes: int) -> "TransportObjective":
+    def from_config(cls, cfg: TrainJobConfig, num_classes: int) -> TransportObjective:
         transport = build_transport(cfg.transport, patch_size=cfg.model.patch_size)
         return cls(transport, build_sampler(transport, cfg.sampler), cfg.guidance, num_classes)
 

@@ -7,7 +7,8 @@ is counted, not derived from the step count. Euler/Heun/midpoint/RK4/dopri5 run 
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from itertools import pairwise
 
 import torch
 from torchdiffeq import odeint
@@ -34,7 +35,7 @@ class CountedField:
 def pseudo_corrector(f: Callable, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """FlowTurbo pseudo-corrector: ``x' = x + h/2 (v + v(x + h v, t + h))``, carrying ``v(x + h v, t + h)`` forward."""
     v = f(grid[0], x)
-    for t, t_next in zip(grid[:-1], grid[1:]):
+    for t, t_next in pairwise(grid):
         h = t_next - t
         v_pred = f(t_next, x + h * v)
         x = x + 0.5 * h * (v + v_pred)
@@ -51,7 +52,7 @@ def integrate(f: Callable, x0: torch.Tensor, solver: str, t0: float, t1: float, 
         # dopri5's initial step heuristic may probe beyond t1 (where e.g. VP's sigma is NaN): clamp t to the span
         lo, hi = min(t0, t1), max(t0, t1)
         f_in = f
-        f = lambda t, x: f_in(t.clamp(lo, hi), x)  # noqa: E731
+        f = lambda t, x: f_in(t.clamp(lo, hi), x)
         span = torch.tensor([t0, t1], dtype=x0.dtype, device=x0.device)
         return odeint(f, x0, span, method="dopri5", atol=atol, rtol=rtol)[-1]
     grid = time_grid(t0, t1, steps, time_shift, dtype=x0.dtype, device=x0.device)

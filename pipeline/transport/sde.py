@@ -12,6 +12,7 @@ none / mean ``x + drift h_last`` / tweedie ``E[x1 | x]`` / euler ``x + v h_last`
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import torch
 
@@ -92,7 +93,7 @@ class SDESampler:
             return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
 
         x = x0
-        for t, t_next in zip(grid[:-1], grid[1:]):
+        for t, t_next in pairwise(grid):
             h = t_next - t
             d = diffusion_coefficient(tr, self.diffusion, self.norm, t)
             dw = noise(x) * torch.sqrt(h)
