@@ -73,6 +73,9 @@ def test_time_for_noise_level(name):
         assert time_for_noise_level(path, 0.59) == pytest.approx(1 / 1.59, rel=1e-15)
     with pytest.raises(ValueError, match="noise level"):
         time_for_noise_level(path, 0.0)
+    if name == "vp":  # sigma/alpha <= 152 on VP(0.1, 20)
+        with pytest.raises(ValueError, match="exceeds"):
+            time_for_noise_level(path, 1000.0)
 
 
 @pytest.mark.parametrize("name", PATHS)

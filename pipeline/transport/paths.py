@@ -182,6 +182,10 @@ def time_for_noise_level(path: Path, s: float, tol: float = 1e-10) -> float:
         raise ValueError(f"noise level s={s} must be a positive finite number")
     if isinstance(path, LinearPath):
         return 1.0 / (1.0 + s)
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    if float(path.sigma(zero) / path.alpha(zero)) < s:  # e.g. VP: alpha(0) = exp(-5.025) > 0 caps sigma/alpha
+        raise ValueError(f"noise level s={s} exceeds the largest sigma/alpha of path {path.name} "
+                         f"({float(path.sigma(zero) / path.alpha(zero)):.4g} at t=0)")
     lo, hi = 0.0, 1.0
     while hi - lo > tol:
         mid = 0.5 * (lo + hi)
