@@ -144,6 +144,8 @@ class EvalConfig(Section):
     num_workers: int = Field(default=1, ge=1)
     inception_weights: str | None = None  # path to weights-inception-2015-12-05-6726825d.pth for FID
     reference_stats: str | None = None  # npz with mu, sigma
+    seed: int = 0  # sampling seed of the evaluation (each worker derives its own from it)
+    cache_dir: str | None = None  # digits classifier and reference stats; None: $FLOWRAIL_CACHE or ~/.cache/flowrail
 
 
 class TrackingConfig(Section):
