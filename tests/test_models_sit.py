@@ -79,6 +79,11 @@ def test_label_dropout_uses_null_label_only_in_training() -> None:
     null = model.y_embedder.embedding_table.weight[10]
     assert torch.allclose(model.y_embedder(y, train=True), null.expand(2, -1))
     assert torch.allclose(model.y_embedder(y, train=False), model.y_embedder.embedding_table.weight[[3, 4]])
+    # unlabelled data (label -1) and y=None are unconditional
+    assert torch.allclose(model.y_embedder(torch.tensor([-1]), train=False), null[None])
+    model.eval()
+    x, t = torch.randn(2, 1, 16, 16), torch.rand(2)
+    assert torch.equal(model(x, t), model(x, t, torch.tensor([-1, 10])))
 
 
 def test_gradient_checkpointing_gives_same_gradients() -> None:

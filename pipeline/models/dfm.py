@@ -83,13 +83,14 @@ class DFM(SiT):
             return self.x_embedder, self.t_embedder, self.final_layer
         return self.stage_x_embedders[s], self.stage_t_embedders[s], self.stage_final_layers[s]
 
-    def forward(self, xs: Sequence[torch.Tensor], t: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, xs: Sequence[torch.Tensor], t: torch.Tensor, y: torch.Tensor | None = None
+                ) -> list[torch.Tensor]:
         if len(xs) != self.stages:
             raise ValueError(f"DFM expects {self.stages} stage tensors, got {len(xs)}")
         if t.dim() == 1:
             t = t[:, None].expand(-1, self.stages)
         tokens = self.pos_embed.to(xs[-1].dtype)
-        c = self.y_embedder(y, self.training)
+        c = self.label_embedding(y, t.shape[0], t.device)
         for s, x in enumerate(xs):
             x_emb, t_emb, _ = self._stage_layers(s)
             tokens = tokens + x_emb(x)

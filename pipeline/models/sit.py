@@ -125,6 +125,8 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
 
     def forward(self, labels: torch.Tensor, train: bool) -> torch.Tensor:
+        """Negative labels (unlabelled data) mean the null label."""
+        labels = torch.where(labels < 0, torch.full_like(labels, self.num_classes), labels)
         if train and self.dropout_prob > 0:
             drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
@@ -269,9 +271,15 @@ class SiT(nn.Module):
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
         self.final_layer.zero_()
 
-    def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``c = t_emb(t) + y_emb(y)`` (label dropout only in training mode)."""
-        return self.t_embedder(t) + self.y_embedder(y, self.training)
+    def label_embedding(self, y: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        """``y_emb(y)`` with label dropout in training mode; ``y=None`` means unconditional (null label)."""
+        if y is None:
+            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        return self.y_embedder(y, self.training)
+
+    def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """``c = t_emb(t) + y_emb(y)``."""
+        return self.t_embedder(t) + self.label_embedding(y, t.shape[0], t.device)
 
     def run_blocks(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -281,7 +289,7 @@ class SiT(nn.Module):
                 tokens = block(tokens, c)
         return tokens
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)
