@@ -11,8 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipeline.data.shards import iter_samples, write_shard_set  # noqa: E402
 from pipeline.errors import DataError  # noqa: E402
-from pipeline.flux.encode import (EncoderPaths, FluxEncoder, decode_latents, encode_shards,  # noqa: E402
-                                  load_autoencoder)
+from pipeline.flux.encode import EncoderPaths, FluxEncoder, decode_latents, encode_shards, load_autoencoder  # noqa: E402
 from pipeline.flux.tiny import FLUX_SCALE, FLUX_SHIFT, write_tiny_flux_pipeline  # noqa: E402
 
 CAPTIONS = ["a red square", "a blue circle", "green grass under a blue sky", "two red circles"]
@@ -46,7 +45,8 @@ def test_encode_shards_writes_latents_and_text_embeddings(tmp_path, tiny_pipelin
     # The same sample encoded directly: latents are (mode - shift) * scale, text embeddings per caption.
     ref = FluxEncoder(paths=paths.__dict__, size=16, t5_max_length=8)
     key = "s005"
-    direct = ref({"__key__": np.array([key]), "image.npy": [source[key]["image.npy"]], "txt": np.array([source[key]["txt"]])})
+    direct = ref({"__key__": np.array([key]), "image.npy": [source[key]["image.npy"]],
+                  "txt": np.array([source[key]["txt"]])})
     got = encoded[key]
     assert got["txt"] == "a blue circle"
     np.testing.assert_allclose(got["latent.npy"], direct["latent"][0], atol=1e-5)

@@ -41,7 +41,8 @@ _RENAMES_DOUBLE = {
     "attn.to_out.0": "img_attn.proj",
     "attn.to_add_out": "txt_attn.proj",
 }
-_NORMS_DOUBLE = {"attn.norm_q.weight": "img_attn.norm.query_norm.scale", "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+_NORMS_DOUBLE = {"attn.norm_q.weight": "img_attn.norm.query_norm.scale",
+                 "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
                  "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
                  "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale"}
 _NORMS_SINGLE = {"attn.norm_q.weight": "norm.query_norm.scale", "attn.norm_k.weight": "norm.key_norm.scale"}
@@ -96,7 +97,8 @@ def tiny(tmp_path_factory):
     model.save_pretrained(pipe / "transformer")
     (pipe / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     bfl = diffusers_to_bfl(model.state_dict(), num_layers=1, num_single_layers=1)
-    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in bfl.items()}, str(root / "flux-tiny.safetensors"))
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in bfl.items()},
+              str(root / "flux-tiny.safetensors"))
     return model, root
 
 

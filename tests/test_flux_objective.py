@@ -15,8 +15,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402
 from pipeline.config import TrainJobConfig  # noqa: E402
 from pipeline.flux.model import tiny_flux_config  # noqa: E402
 from pipeline.flux.objective import FluxObjective, flux_velocity, loss_weight  # noqa: E402
-from pipeline.flux.packing import (denormalize_latents, image_ids, normalize_latents, pack_latents,  # noqa: E402
-                                   unpack_latents)
+from pipeline.flux.packing import denormalize_latents, image_ids, normalize_latents, pack_latents, unpack_latents  # noqa: E402
 
 
 def _cfg(**flux) -> TrainJobConfig:

@@ -111,8 +111,9 @@ class FluxEncoder:
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.vae = load_autoencoder(p.vae, self.device)
         self.shift, self.scale = autoencoder_factors(self.vae)
-        self.clip = CLIPTextModel.from_pretrained(p.clip, local_files_only=True, dtype=self.dtype).to(self.device).eval()
-        self.t5 = T5EncoderModel.from_pretrained(p.t5, local_files_only=True, dtype=self.dtype).to(self.device).eval()
+        load = dict(local_files_only=True, dtype=self.dtype)
+        self.clip = CLIPTextModel.from_pretrained(p.clip, **load).to(self.device).eval()
+        self.t5 = T5EncoderModel.from_pretrained(p.t5, **load).to(self.device).eval()
         self.clip_tok = AutoTokenizer.from_pretrained(p.clip_tokenizer, local_files_only=True)
         self.t5_tok = AutoTokenizer.from_pretrained(p.t5_tokenizer, local_files_only=True)
         self.size, self.t5_len, self.clip_len, self.classes = size, t5_max_length, clip_max_length, classes

@@ -88,7 +88,8 @@ def save_finetuned(model: nn.Module, flux_cfg: FluxConfig, out_dir: str | Path) 
     return out
 
 
-def load_lora(model: FluxTransformer2DModel, lora_dir: str | Path, adapter_name: str = ADAPTER) -> FluxTransformer2DModel:
+def load_lora(model: FluxTransformer2DModel, lora_dir: str | Path,
+              adapter_name: str = ADAPTER) -> FluxTransformer2DModel:
     """Load a LoRA saved by :func:`save_finetuned` into ``model`` through diffusers' FLUX LoRA loader."""
     path = Path(lora_dir)
     if not (path / LORA_FILE).is_file():

@@ -53,7 +53,8 @@ def build_flux_model(flux_cfg: FluxConfig | None, tiny: bool = False,
         guidance = True if flux_cfg is None else flux_cfg.guidance > 0
         return FluxTransformer2DModel.from_config(tiny_flux_config(guidance_embeds=guidance))
     if flux_cfg is None or not flux_cfg.weights:
-        raise ValueError("flux.weights is required for model=flux (a local diffusers folder or a BFL .safetensors file)")
+        raise ValueError("flux.weights is required for model=flux "
+                         "(a local diffusers folder or a BFL .safetensors file)")
     path = Path(flux_cfg.weights).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"flux.weights={flux_cfg.weights}: no such file or directory")
@@ -87,7 +88,8 @@ def load_bfl_checkpoint(path: Path, config: str | None = None,
         raise ValueError(f"flux.weights={path}: not a readable safetensors file ({exc})") from None
     state = {k.removeprefix(BFL_PREFIX): v for k, v in state.items()}
     if "img_in.weight" not in state or not any(k.startswith("double_blocks.") for k in state):
-        raise ValueError(f"flux.weights={path}: not an original-format FLUX transformer (no img_in / double_blocks keys)")
+        raise ValueError(f"flux.weights={path}: not an original-format FLUX transformer "
+                         "(no img_in / double_blocks keys)")
     model_config = read_config(config) if config else infer_bfl_config(state, path)
     converted = convert_bfl_state_dict(state, model_config)
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,7 +118,8 @@ def infer_bfl_config(state: dict[str, torch.Tensor], path: Path | str = "<state 
     out_channels = state["final_layer.linear.weight"].shape[0]
     return dict(patch_size=1, in_channels=int(in_channels),
                 out_channels=None if out_channels == in_channels else int(out_channels),
-                num_layers=_count_blocks(state, "double_blocks."), num_single_layers=_count_blocks(state, "single_blocks."),
+                num_layers=_count_blocks(state, "double_blocks."),
+                num_single_layers=_count_blocks(state, "single_blocks."),
                 attention_head_dim=int(head_dim), num_attention_heads=int(width // head_dim),
                 joint_attention_dim=int(state["txt_in.weight"].shape[1]),
                 pooled_projection_dim=int(state["vector_in.in_layer.weight"].shape[1]),
@@ -166,7 +169,7 @@ def prepare_for_training(model: FluxTransformer2DModel, flux_cfg: FluxConfig) ->
 
 
 def save_finetuned(model: torch.nn.Module, flux_cfg: FluxConfig, out_dir: str | Path) -> Path:
-    """LoRA file or diffusers folder (call on every rank under ZeRO-3); see :func:`pipeline.flux.lora.save_finetuned`."""
+    """LoRA file or diffusers folder (every rank calls it under ZeRO-3); see ``pipeline.flux.lora.save_finetuned``."""
     from pipeline.flux.lora import save_finetuned as save
 
     return save(model, flux_cfg, out_dir)
