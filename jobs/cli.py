@@ -12,6 +12,7 @@ COMMANDS = {
     "run": ("jobs.run", "make digits shards if missing, train, sample, log (the embedded default)"),
     "shards": ("jobs.shards", "write WebDataset shards: `shards digits --out DIR` or `shards images SRC --out DIR`"),
     "train": ("jobs.train", "train or fine-tune a model with Ray Train + DeepSpeed"),
+    "evaluate": ("jobs.evaluate", "evaluate a checkpoint with any sampler: `evaluate CKPT sampler.steps=50 ...` (fd_digits/FID to MLflow)"),
     "privacy": ("jobs.privacy", "privacy stage: `privacy mark|release|train|audit ...` (noisy release, SFBD flow, audit)"),
     "encode": ("jobs.encode", "pre-encode pixel shards into autoencoder latent shards: `encode --vae DIR --src SHARDS --out DIR`"),
     "flux_encode": ("jobs.flux_encode", "pre-encode image+caption shards for FLUX: latents + T5/CLIP text embeddings"),
