@@ -240,6 +240,8 @@ def test_every_ray_pod_mounts_shared_storage_and_gpu_workers_ask_for_gpus(rel: s
         assert claims[mounts["/mnt/flowrail"]] == pvc["metadata"]["name"], group
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         assert pod["securityContext"]["runAsNonRoot"] is True
+        # the driver (on the GPU-less head) forwards its DS_ACCELERATOR to all workers: it must say cuda everywhere
+        assert {e["name"]: e.get("value") for e in container["env"]}["DS_ACCELERATOR"] == "cuda", group
         if group != "head":
             assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1, group
             assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
@@ -469,3 +471,85 @@ def test_dockerfile_bakes_in_no_secrets_and_pins_match_launcher() -> None:
     pins = dict(re.findall(r"^ARG (TORCH_VERSION|DEEPSPEED_VERSION)=(\S+)$", text, re.M))
     setup = " ".join(launcher_config()["setup_commands"])
     assert f"torch=={pins['TORCH_VERSION']}" in setup and f"deepspeed=={pins['DEEPSPEED_VERSION']}" in setup
+
+
+@pytest.mark.slow
+def test_mlflow_deployment_serves_basic_auth_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start a real ``mlflow server`` with the Deployment's arguments and env (Secret values swapped for local ones:
+    sqlite instead of PostgreSQL, a local artifact directory instead of S3) and log a run as the trainer user."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+    from mlflow import MlflowClient
+
+    objs = mlflow_objects()
+    (container,) = objs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    swap = {"--host": "127.0.0.1", "--port": str(port), "--workers": "1",
+            "--artifacts-destination": str(tmp_path / "artifacts")}
+    args = [a if "=" not in a or a.split("=", 1)[0] not in swap else f"{a.split('=', 1)[0]}={swap[a.split('=', 1)[0]]}"
+            for a in container["args"]]
+    ini = template_secrets()["mlflow-server"]["basic_auth.ini"]
+    ini = re.sub(r"database_uri = .*", f"database_uri = sqlite:///{tmp_path / 'auth.db'}", ini)
+    local_secret_values = {"backend_store_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "admin_password": "admin-pw-123",
+                           "flask_secret_key": "test-flask-key"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    for var in container["env"]:
+        if "value" in var:
+            value = var["value"]
+            for name, path in mounts.items():  # the auth config file is mounted from the Secret
+                if value.startswith(path):
+                    value = str(tmp_path / Path(value).name)
+                    Path(value).write_text(ini)
+            env[var["name"]] = value
+        elif var["valueFrom"]["secretKeyRef"]["key"] in local_secret_values:
+            env[var["name"]] = local_secret_values[var["valueFrom"]["secretKeyRef"]["key"]]
+    log = (tmp_path / "server.log").open("w")
+    # its own process group: `mlflow server` starts uvicorn as a child, and both must go at the end
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", *args], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300  # minutes on a loaded 2-core machine, seconds otherwise
+        while time.time() < deadline:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            try:
+                if requests.get(f"{url}/health", timeout=5).ok:
+                    break
+            except requests.RequestException:  # not listening yet, or still starting its workers
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not come up:\n" + (tmp_path / "server.log").read_text()[-2000:])
+        admin = ("admin", local_secret_values["admin_password"])
+        r = requests.post(f"{url}/api/2.0/mlflow/users/create", auth=admin, timeout=120,
+                          json={"username": "flowrail-trainer", "password": "trainer-pw-456"})
+        assert r.ok, r.text
+        assert requests.get(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=120).status_code == 401
+        # the trainer logs the way flowrail does: credentials only in MLFLOW_TRACKING_USERNAME/PASSWORD
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "flowrail-trainer")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "trainer-pw-456")
+        client = MlflowClient(tracking_uri=f"http://localhost:{port}")
+        run_id = client.create_run(client.create_experiment("flowrail")).info.run_id
+        client.log_param(run_id, "train.lr", 0.001)
+        client.log_metric(run_id, "loss", 0.5, step=1)
+        client.log_text(run_id, "ok", "note.txt")
+        assert list((tmp_path / "artifacts").rglob("note.txt")), "artifact not proxied to --artifacts-destination"
+        run = requests.get(f"{url}/api/2.0/mlflow/runs/get", params={"run_id": run_id}, auth=admin, timeout=120).json()
+        assert {p["key"] for p in run["run"]["data"]["params"]} == {"train.lr"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
