@@ -7,8 +7,8 @@ noisy copies with s = 0.59 (pixel scale [-1, 1]) and 4% of it is declared consen
 Every model is the same small SiT (Linear path, velocity) trained with Ray Train (2 workers, DeepSpeed ZeRO-2) for
 the same number of steps. The reference "memorizes" model is trained on the clean sensitive set itself.
 
-Reported per model: fd_digits (Fréchet distance in the evals digits classifier's feature space, 1000 samples,
-100 per class, against the val split), the classifier's accuracy on them, and the audit of
+Reported per model: fd_digits (Fréchet distance in the evals digits classifier's feature space, 500 samples,
+50 per class, against the val split), the classifier's accuracy on them, and the audit of
 :mod:`privacy.audit_run` (Carlini extraction, NN l2, max cosine in the classifier's feature space, and for the
 models that saw noisy data, the reconstructions of the noisy copies against their originals).
 Writes ``results.json`` and ``samples.png`` under --out and prints the Markdown table.
@@ -36,11 +36,11 @@ def overrides(args: argparse.Namespace, out: Path, method: str) -> list[str]:
     o = {
         "run_name": f"bench-{method}", "run_dir": str(out / "runs"), "privacy.release": str(out / "release"),
         "privacy.method": "clean_only" if method == "clean_sensitive" else method,
-        "data.batch_size": 64, "model.hidden_size": 64, "model.depth": 3, "model.num_heads": 4,
+        "data.batch_size": args.batch, "model.hidden_size": 64, "model.depth": 3, "model.num_heads": 4,
         "model.patch_size": 2, "train.num_workers": 2, "train.zero_stage": 2, "train.steps": args.steps,
         "train.lr": 2e-3, "train.ema_decay": 0.99, "train.log_every": 50, "train.checkpoint_every": args.steps,
         "sampler.solver": "heun", "sampler.steps": 16, "seed": 0,
-        "privacy.warmup_steps": args.steps // 4, "privacy.rounds": 3, "privacy.refresh_every": 20,
+        "privacy.warmup_steps": args.steps // 4, "privacy.rounds": 2, "privacy.refresh_every": 20,
         "privacy.refresh_size": 128, "privacy.ramp_end": args.steps // 2, "privacy.denoise_steps": 40,
         "tracking.experiment": "privacy-benchmark",
     }
@@ -72,11 +72,13 @@ def fd_digits(checkpoint: Path, per_class: int, seed: int) -> tuple[float, float
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench_privacy")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch", type=int, default=32, help="per worker")
+    p.add_argument("--audit-denoise-steps", type=int, default=20)
     p.add_argument("--noise-std", type=float, default=0.59)
     p.add_argument("--clean-fraction", type=float, default=0.04)
-    p.add_argument("--per-class", type=int, default=100)
-    p.add_argument("--audit-samples", type=int, default=500)
+    p.add_argument("--per-class", type=int, default=50)
+    p.add_argument("--audit-samples", type=int, default=300)
     p.add_argument("--methods", default=",".join(METHODS))
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         grids.append(x.view(10, args.per_class, *x.shape[1:])[:, :8].reshape(-1, *x.shape[1:]))
         audit = audit_checkpoint(res.checkpoint, sensitive,
                                  release=out / "release" if method in ("noisy_only", "sfbd", "sfbd_flow") else None,
-                                 num_samples=args.audit_samples, seed=2)
+                                 num_samples=args.audit_samples, seed=2, denoise_steps=args.audit_denoise_steps)
         results[method] = {"fd_digits": fd, "classifier_accuracy": acc, "train_seconds": t_train,
                            "mlflow_run_id": res.run_id, "checkpoint": str(res.checkpoint), **audit}
         print(f"[bench] {method}: fd_digits {fd:.3f}  acc {acc:.3f}  extracted {audit['gen_extracted_frac']:.3f}  "
