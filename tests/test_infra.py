@@ -16,9 +16,10 @@ import copy
 import importlib.resources
 import json
 import re
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jsonschema
 import pytest
@@ -326,8 +327,8 @@ def test_launcher_installs_flowrail_and_keeps_token_auth() -> None:
 @lru_cache(maxsize=1)
 def deepspeed_top_level_keys() -> frozenset[str]:
     """Top-level keys DeepSpeed knows, from its own constants (DeepSpeedConfig ignores unknown top-level keys)."""
-    import deepspeed.runtime.constants as constants
     import deepspeed.runtime.zero.config as zero_config
+    from deepspeed.runtime import constants
 
     return frozenset(v for m in (constants, zero_config) for k, v in vars(m).items() if k.isupper() and isinstance(v, str))
 
@@ -451,11 +452,11 @@ def dockerfile() -> str:
 
 def test_dockerfile_base_user_and_sources() -> None:
     text = dockerfile()
-    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M).group(1)
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.MULTILINE).group(1)
     assert re.fullmatch(rf"rayproject/ray:{re.escape(RAY_VERSION)}-py3\d+-(gpu|cu\d+)", base), base
-    users = re.findall(r"^USER (\S+)$", text, re.M)
+    users = re.findall(r"^USER (\S+)$", text, re.MULTILINE)
     assert users and users[-1] not in ("root", "0"), "the image must run as a non-root user"
-    for line in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.M):
+    for line in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.MULTILINE):
         for src in line.split():
             assert (ROOT / src).exists(), f"Dockerfile copies missing {src}"
     assert re.search(r'pip install "torch==', text) and re.search(r'pip install "deepspeed==', text)
@@ -464,11 +465,11 @@ def test_dockerfile_base_user_and_sources() -> None:
 
 def test_dockerfile_bakes_in_no_secrets_and_pins_match_launcher() -> None:
     text = dockerfile()
-    for name in re.findall(r"^(?:ARG|ENV)\s+([A-Z_]+)", text, re.M):
+    for name in re.findall(r"^(?:ARG|ENV)\s+([A-Z_]+)", text, re.MULTILINE):
         assert not CREDENTIAL_ENV.search(name), f"Dockerfile declares {name}"
     ignore = (INFRA / "docker" / "Dockerfile.dockerignore").read_text()
     assert "**/.env" in ignore
-    pins = dict(re.findall(r"^ARG (TORCH_VERSION|DEEPSPEED_VERSION)=(\S+)$", text, re.M))
+    pins = dict(re.findall(r"^ARG (TORCH_VERSION|DEEPSPEED_VERSION)=(\S+)$", text, re.MULTILINE))
     setup = " ".join(launcher_config()["setup_commands"])
     assert f"torch=={pins['TORCH_VERSION']}" in setup and f"deepspeed=={pins['DEEPSPEED_VERSION']}" in setup
 
@@ -505,7 +506,7 @@ def test_mlflow_deployment_serves_basic_auth_end_to_end(tmp_path: Path, monkeypa
     for var in container["env"]:
         if "value" in var:
             value = var["value"]
-            for name, path in mounts.items():  # the auth config file is mounted from the Secret
+            for path in mounts.values():  # the auth config file is mounted from the Secret
                 if value.startswith(path):
                     value = str(tmp_path / Path(value).name)
                     Path(value).write_text(ini)
