@@ -112,6 +112,7 @@ class TrainConfig(Section):
     use_gpu: bool = False
     zero_stage: int = Field(default=2, ge=0, le=3)
     offload: bool = False  # ZeRO-3 CPU offload of parameters and optimizer state
+    deepspeed_preset: str | None = None  # a DeepSpeed JSON (e.g. infra/deepspeed/zero3.json) merged under flowrail's keys
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)

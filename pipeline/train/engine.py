@@ -21,12 +21,42 @@ def resolve_precision(cfg: TrainConfig) -> str:
     return "bf16" if cfg.use_gpu and torch.cuda.is_available() else "fp32"
 
 
+def load_preset(path: str) -> dict[str, Any]:
+    """A DeepSpeed JSON preset (infra/deepspeed/*.json); a clear error when it is missing or not JSON."""
+    import json
+    from pathlib import Path
+
+    from pipeline.errors import FlowrailError
+
+    preset = Path(path)
+    if not preset.is_file():
+        raise FlowrailError(f"train.deepspeed_preset={path}: file not found")
+    try:
+        data = json.loads(preset.read_text())
+    except json.JSONDecodeError as exc:
+        raise FlowrailError(f"train.deepspeed_preset={path}: not valid JSON ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise FlowrailError(f"train.deepspeed_preset={path}: must hold a JSON object")
+    return data
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON config that matches a flowrail ``train`` section."""
+    """The DeepSpeed JSON config that matches a flowrail ``train`` section (over an optional preset).
+
+    flowrail owns the batch sizes, clipping, precision, ZeRO stage and offload; a preset supplies the rest
+    (bucket sizes, prefetching, ...). A preset whose ZeRO stage disagrees with ``train.zero_stage`` is refused.
+    """
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
-    if cfg.zero_stage >= 2:
+    if cfg.zero_stage >= 2 and not cfg.deepspeed_preset:
         zero.update({"overlap_comm": False, "contiguous_gradients": True})
-    if cfg.zero_stage == 3:
+    if cfg.zero_stage == 3 and not cfg.deepspeed_preset:
         zero.update({"stage3_gather_16bit_weights_on_model_save": False})
     if cfg.offload:
         if cfg.zero_stage < 2:
@@ -34,7 +64,7 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dic
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
         if cfg.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
-    return {
+    owned = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "train_batch_size": micro_batch * world_size,
@@ -45,12 +75,25 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dic
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if not cfg.deepspeed_preset:
+        return owned
+    preset = load_preset(cfg.deepspeed_preset)
+    stage = preset.get("zero_optimization", {}).get("stage")
+    if stage is not None and stage != cfg.zero_stage:
+        from pipeline.errors import FlowrailError
+
+        raise FlowrailError(f"train.deepspeed_preset={cfg.deepspeed_preset} is a ZeRO-{stage} preset but "
+                            f"train.zero_stage={cfg.zero_stage}")
+    return _merge(preset, owned)
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_size: int) -> Any:
     """Wrap ``model`` in a DeepSpeed engine with AdamW and a linear warm-up."""
+    # decided by the run's config, not by the driver's hardware (a cluster head often has no GPU)
     if not cfg.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    elif os.environ.get("DS_ACCELERATOR") == "cpu":
+        del os.environ["DS_ACCELERATOR"]
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
