@@ -2,11 +2,15 @@
 
     python benchmarks/data_path/run.py --samples 20000 --repeats 3
 
-Writes pixel shards (digits replicated to ``--samples``, uint8 8x8) and latent shards (float32 4x8x8) to a
-temporary directory, then measures, per shard set, the steady-state samples/s of
-  raw      webdataset.WebDataset(...).decode() → numpy batches normalised to float32 (single process)
-  flowrail pipeline.data.streaming.build_dataset(...).iter_torch_batches (local Ray, 2 CPUs)
-Each figure is the median over ``--repeats`` full passes after one warm-up pass.
+Writes pixel shards (digits replicated to ``--samples``, uint8 8x8x1) and latent shards (float32 4x8x8) to a
+temporary directory (2000 samples per shard), then measures, per shard set, the steady-state samples/s of
+  raw         webdataset.WebDataset(...).decode() → numpy batches normalised to float32 (single process)
+  wds-read    ray.data.read_webdataset(...).iter_batches (numpy; no decode, no torch): the upstream reader alone
+  wds+Decode  pipeline.data.streaming.build_dataset → iter_torch_batches (read_webdataset + flowrail's Decode)
+  tar_reader  pipeline.data.tar_reader.read_shards → iter_torch_batches (flowrail-format shards parsed in memory)
+  tar+shuffle tar_reader with the training worker's options: preserve_order and a 512-sample local shuffle buffer
+All Ray figures on a local Ray with 2 CPUs. Each figure is the median over ``--repeats`` full passes after one
+warm-up pass; every pass must deliver all samples.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -53,21 +58,29 @@ def raw_pass(shard_dir: Path, field: str, batch: int) -> int:
     return n
 
 
-def flowrail_pass(ds, batch: int) -> int:
+def torch_pass(make_ds: Callable[[], object], batch: int, shuffle_buffer: int | None = None) -> int:
     n = 0
-    for b in ds.iter_torch_batches(batch_size=batch):
+    for b in make_ds().iter_torch_batches(batch_size=batch, local_shuffle_buffer_size=shuffle_buffer):
         n += len(b["label"])
     return n
 
 
-def measure(fn, repeats: int) -> tuple[float, int]:
-    fn()  # warm-up
-    rates, n = [], 0
+def numpy_pass(make_ds: Callable[[], object], batch: int) -> int:
+    n = 0
+    for b in make_ds().iter_batches(batch_size=batch, batch_format="numpy"):
+        n += len(b["__key__"])
+    return n
+
+
+def measure(fn: Callable[[], int], repeats: int, expected: int) -> float:
+    assert fn() == expected  # warm-up
+    rates = []
     for _ in range(repeats):
         t = time.perf_counter()
         n = fn()
         rates.append(n / (time.perf_counter() - t))
-    return statistics.median(rates), n
+        assert n == expected, (n, expected)
+    return statistics.median(rates)
 
 
 def main() -> None:
@@ -75,27 +88,53 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", nargs="*", default=None, help="subset of: raw wds-read wds+Decode tar_reader "
+                                                                "tar+shuffle")
     args = parser.parse_args()
     import ray
 
-    from pipeline.data.streaming import build_dataset
+    from pipeline.data.shards import read_manifest, shard_paths
+    from pipeline.data.streaming import build_dataset, describe
+    from pipeline.data.tar_reader import read_shards
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    rows = []
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
         sets = write_sets(Path(tmp), args.samples)
+        results: dict[str, dict[str, float]] = {}
         for kind, path in sets.items():
             field = "image.npy" if kind == "pixels" else "latent.npy"
-            raw, n_raw = measure(lambda: raw_pass(path, field, args.batch), args.repeats)
-            ds, _ = build_dataset(str(path), image_size=None, shuffle_files=False)
-            ours, n_ours = measure(lambda: flowrail_pass(ds, args.batch), args.repeats)
-            assert n_raw == n_ours == args.samples, (n_raw, n_ours)
-            rows.append((kind, raw, ours, ours / raw))
-    print("| shards | webdataset loader (samples/s) | flowrail Ray Data (samples/s) | ratio |")
-    print("|---|---|---|---|")
-    for kind, raw, ours, ratio in rows:
-        print(f"| {kind} | {raw:,.0f} | {ours:,.0f} | {ratio:.2f} |")
+            paths, info = describe(str(path), None)
+            files = shard_paths(path, read_manifest(path))
+
+            def ordered(flag: bool) -> None:
+                ctx.execution_options.preserve_order = flag
+
+            cases: dict[str, Callable[[], int]] = {
+                "raw": lambda: raw_pass(path, field, args.batch),
+                "wds-read": lambda: numpy_pass(lambda: ray.data.read_webdataset(files), args.batch),
+                "wds+Decode": lambda: torch_pass(lambda: build_dataset(str(path), image_size=None,
+                                                                       shuffle_files=False)[0], args.batch),
+                "tar_reader": lambda: torch_pass(lambda: read_shards(paths, info), args.batch),
+                "tar+shuffle": lambda: (ordered(True), torch_pass(lambda: read_shards(paths, info), args.batch,
+                                                                  512), ordered(False))[1],
+            }
+            results[kind] = {}
+            for name, fn in cases.items():
+                if args.only and name not in args.only:
+                    continue
+                results[kind][name] = measure(fn, args.repeats, args.samples)
+                print(f"{kind} {name}: {results[kind][name]:,.0f} samples/s", flush=True)
+    names = [n for n in ["raw", "wds-read", "wds+Decode", "tar_reader", "tar+shuffle"]
+             if any(n in r for r in results.values())]
+    print("\n| shards | " + " | ".join(f"{n} (samples/s)" for n in names) + " | " +
+          " | ".join(f"{n} / raw" for n in names if n != "raw") + " |")
+    print("|---|" + "---:|" * (2 * len(names) - 1))
+    for kind, r in results.items():
+        raw = r.get("raw", float("nan"))
+        print(f"| {kind} | " + " | ".join(f"{r[n]:,.0f}" if n in r else "-" for n in names) + " | " +
+              " | ".join(f"{r[n] / raw:.2f}" if n in r else "-" for n in names if n != "raw") + " |")
 
 
 if __name__ == "__main__":
