@@ -148,27 +148,45 @@ def epoch_dataset(paths: list[str], info: DataInfo, *, policy: str, seed: int, e
 
 
 def check_tar(path: str) -> str | None:
-    """Why the tar file at ``path`` cannot be read to its end, or None when it can."""
+    """Why the tar shard at ``path`` is damaged, or None when it reads to its end and its arrays decode.
+
+    Python's tarfile treats a header cut short after the first member as the end of the archive, so truncation is
+    also detected by the missing end-of-archive marker (two zero blocks) that every shard writer emits.
+    """
+    import io
     import tarfile
 
     try:
         with tarfile.open(path) as tar:
             for member in tar:
                 if member.isfile():
-                    tar.extractfile(member).read()  # type: ignore[union-attr]
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        return f"{type(exc).__name__}: {exc}"
+                    data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                    if member.name.endswith(".npy"):
+                        np.load(io.BytesIO(data), allow_pickle=False)
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            fh.seek(max(0, size - 1024))
+            tail = fh.read()
+        if size % 512 or tail.strip(b"\0"):
+            return "no end-of-archive marker: the file is truncated"
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
     return None
 
 
 def name_bad_shard(files: list[str], exc: BaseException) -> DataError:
     """Turn a failure while streaming ``files`` into a one-line :class:`DataError` naming the bad shard."""
+    import re
+
     for path in files:
         why = check_tar(path)
         if why is not None:
             return DataError(f"shard {path} is corrupt or truncated ({why})")
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-    return DataError(f"reading shards {files[0]}... failed: {first[:300]}")
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception):", ln)]
+    first = (errors or lines or [type(exc).__name__])[-1]
+    return DataError(f"reading shards {', '.join(files)} failed: {first[:300]}")
 
 
 def build_dataset(shards: str, *, image_size: int | None, job: str = "train", policy: str = "skip",

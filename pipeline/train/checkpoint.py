@@ -49,6 +49,21 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of this epoch already consumed (good or skipped): the data position
 
 
+def _write_failure(local_dir: Path, exc: BaseException) -> str:
+    """A short reason for a failed checkpoint write; a full filesystem is named as such."""
+    import shutil
+
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "no space left on device"
+    try:
+        if shutil.disk_usage(local_dir).free < (1 << 20):
+            return "no space left on device"
+    except OSError:
+        pass
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
 def save(local_dir: Path, *, engine: Any, ema: Any, state: TrainState, cfg: TrainJobConfig, info: DataInfo,
          rank: int, world: int = 1, extra: dict[str, Any] | None = None) -> Path:
     """Write this rank's part of a checkpoint into ``local_dir`` (collective: every rank calls it).
@@ -69,15 +84,9 @@ def save(local_dir: Path, *, engine: Any, ema: Any, state: TrainState, cfg: Trai
             tmp = local_dir / f".{META}.tmp"
             tmp.write_text(json.dumps(meta, indent=2))
             os.replace(tmp, local_dir / META)
-    except OSError as exc:
-        why = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or type(exc).__name__)
-        raise CheckpointError(f"could not write checkpoint {local_dir} at step {state.step}: {why}; "
+    except (OSError, RuntimeError) as exc:  # torch.save/safetensors report a full disk as RuntimeError
+        raise CheckpointError(f"could not write checkpoint {local_dir} at step {state.step}: {_write_failure(local_dir, exc)}; "
                               f"the previous checkpoint is kept") from None
-    except RuntimeError as exc:  # torch/safetensors wrap ENOSPC in RuntimeError
-        if "No space left" not in str(exc) and "write" not in str(exc).lower():
-            raise
-        raise CheckpointError(f"could not write checkpoint {local_dir} at step {state.step}: "
-                              f"{str(exc).splitlines()[0][:200]}; the previous checkpoint is kept") from None
     return local_dir
 
 

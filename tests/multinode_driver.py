@@ -1,0 +1,52 @@
+"""Run a tiny training on a 2-node local Ray cluster (two raylets on loopback) and print a JSON summary.
+
+Usage: python tests/multinode_driver.py SHARDS_ROOT RUN_DIR MLFLOW_URI
+Runs in its own process (the test suite's session-wide local Ray would fight a second cluster in-process).
+The workers are spread with ``train.placement_strategy=STRICT_SPREAD``; each node has 2 logical CPUs so that
+Ray Data's read tasks fit beside a 0.5-CPU training worker. Checkpoints go to RUN_DIR/shared-storage, a plain
+directory both nodes see (on a real cluster: an NFS/PVC mount or an s3:// / gs:// URL).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main(shards: str, run_dir: str, mlflow_uri: str) -> dict:
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    from conftest import tiny_train_overrides
+    from pipeline.config import TrainJobConfig, load_config
+    from pipeline.train.trainer import fit
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    try:
+        nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        storage = str(Path(run_dir) / "shared-storage")
+        cfg = load_config(TrainJobConfig, "train", tiny_train_overrides(Path(shards), Path(run_dir), **{
+            "run_name": "multinode", "train.steps": 10, "train.log_every": 5, "train.checkpoint_every": 5,
+            "train.placement_strategy": "STRICT_SPREAD", "train.storage_path": storage,
+            "tracking.tracking_uri": mlflow_uri}))
+        result = fit(cfg, make_grid=False)
+        workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=100)]
+        return {"nodes": nodes, "worker_nodes": sorted({a.node_id for a in workers}), "run_id": result.run_id,
+                "checkpoint": str(result.checkpoint), "storage": storage}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    print("MULTINODE " + json.dumps(main(*sys.argv[1:4])), flush=True)
