@@ -72,11 +72,18 @@ def test_empty_and_missing_shard_sets(digits_shards, tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "no shard set at" in err[0], err
 
 
-def test_fewer_shards_than_workers(digits_shards, tmp_path, capsys):
-    # the val set has 2 shards; 3 workers cannot each get one
-    code, err = _cli(["train", *tiny_train_overrides(digits_shards, tmp_path, **{
-        "data.shards": str(digits_shards / "val"), "train.num_workers": 3})], capsys)
-    assert code == 2 and len(err) == 1 and "fewer than the 3 training workers" in err[0], err
+def test_epoch_file_split_is_deterministic_and_handles_fewer_shards_than_workers():
+    from pipeline.data.streaming import batch_stride, epoch_files
+
+    paths = [f"s{i}.tar" for i in range(6)]
+    split = [epoch_files(paths, seed=3, epoch=1, rank=r, world=2) for r in (0, 1)]
+    assert sorted(split[0] + split[1]) == paths and not set(split[0]) & set(split[1])
+    assert split == [epoch_files(paths, seed=3, epoch=1, rank=r, world=2) for r in (0, 1)]  # same (seed, epoch)
+    assert split != [epoch_files(paths, seed=3, epoch=2, rank=r, world=2) for r in (0, 1)]  # reshuffled per epoch
+    assert batch_stride(6, 2) == 1
+    # 2 files, 3 workers: every rank reads both files and keeps every 3rd batch
+    few = [epoch_files(paths[:2], seed=3, epoch=0, rank=r, world=3) for r in range(3)]
+    assert all(sorted(f) == paths[:2] for f in few) and few[0] == few[1] == few[2] and batch_stride(2, 3) == 3
 
 
 def _bad_sample_set(root: Path) -> Path:

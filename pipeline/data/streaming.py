@@ -123,12 +123,17 @@ def epoch_files(paths: list[str], *, seed: int, epoch: int, rank: int, world: in
     """This rank's shard files for ``epoch``: a permutation seeded by ``(seed, epoch)``, files ``rank::world``.
 
     Every rank computes the same permutation, so the ranks' file sets are disjoint and cover the shard set.
+    With fewer files than ranks every rank gets all files and keeps every ``world``-th batch (:func:`batch_stride`).
     """
-    if len(paths) < world:
-        raise DataError(f"shard set has {len(paths)} shard file(s), fewer than the {world} training workers "
-                        f"(write it with a smaller --samples-per-shard or use fewer train.num_workers)")
     order = np.random.default_rng([seed, epoch]).permutation(len(paths))
+    if len(paths) < world:
+        return [paths[i] for i in order]
     return [paths[i] for i in order[rank::world]]
+
+
+def batch_stride(num_files: int, world: int) -> int:
+    """1 when each rank reads its own files; ``world`` when all ranks read all files and take turns by batch."""
+    return world if num_files < world else 1
 
 
 def epoch_dataset(paths: list[str], info: DataInfo, *, policy: str, seed: int, epoch: int, rank: int,

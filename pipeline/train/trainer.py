@@ -25,9 +25,9 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}} \
-        if not os.environ.get("CUDA_VISIBLE_DEVICES") and not _has_cuda() else {}
-    kwargs: dict[str, Any] = {"runtime_env": env, "log_to_driver": True}
+    # DeepSpeed's accelerator is chosen inside each worker from train.use_gpu (pipeline/train/engine.py),
+    # not from the driver's hardware: a cluster head often has no GPU.
+    kwargs: dict[str, Any] = {"log_to_driver": True}
     # Ray's token authentication (on by default for new local clusters since Ray 2.59) is left as Ray sets it:
     # nothing here passes RAY_AUTH_MODE or an auth system config.
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
@@ -75,7 +75,7 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.data.shards import verify_shards
-    from pipeline.data.streaming import describe, epoch_files
+    from pipeline.data.streaming import describe
     from pipeline.errors import CheckpointError
     from pipeline.tracking import client, redact, start_or_resume_run
     from pipeline.train.worker import train_loop_per_worker
@@ -83,8 +83,6 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
     paths, info = describe(cfg.data.shards, cfg.data.image_size, job="train")
     if cfg.data.verify_checksums:
         verify_shards(cfg.data.shards)
-    if len(paths) < cfg.train.num_workers:
-        epoch_files(paths, seed=cfg.seed, epoch=0, rank=0, world=cfg.train.num_workers)  # raises a DataError
     if cfg.init_from and "://" not in cfg.init_from and not Path(cfg.init_from).exists():
         raise CheckpointError(f"init_from={cfg.init_from}: file or directory does not exist")
     uri = tracking_uri(cfg)

@@ -132,7 +132,7 @@ def build_worker_model(cfg: TrainJobConfig, info: DataInfo) -> torch.nn.Module:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
-    from pipeline.data.streaming import epoch_dataset, name_bad_shard
+    from pipeline.data.streaming import batch_stride, epoch_dataset, name_bad_shard
     from pipeline.objective import build_objective
     from pipeline.tracking import MetricLogger
     from pipeline.train.ema import EMA
@@ -187,16 +187,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         """This rank's batches of ``epoch`` (deterministic); read errors become one line naming the shard."""
         ds, files = epoch_dataset(paths, info, policy=cfg.data.bad_sample_policy, seed=cfg.seed, epoch=epoch,
                                   rank=rank, world=world)
+        stride = batch_stride(len(paths), world)  # >1: every rank reads every file and keeps every stride-th batch
         iterator = iter(ds.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True,
                                               local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-                                              local_shuffle_seed=cfg.seed + 7919 * epoch + rank))
+                                              local_shuffle_seed=cfg.seed + 7919 * epoch + (rank if stride == 1 else 0)))
+        index = 0
         while True:
             try:
-                yield next(iterator)
+                batch = next(iterator)
             except StopIteration:
                 return
             except Exception as exc:  # noqa: BLE001 - Ray Data wraps read/decode errors of its tasks
                 raise (_user_error(exc) or name_bad_shard(files, exc)) from None
+            if index % stride == rank % stride:
+                yield batch
+            index += 1
 
     start_step = state.step
     while state.step < tcfg.steps:
