@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def main(shards: str, run_dir: str, mlflow_uri: str) -> dict:
     import ray
     from ray.cluster_utils import Cluster
-    from ray.util.state import list_actors
+    from ray._private.state import actors  # the GCS actor table (no dashboard needed)
 
     from conftest import tiny_train_overrides
     from pipeline.config import TrainJobConfig, load_config
@@ -40,8 +40,9 @@ def main(shards: str, run_dir: str, mlflow_uri: str) -> dict:
             "train.placement_strategy": "STRICT_SPREAD", "train.storage_path": storage,
             "tracking.tracking_uri": mlflow_uri}))
         result = fit(cfg, make_grid=False)
-        workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=100)]
-        return {"nodes": nodes, "worker_nodes": sorted({a.node_id for a in workers}), "run_id": result.run_id,
+        workers = [a for a in actors().values() if "RayTrainWorker" in a["ActorClassName"]]
+        return {"nodes": nodes, "worker_nodes": sorted({a["Address"]["NodeID"] for a in workers}),
+                "num_workers": len(workers), "run_id": result.run_id,
                 "checkpoint": str(result.checkpoint), "storage": storage}
     finally:
         ray.shutdown()
