@@ -18,7 +18,7 @@ def main(argv: list[str]) -> int:
                         help="MLflow tracking server (default: $MLFLOW_TRACKING_URI)")
     parser.add_argument("--experiment", default="flowrail", help="experiment for the logging run of a checkpoint path")
     parser.add_argument("settings", nargs="*", help="sampler/guidance defaults, e.g. sampler.solver=heun guidance.scale=2")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if not args.tracking_uri:
         raise ValueError("no tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI")
     extra = parse_overrides(args.settings)

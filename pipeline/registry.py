@@ -62,7 +62,8 @@ class FlowrailImageModel(mlflow.pyfunc.PythonModel):
         seed = int(row["seed"]) if _present(row.get("seed")) else 0
         return SamplerConfig.model_validate(sampler), GuidanceConfig.model_validate(guidance), seed
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - untyped: MLflow reads hints
+        """DataFrame rows (label, seed, steps, sampler settings) -> (N, H, W, C) uint8 images."""
         import pandas as pd
         import torch
 

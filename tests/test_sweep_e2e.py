@@ -26,7 +26,7 @@ def _sweep_yaml(tmp_path, shards, uri) -> str:
         },
         "space": {"transport.path": {"grid": ["linear", "gvp"]},
                   "transport.prediction": {"grid": ["velocity", "score"]}},
-        "tune": {"metric": "fd_pixels", "mode": "min", "max_concurrent": 2,
+        "tune": {"metric": "fd_pixels", "mode": "min", "max_concurrent": 1,
                  "asha": {"grace_period": 10, "reduction_factor": 2}},
         "eval": {"metrics": ["fd_pixels"], "num_samples": 64},
         "sampling": {"top_k": 1, "configs": [

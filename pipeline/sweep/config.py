@@ -40,7 +40,7 @@ class TuneSettings(Section):
     mode: Literal["min", "max"] = "min"
     num_samples: int = Field(default=1, ge=1)  # repeats of the grid (or samples from random/Optuna spaces)
     max_concurrent: int = Field(default=2, ge=1)
-    trial_cpus: float = Field(default=0.0, ge=0)  # the trial driver itself; its Ray Train workers ask for their own
+    trial_cpus: float = Field(default=0.01, gt=0)  # the trial driver itself (it mostly waits); its workers ask for their own
     searcher: Literal["basic", "optuna"] = "basic"
     seed: int = 0
     asha: AshaSettings = AshaSettings()
