@@ -6,9 +6,12 @@ from typing import Any
 from torch import nn
 
 from pipeline.config import ModelConfig
+from pipeline.models.checkpoint_import import export_safetensors, load_official_checkpoint
+from pipeline.models.dfm import DFM, dfm_from_sit
 from pipeline.models.sit import SiT, build_sit, parse_named_config
 
-__all__ = ["SiT", "build_model", "build_sit", "count_parameters", "parse_named_config"]
+__all__ = ["DFM", "SiT", "build_model", "build_sit", "count_parameters", "dfm_from_sit", "export_safetensors",
+           "load_official_checkpoint", "parse_named_config"]
 
 
 def build_model(cfg: ModelConfig, *, in_channels: int, input_size: int, num_classes: int,
@@ -32,8 +35,6 @@ def build_model(cfg: ModelConfig, *, in_channels: int, input_size: int, num_clas
     if parse_named_config(name) is not None:
         return build_sit(name, **common)
     if lowered == "dfm":
-        from pipeline.models.dfm import DFM
-
         return DFM(stages=cfg.dfm_stages, **custom, **common)
     if lowered == "flux":
         from pipeline.flux.model import build_flux_model
