@@ -124,7 +124,7 @@ class TrainConfig(Section):
     log_every: int = Field(default=20, ge=1)
     checkpoint_every: int = Field(default=200, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
-    eval_every: int = Field(default=0, ge=0)  # 0: evaluate only at the end
+    eval_every: int = Field(default=0, ge=0)  # evaluate the EMA every K steps and at the end; 0: never
     max_bad_steps: int = Field(default=10, ge=0)  # NaN/Inf losses skipped before the run aborts
     max_failures: int = Field(default=0, ge=-1)  # Ray Train FailureConfig; -1 retries forever
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # Ray placement of the workers

@@ -87,7 +87,7 @@ def tiny_train_overrides(shards: Path, run_dir: Path, **extra: object) -> list[s
         "run_dir": str(run_dir), "data.shards": str(shards / "train"), "data.val_shards": str(shards / "val"),
         "data.image_size": 8, "data.batch_size": 32, "model.hidden_size": 32, "model.depth": 2,
         "model.num_heads": 2, "model.patch_size": 2, "train.steps": 30, "train.log_every": 5,
-        "train.checkpoint_every": 15, "train.lr": 2e-3, "sampler.steps": 8, "samples.per_class": 2,
+        "train.checkpoint_every": 15, "train.lr": 2e-3, "eval.num_samples": 100, "sampler.steps": 8, "samples.per_class": 2,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -100,5 +100,6 @@ def trained_digits(ray_local, digits_shards, tmp_path_factory):
     from pipeline.train.trainer import fit
 
     run_dir = tmp_path_factory.mktemp("trained")
-    cfg = load_config(TrainJobConfig, "train", tiny_train_overrides(digits_shards, run_dir, run_name="shared"))
+    cfg = load_config(TrainJobConfig, "train", tiny_train_overrides(digits_shards, run_dir, run_name="shared",
+                                                                     **{"train.eval_every": 15}))
     return cfg, fit(cfg)

@@ -17,6 +17,10 @@ def test_zero2_two_workers_trains_and_logs(trained_digits):
     losses = _history(result.tracking_uri, result.run_id, "loss")
     assert [s for s, _ in losses] == [5, 10, 15, 20, 25, 30]
     assert losses[-1][1] < 0.8 * losses[0][1], losses
+    # the EMA is evaluated in training every train.eval_every steps with the `flowrail evaluate` code
+    fd = _history(result.tracking_uri, result.run_id, "fd_digits")
+    assert [s for s, _ in fd] == [15, 30] and all(v > 0 for _, v in fd)
+    assert {s for s, _ in _history(result.tracking_uri, result.run_id, "classifier_accuracy")} == {15, 30}
     run = MlflowClient(result.tracking_uri).get_run(result.run_id)
     assert run.data.params["train.zero_stage"] == "2" and run.data.params["train.num_workers"] == "2"
     assert run.data.params["model.hidden_size"] == "32" and run.info.status == "FINISHED"
