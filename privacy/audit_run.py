@@ -38,7 +38,8 @@ def load_pixels(shard_dir: str | Path, job: str, allow_sensitive: bool = False) 
 def feature_space(train: torch.Tensor, prefer: str = "auto") -> tuple[Features | None, str]:
     """The digits classifier's 64-d features (evals) for 1-channel images, or raw centred pixels.
 
-    ``auto`` picks the classifier for grey images (the digits default) and pixels otherwise.
+    ``auto`` picks the classifier for grey images (the digits default) and pixels otherwise. Features are centred on
+    the training set's mean: post-ReLU features are non-negative, and uncentred cosines sit near 1 for any pair.
     """
     if prefer == "pixels" or (prefer == "auto" and train.shape[1] != 1):
         return None, "pixels"
@@ -49,7 +50,8 @@ def feature_space(train: torch.Tensor, prefer: str = "auto") -> tuple[Features |
             raise ValueError("--features digits_classifier needs evals.digits_classifier (not available)") from None
         return None, "pixels"
     classifier = load_digits_classifier()
-    return classifier.features, "digits_classifier"
+    mean = classifier.features(train).mean(dim=0)
+    return (lambda x: classifier.features(x) - mean), "digits_classifier"
 
 
 def audit_checkpoint(checkpoint: str | Path, sensitive: str | Path, *, release: str | Path | None = None,
