@@ -29,7 +29,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-METHODS = ["clean_only", "noisy_only", "sfbd", "sfbd_flow", "clean_sensitive"]
+METHODS = ["clean_only", "noisy_only", "sfbd_flow", "clean_sensitive", "sfbd"]
+
+
+def finished_checkpoint(out: Path, method: str, steps: int) -> tuple[Path, str | None] | None:
+    """A completed run of this method from an earlier invocation (same settings), to skip retraining it."""
+    from pipeline.errors import FlowrailError
+    from pipeline.train.checkpoint import find_latest, read_meta
+
+    try:
+        ckpt = find_latest(out / "runs" / "ray" / f"bench-{method}")
+    except FlowrailError:
+        return None
+    meta = read_meta(ckpt)
+    return (ckpt, meta.get("mlflow_run_id")) if meta.get("step") == steps else None
 
 
 def overrides(args: argparse.Namespace, out: Path, method: str) -> list[str]:
@@ -49,7 +62,6 @@ def overrides(args: argparse.Namespace, out: Path, method: str) -> list[str]:
     return [f"{k}={v}" for k, v in o.items()]
 
 
-@torch.no_grad()
 def fd_digits(checkpoint: Path, per_class: int, seed: int) -> tuple[float, float, torch.Tensor]:
     """Fréchet distance to the val split in the digits classifier's feature space, and its accuracy on samples."""
     from evals.digits_classifier import digits_images, load_digits_classifier
@@ -57,10 +69,11 @@ def fd_digits(checkpoint: Path, per_class: int, seed: int) -> tuple[float, float
     from pipeline.sampling import sample_classes
     from pipeline.train.checkpoint import load_trained
 
-    clf = load_digits_classifier()
+    clf = load_digits_classifier()  # trains (with grad) and caches on first use
     trained = load_trained(checkpoint)
     labels = torch.arange(10).repeat_interleave(per_class)
-    x = sample_classes(trained, labels, seed).x.float().clamp(-1, 1)
+    with torch.no_grad():
+        x = sample_classes(trained, labels, seed).x.float().clamp(-1, 1)
     f_gen = clf.features(x).numpy()
     xv, _ = digits_images("val")
     f_val = clf.features(xv).numpy()
@@ -94,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     from privacy.train import fit_privacy
 
     t_start = time.time()
+    from evals.digits_classifier import load_digits_classifier
+
+    load_digits_classifier()  # train and cache the feature extractor once, before any model
     if not (out / "data" / "train" / "manifest.json").is_file():
         write_digits(out / "data", samples_per_shard=256)
     sensitive = out / "sensitive"
@@ -114,16 +130,22 @@ def main(argv: list[str] | None = None) -> int:
     grids = []
     for method in args.methods.split(","):
         t0 = time.time()
-        cfg = load_config(PrivacyTrainConfig, None, overrides(args, out, method))
-        res = fit_privacy(cfg, make_grid=False)
+        done = finished_checkpoint(out, method, args.steps)
+        if done is None:
+            cfg = load_config(PrivacyTrainConfig, None, overrides(args, out, method))
+            res = fit_privacy(cfg, make_grid=False)
+            checkpoint, run_id = res.checkpoint, res.run_id
+        else:
+            checkpoint, run_id = done
         t_train = time.time() - t0
-        fd, acc, x = fd_digits(res.checkpoint, args.per_class, seed=1)
+        fd, acc, x = fd_digits(checkpoint, args.per_class, seed=1)
         grids.append(x.view(10, args.per_class, *x.shape[1:])[:, :8].reshape(-1, *x.shape[1:]))
-        audit = audit_checkpoint(res.checkpoint, sensitive,
+        audit = audit_checkpoint(checkpoint, sensitive,
                                  release=out / "release" if method in ("noisy_only", "sfbd", "sfbd_flow") else None,
                                  num_samples=args.audit_samples, seed=2, denoise_steps=args.audit_denoise_steps)
         results[method] = {"fd_digits": fd, "classifier_accuracy": acc, "train_seconds": t_train,
-                           "mlflow_run_id": res.run_id, "checkpoint": str(res.checkpoint), **audit}
+                           "mlflow_run_id": run_id, "checkpoint": str(checkpoint), "reused": done is not None,
+                           **audit}
         print(f"[bench] {method}: fd_digits {fd:.3f}  acc {acc:.3f}  extracted {audit['gen_extracted_frac']:.3f}  "
               f"({t_train:.0f}s)", flush=True)
         (out / "results.json").write_text(json.dumps({"settings": vars(args), "release_counts": rel["counts"],
