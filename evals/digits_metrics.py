@@ -43,15 +43,15 @@ class DigitsTally:
                 pred = classifier.head(feats.float()).argmax(1)
             labels = labels.long().cpu()
             valid = (labels >= 0) & (labels < NUM_CLASSES)
-            np.add.at(self.total, labels[valid].numpy(), 1)
-            np.add.at(self.correct, labels[valid & (pred == labels)].numpy(), 1)
+            self.total = self.total + np.bincount(labels[valid].numpy(), minlength=NUM_CLASSES)
+            self.correct = self.correct + np.bincount(labels[valid & (pred == labels)].numpy(), minlength=NUM_CLASSES)
         return self
 
     def merge(self, other: "DigitsTally") -> "DigitsTally":
         self.stats.merge(other.stats)
         self.features.extend(other.features)
-        self.correct += other.correct
-        self.total += other.total
+        self.correct = self.correct + other.correct  # not in place: Ray hands back read-only arrays
+        self.total = self.total + other.total
         return self
 
     @property

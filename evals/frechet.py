@@ -69,8 +69,9 @@ class RunningStats:
             return
         n = self.n + n_b
         delta = mean_b - self._mean
-        self._m2 += m2_b + np.outer(delta, delta) * (self.n * n_b / n)
-        self._mean += delta * (n_b / n)
+        # not in place: arrays deserialised by Ray (zero-copy) are read-only
+        self._m2 = self._m2 + m2_b + np.outer(delta, delta) * (self.n * n_b / n)
+        self._mean = self._mean + delta * (n_b / n)
         self.n = n
 
     def update(self, features: np.ndarray | torch.Tensor) -> "RunningStats":

@@ -58,6 +58,16 @@ def test_merged_stats_equal_one_pass():
         np.testing.assert_allclose(s.cov, np.cov(f, rowvar=False), rtol=1e-10)
 
 
+def test_merge_into_read_only_arrays():
+    """Accumulators that come back from Ray workers hold read-only (zero-copy) arrays."""
+    rng = np.random.default_rng(3)
+    a, b = RunningStats(3).update(rng.normal(size=(5, 3))), RunningStats(3).update(rng.normal(size=(6, 3)))
+    for arr in (a._mean, a._m2):
+        arr.setflags(write=False)
+    a.merge(b)
+    assert a.n == 11
+
+
 def test_npz_roundtrip_and_errors(tmp_path):
     stats = RunningStats(4).update(np.random.default_rng(2).normal(size=(20, 4)))
     stats.save(tmp_path / "ref.npz")
