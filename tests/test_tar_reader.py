@@ -11,7 +11,12 @@ import pytest
 
 from pipeline.data.shards import iter_samples, write_shard_set
 from pipeline.data.streaming import Decode, describe
-from pipeline.data.tar_reader import ParseShards, is_flowrail_format, read_shards, tar_members
+from pipeline.data.tar_reader import (
+    ParseShards,
+    is_flowrail_format,
+    read_shards,
+    tar_members,
+)
 from pipeline.errors import DataError
 
 
