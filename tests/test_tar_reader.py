@@ -142,5 +142,5 @@ def test_ray_stream_matches_read_webdataset_in_order(ray_local, digits_shards: P
     cat = {k: np.concatenate([b[k].numpy() for b in ours]) for k in ("image", "label", "skipped")}
     cat_ref = {k: np.concatenate([b[k].numpy() for b in ref]) for k in ("image", "label", "skipped")}
     assert cat["image"].shape == (359, 1, 16, 16)
-    for k in cat:
-        np.testing.assert_array_equal(cat[k], cat_ref[k])
+    for k, value in cat.items():
+        np.testing.assert_array_equal(value, cat_ref[k])

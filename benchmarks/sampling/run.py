@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import statistics
 import time
 from pathlib import Path
@@ -51,7 +52,7 @@ def cheapest(rows: list[dict[str, str]], metric: str, target: float) -> dict[str
         name = row["sampler"]
         out.setdefault(name, None)
         value = float(row[metric])
-        if value != value or abs(value) > target:
+        if math.isnan(value) or abs(value) > target:
             continue
         best = out[name]
         if best is None or int(row["nfe"]) < int(best["nfe"]):
