@@ -45,9 +45,7 @@ def test_corrupt_shard_while_streaming_is_named(ray_local, digits_shards, tmp_pa
     """Without the checksum pass (data.verify_checksums=false) a read error still names the shard."""
     shards = _copy_train(digits_shards, tmp_path / "train")
     bad = shards / "shard-000001.tar"
-    data = bytearray(bad.read_bytes())
-    data[600:900] = b"\xff" * 300  # garbage over the second member's header
-    bad.write_bytes(bytes(data[:40000]))
+    bad.write_bytes(bad.read_bytes()[:40600])  # cut inside a member's data
     paths = sorted(str(p) for p in shards.glob("*.tar"))
     info = DataInfo(kind="pixels", field="image.npy", channels=1, size=8, num_classes=10, num_samples=1438)
     errors = []
@@ -87,7 +85,7 @@ def test_epoch_file_split_is_deterministic_and_handles_fewer_shards_than_workers
 
 
 def _bad_sample_set(root: Path) -> Path:
-    """16 good 8x8 samples, one of wrong shape, one without its image, one with NaN pixels (float)."""
+    """16 good 8x8 samples, one of wrong shape, one without its image, one with NaN pixels."""
     rng = np.random.default_rng(0)
     samples = [(f"good{i:03d}", {"image.npy": rng.integers(0, 255, (8, 8, 1), dtype=np.uint8), "cls": i % 10})
                for i in range(16)]

@@ -10,6 +10,7 @@ training workers do not use it: each worker reads its own files of the epoch's s
 """
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -38,10 +39,10 @@ class DataInfo:
 
 def describe(shards: str, image_size: int | None, job: str = "train") -> tuple[list[str], DataInfo]:
     """Validate a shard set for ``job`` and return its shard paths and :class:`DataInfo`."""
-    manifest = read_manifest(shards)
     from privacy.boundary import check_readable
 
-    check_readable(manifest if isinstance(manifest, dict) else shards, job=job)
+    check_readable(shards, job=job)  # before anything else reads it; names the directory
+    manifest = read_manifest(shards)
     channels, height, width = manifest["shape"]
     if height != width:
         raise DataError(f"shard set {shards} holds {height}x{width} images; flowrail trains on square images")
@@ -84,6 +85,13 @@ class Decode:
                 self._bad(keys[i], urls[i], f"missing field '{info.field}'")
                 skipped += 1
                 continue
+            if isinstance(x, (bytes, bytearray, np.bytes_)):  # undecoded member (read with decoder=False)
+                try:
+                    x = np.load(io.BytesIO(bytes(x)), allow_pickle=False)
+                except (ValueError, OSError, EOFError) as exc:
+                    self._bad(keys[i], urls[i], f"'{info.field}' is not a valid .npy array ({str(exc)[:80]})")
+                    skipped += 1
+                    continue
             x = np.asarray(x)
             if info.kind == "pixels":
                 expected = (x.shape[0], x.shape[0], info.channels)
@@ -99,6 +107,13 @@ class Decode:
                 skipped += 1
                 continue
             label = -1 if labels is None else labels[i]
+            if isinstance(label, (bytes, bytearray, np.bytes_)):
+                try:
+                    label = int(bytes(label).decode())
+                except ValueError:
+                    self._bad(keys[i], urls[i], f"label {bytes(label)[:20]!r} is not an integer")
+                    skipped += 1
+                    continue
             good_x.append(x)
             good_y.append(int(label) if label is not None and label == label else -1)
         if not good_x:
@@ -146,8 +161,12 @@ def epoch_dataset(paths: list[str], info: DataInfo, *, policy: str, seed: int, e
     import ray.data
 
     files = epoch_files(paths, seed=seed, epoch=epoch, rank=rank, world=world)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    ds = ray.data.read_webdataset(files, shuffle=None)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_tensor_extension_casting = False  # a sample missing its array must not fail its whole block
+    # decoder=False: members stay bytes and Decode parses them (np.load without pickles), so a sample with a missing
+    # or garbled member is one bad sample under data.bad_sample_policy instead of a failed read of the whole block
+    ds = ray.data.read_webdataset(files, shuffle=None, decoder=False)
     ds = ds.map_batches(Decode(info, policy), batch_format="numpy", batch_size=256, zero_copy_batch=True)
     return ds, files
 

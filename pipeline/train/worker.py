@@ -13,6 +13,7 @@ runs out (ranks agree on it before every step), so every rank takes the same num
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -26,8 +27,9 @@ import torch.distributed as dist
 
 from pipeline.config import TrainJobConfig
 from pipeline.data.streaming import DataInfo
-from pipeline.errors import DataError, FlowrailError
+from pipeline.errors import CheckpointError, DataError, FlowrailError
 from pipeline.train import checkpoint as ckpt_io
+from pipeline.train import periodic_eval
 from pipeline.train.checkpoint import TrainState
 
 
@@ -46,11 +48,17 @@ def _all_reduce(values: list[float]) -> list[float]:
 def _user_error(exc: BaseException) -> FlowrailError | None:
     """A :class:`FlowrailError` in the cause chain of ``exc`` (Ray Data wraps errors raised in its tasks)."""
     seen: set[int] = set()
+    text = str(exc)
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, FlowrailError):
             return exc
         exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    for line in reversed(text.splitlines()):  # Ray Data may only keep the remote traceback's text
+        match = re.search(r"\b(DataError|CheckpointError|FlowrailError): (.+)$", line.strip())
+        if match:
+            return {"DataError": DataError, "CheckpointError": CheckpointError}.get(match.group(1), FlowrailError)(
+                match.group(2))
     return None
 
 
@@ -253,6 +261,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                            "lr": engine.get_lr()[0] if hasattr(engine, "get_lr") else tcfg.lr,
                            "bad_steps": state.bad_steps, "skipped_samples": state.skipped_samples,
                            "epoch": state.epoch, "step": state.step}
+                if rank == 0 and periodic_eval.due(state.step, tcfg.eval_every, last):
+                    metrics.update(periodic_eval.evaluate_ema(cfg, ema.model, objective, info, state.step))
                 if logger is not None:
                     logger.log({k: v for k, v in metrics.items() if k != "step"}, step=state.step)
                     done = state.step - start_step
