@@ -3,6 +3,7 @@ optional registration of the best (checkpoint, sampler) as ``champion`` and the 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,8 @@ def _run_trials(cfg: SweepConfig, base: TrainJobConfig, parent: str, uri: str) -
     from pipeline.train.trainer import init_ray
 
     init_ray()
+    # a trial's last result ("done") carries no metric, and a checkpoint whose evaluation failed neither
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     sweep = {"name": cfg.name, "parent_run_id": parent, "metrics": cfg.eval.metrics,
              "num_samples": cfg.eval.num_samples, "seed": cfg.eval.seed}
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.model_dump(mode="json"), sweep=sweep),

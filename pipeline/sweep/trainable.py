@@ -27,11 +27,15 @@ class EvalReportCallback(TuneReportCallback):
         from pipeline.train.checkpoint import load_trained
 
         out = dict(metrics[0])
-        with checkpoint.as_directory() as ckpt_dir:
-            trained = load_trained(ckpt_dir)
-            with torch.no_grad():
-                out.update(evaluate(trained, self.metrics, self.num_samples, self.seed))
-        out["mlflow_run_id"] = trained.run_id or ""
+        try:
+            with checkpoint.as_directory() as ckpt_dir:
+                trained = load_trained(ckpt_dir)
+                with torch.no_grad():
+                    out.update(evaluate(trained, self.metrics, self.num_samples, self.seed))
+            out["mlflow_run_id"] = trained.run_id or ""
+        except Exception as exc:  # noqa: BLE001 - Ray swallows callback errors: say it, forward the rest
+            print(f"[flowrail] evaluation of checkpoint {checkpoint.path} failed: {type(exc).__name__}: {exc}",
+                  flush=True)
         super().after_report(run_context, [out], checkpoint)
 
 
