@@ -77,6 +77,7 @@ def test_fid_without_weights_fails_before_sampling(cache_dir, tmp_path, monkeypa
         evaluate_checkpoint(trained, cfg)
 
 
+@pytest.mark.timeout(1800)  # includes the shared training fixture when this test is the first to need it
 def test_flowrail_evaluate_logs_to_mlflow(trained_digits, mlflow_server, cache_dir, capsys):
     from mlflow.tracking import MlflowClient
 
@@ -105,6 +106,7 @@ def test_flowrail_evaluate_logs_to_mlflow(trained_digits, mlflow_server, cache_d
     assert local.stat().st_size > 100
 
 
+@pytest.mark.timeout(1800)
 def test_flowrail_evaluate_refuses_training_overrides(trained_digits, capsys):
     from jobs.cli import main
 
