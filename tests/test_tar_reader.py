@@ -72,14 +72,15 @@ def test_latents_pass_through_and_bad_samples_are_skipped_and_counted(tmp_path: 
     assert out["skipped"].sum() == 4
 
 
-@pytest.mark.parametrize("key", ["bnan", "bshape", "bmissing", "bgarbage"])
+@pytest.mark.parametrize("key", ["bnan", "bshape", "bmissing", "bgarbage", "blabel"])
 def test_fail_policy_names_the_bad_sample(tmp_path: Path, key: str) -> None:
     rng = np.random.default_rng(1)
     samples = [(f"k{i}", {"latent.npy": rng.standard_normal((4, 4, 4)).astype(np.float32), "cls": 0})
                for i in range(3)]
     bad = {"bnan": {"latent.npy": np.full((4, 4, 4), np.inf, np.float32)},
            "bshape": {"latent.npy": np.ones((3, 4, 4), np.float32)},
-           "bmissing": {"cls": 1}, "bgarbage": {"latent.npy": b"garbage"}}[key]
+           "bmissing": {"cls": 1}, "bgarbage": {"latent.npy": b"garbage"},
+           "blabel": {"latent.npy": np.ones((4, 4, 4), np.float32), "cls": "seven"}}[key]
     write_shard_set(tmp_path / "lat", samples + [(key, bad)], samples_per_shard=10,
                     extra={"kind": "latents", "field": "latent.npy", "shape": [4, 4, 4], "num_classes": 3})
     with pytest.raises(DataError, match=f"sample {key} in .*shard-000000.tar"):
@@ -144,3 +145,13 @@ def test_ray_stream_matches_read_webdataset_in_order(ray_local, digits_shards: P
     assert cat["image"].shape == (359, 1, 16, 16)
     for k, value in cat.items():
         np.testing.assert_array_equal(value, cat_ref[k])
+
+
+def test_fail_policy_reports_the_first_bad_sample_in_shard_order(tmp_path: Path) -> None:
+    ok = np.zeros((4, 4, 4), np.float32)
+    samples = [("a", {"latent.npy": ok, "cls": 0}), ("b", {"latent.npy": np.zeros((2, 4, 4), np.float32)}),
+               ("c", {"cls": 1}), ("d", {"latent.npy": ok, "cls": 2})]
+    write_shard_set(tmp_path / "lat", samples, samples_per_shard=10,
+                    extra={"kind": "latents", "field": "latent.npy", "shape": [4, 4, 4], "num_classes": 3})
+    with pytest.raises(DataError, match="sample b in .*does not match the manifest"):
+        _parse_dir(tmp_path / "lat", None, policy="fail")

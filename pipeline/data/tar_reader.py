@@ -5,7 +5,7 @@ it in memory into the model batch that :class:`pipeline.data.streaming.Decode` p
 ``read_webdataset`` — ``image`` float32 (B, C, H, W) (pixels ``u8 / 127.5 - 1``, optionally resized bilinearly
 with antialiasing; latents as stored), ``label`` int64 (``-1`` when absent) and ``skipped`` (the number of bad
 samples of the shard in row 0, zeros elsewhere) — with the same bad-sample policy: a missing field, a wrong shape,
-an undecodable array or NaN/Inf values skip and count the sample (``skip``) or raise a one-line
+an undecodable array, NaN/Inf values or a non-integer label skip and count the sample (``skip``) or raise a one-line
 :class:`~pipeline.errors.DataError` naming it (``fail``). A corrupt or truncated tar raises a ``DataError`` naming
 the shard.
 
@@ -189,12 +189,11 @@ class ParseShards:
             return shape == (shape[0], shape[0], info.channels)
         return shape[0] == info.channels and shape[1] == shape[2] == info.size
 
-    def _bad(self, key: str, url: str, why: str) -> None:
-        if self.policy == "fail":
-            raise DataError(f"sample {key} in {url}: {why}")
-
     def parse(self, data: bytes, url: str) -> tuple[np.ndarray | None, np.ndarray, int]:
-        """Stacked arrays (N, *stored shape) of the shard's good samples, their labels, and the bad-sample count."""
+        """Stacked arrays (N, *stored shape) of the shard's good samples, their labels, and the bad-sample count.
+
+        Policy ``fail`` raises for the first bad sample in shard order (as :class:`Decode` does).
+        """
         samples = group_samples(tar_members(data, url))
         ext = self.ext
         common, head, expected_size = None, b"", -1
@@ -206,24 +205,21 @@ class ParseShards:
                 expected_size = common[0] + int(np.prod(common[1])) * common[2].itemsize
         fast: list[int] = []  # sample indices whose array member has the common header
         loose: dict[int, np.ndarray] = {}  # arrays read one by one with np.load
-        bad = np.zeros(len(samples), bool)
+        why: dict[int, str] = {}  # bad samples and the reason
         hlen = len(head)
-        for i, (key, fields) in enumerate(samples):
+        for i, (_, fields) in enumerate(samples):
             m = fields.get(ext)
             if m is None:
-                self._bad(key, url, f"missing field '{ext}'")
-                bad[i] = True
+                why[i] = f"missing field '{ext}'"
             elif m.size == expected_size and data[m.offset:m.offset + hlen] == head:
                 fast.append(i)
             else:
                 try:
                     loose[i] = np.load(io.BytesIO(data[m.offset:m.offset + m.size]), allow_pickle=False)
                 except (ValueError, OSError, EOFError) as exc:
-                    self._bad(key, url, f"array cannot be decoded ({exc})")
-                    bad[i] = True
-        # the common-header arrays in one preallocated block
-        arrays: dict[int, np.ndarray] = {}
-        if fast:
+                    why[i] = f"'{ext}' is not a valid .npy array ({str(exc)[:80]})"
+        stacked = None
+        if fast:  # the common-header arrays: one copy into a preallocated block
             _, shape, dtype, _ = common  # type: ignore[misc]
             nbytes = int(np.prod(shape)) * dtype.itemsize
             block = np.empty((len(fast), nbytes), np.uint8)
@@ -232,43 +228,36 @@ class ParseShards:
                 start = samples[i][1][ext].offset + hlen
                 block[j] = buf[start:start + nbytes]
             stacked = block.view(dtype).reshape((len(fast), *shape))
-            if self._shape_ok(shape):
-                ok = np.ones(len(fast), bool)
-                if dtype.kind == "f":
-                    ok = np.isfinite(stacked.reshape(len(fast), -1)).all(axis=1)
-                for j in np.flatnonzero(~ok):
-                    self._bad(samples[fast[j]][0], url, "array holds NaN or Inf values")
-                    bad[fast[j]] = True
-                for j, i in enumerate(fast):
-                    if ok[j]:
-                        arrays[i] = stacked[j]
-            else:
-                for i in fast:
-                    self._bad(samples[i][0], url, f"array of shape {shape} does not match the manifest")
-                    bad[i] = True
+            if not self._shape_ok(shape):
+                why.update((i, f"array of shape {shape} does not match the manifest") for i in fast)
+            elif dtype.kind == "f":
+                finite = np.isfinite(stacked.reshape(len(fast), -1)).all(axis=1)
+                why.update((fast[j], "array holds NaN or Inf values") for j in np.flatnonzero(~finite))
         for i, x in loose.items():
             if not self._shape_ok(x.shape):
-                self._bad(samples[i][0], url, f"array of shape {x.shape} does not match the manifest")
-                bad[i] = True
+                why[i] = f"array of shape {x.shape} does not match the manifest"
             elif x.dtype.kind == "f" and not np.isfinite(x).all():
-                self._bad(samples[i][0], url, "array holds NaN or Inf values")
-                bad[i] = True
-            else:
-                arrays[i] = x
-        good = [i for i in range(len(samples)) if not bad[i]]
-        labels = np.full(len(good), -1, np.int64)
-        for j, i in enumerate(good):
-            m = samples[i][1].get("cls")
-            if m is not None:
+                why[i] = "array holds NaN or Inf values"
+        labels = np.full(len(samples), -1, np.int64)
+        for i, (_, fields) in enumerate(samples):
+            m = fields.get("cls")
+            if m is not None and i not in why:
+                raw = data[m.offset:m.offset + m.size]
                 try:
-                    labels[j] = int(data[m.offset:m.offset + m.size])
-                except ValueError:
-                    pass
+                    labels[i] = int(raw.decode())
+                except (ValueError, UnicodeDecodeError):
+                    why[i] = f"label {raw[:20]!r} is not an integer"
+        if why and self.policy == "fail":
+            first_bad = min(why)
+            raise DataError(f"sample {samples[first_bad][0]} in {url}: {why[first_bad]}")
+        good = [i for i in range(len(samples)) if i not in why]
         if not good:
-            return None, labels, int(bad.sum())
-        if fast == good:
-            return stacked, labels, int(bad.sum())  # every sample on the fast path: no second copy
-        return np.stack([arrays[i] for i in good]), labels, int(bad.sum())
+            return None, labels[:0], len(why)
+        if good == fast:  # every sample on the fast path and good: no second copy
+            return stacked, labels[good], len(why)
+        pos = {i: j for j, i in enumerate(fast)}
+        arrays = [stacked[pos[i]] if i in pos else loose[i] for i in good]  # type: ignore[index]
+        return np.stack(arrays), labels[good], len(why)
 
     def to_batch(self, stacked: np.ndarray | None, labels: np.ndarray, skipped: int) -> dict[str, np.ndarray]:
         """The model batch: pixels ``u8 / 127.5 - 1`` as (B, C, H, W), resized if needed; latents as float32."""
