@@ -6,7 +6,8 @@ Writes pixel shards (digits replicated to ``--samples``, uint8 8x8x1) and latent
 temporary directory (2000 samples per shard), then measures, per shard set, the steady-state samples/s of
   raw         webdataset.WebDataset(...).decode() → numpy batches normalised to float32 (single process)
   wds-read    ray.data.read_webdataset(...).iter_batches (numpy; no decode, no torch): the upstream reader alone
-  wds+Decode  pipeline.data.streaming.build_dataset → iter_torch_batches (read_webdataset + flowrail's Decode)
+  wds+Decode  read_webdataset(decoder=False) → flowrail's Decode → iter_torch_batches: the stream used for shard sets
+              not in flowrail format (and for all sets before tar_reader)
   tar_reader  pipeline.data.tar_reader.read_shards → iter_torch_batches (flowrail-format shards parsed in memory)
   tar+shuffle tar_reader with the training worker's options: preserve_order and a 512-sample local shuffle buffer
 All Ray figures on a local Ray with 2 CPUs. Each figure is the median over ``--repeats`` full passes after one
@@ -18,8 +19,8 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -83,6 +84,45 @@ def measure(fn: Callable[[], int], repeats: int, expected: int) -> float:
     return statistics.median(rates)
 
 
+def webdataset_decode(files: list[str], info: object) -> object:
+    """flowrail's generic stream (any WebDataset tars): read_webdataset (members as bytes) → Decode."""
+    import ray
+
+    from pipeline.data.streaming import Decode
+
+    ds = ray.data.read_webdataset(files, shuffle=None, decoder=False)
+    return ds.map_batches(Decode(info, "skip"), batch_format="numpy", batch_size=256, zero_copy_batch=True)
+
+
+def cases(kind: str, path: Path, batch: int) -> dict[str, Callable[[], int]]:
+    """The measured passes over one shard set."""
+    import ray
+
+    from pipeline.data.shards import read_manifest, shard_paths
+    from pipeline.data.streaming import describe
+    from pipeline.data.tar_reader import read_shards
+
+    field = "image.npy" if kind == "pixels" else "latent.npy"
+    paths, info = describe(str(path), None)
+    files = shard_paths(path, read_manifest(path))
+    ctx = ray.data.DataContext.get_current()
+
+    def worker_like() -> int:  # the training worker's options: ordered blocks, 512-sample local shuffle
+        ctx.execution_options.preserve_order = True
+        try:
+            return torch_pass(lambda: read_shards(paths, info), batch, 512)
+        finally:
+            ctx.execution_options.preserve_order = False
+
+    return {
+        "raw": lambda: raw_pass(path, field, batch),
+        "wds-read": lambda: numpy_pass(lambda: ray.data.read_webdataset(files), batch),
+        "wds+Decode": lambda: torch_pass(lambda: webdataset_decode(files, info), batch),
+        "tar_reader": lambda: torch_pass(lambda: read_shards(paths, info), batch),
+        "tar+shuffle": worker_like,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=20000)
@@ -93,10 +133,6 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from pipeline.data.shards import read_manifest, shard_paths
-    from pipeline.data.streaming import build_dataset, describe
-    from pipeline.data.tar_reader import read_shards
-
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -104,24 +140,8 @@ def main() -> None:
         sets = write_sets(Path(tmp), args.samples)
         results: dict[str, dict[str, float]] = {}
         for kind, path in sets.items():
-            field = "image.npy" if kind == "pixels" else "latent.npy"
-            paths, info = describe(str(path), None)
-            files = shard_paths(path, read_manifest(path))
-
-            def ordered(flag: bool) -> None:
-                ctx.execution_options.preserve_order = flag
-
-            cases: dict[str, Callable[[], int]] = {
-                "raw": lambda: raw_pass(path, field, args.batch),
-                "wds-read": lambda: numpy_pass(lambda: ray.data.read_webdataset(files), args.batch),
-                "wds+Decode": lambda: torch_pass(lambda: build_dataset(str(path), image_size=None,
-                                                                       shuffle_files=False)[0], args.batch),
-                "tar_reader": lambda: torch_pass(lambda: read_shards(paths, info), args.batch),
-                "tar+shuffle": lambda: (ordered(True), torch_pass(lambda: read_shards(paths, info), args.batch,
-                                                                  512), ordered(False))[1],
-            }
             results[kind] = {}
-            for name, fn in cases.items():
+            for name, fn in cases(kind, path, args.batch).items():
                 if args.only and name not in args.only:
                     continue
                 results[kind][name] = measure(fn, args.repeats, args.samples)
