@@ -14,6 +14,7 @@ from pipeline.data.streaming import Decode, describe
 from pipeline.data.tar_reader import (
     ParseShards,
     is_flowrail_format,
+    is_flowrail_shards,
     read_shards,
     tar_members,
 )
@@ -155,3 +156,15 @@ def test_fail_policy_reports_the_first_bad_sample_in_shard_order(tmp_path: Path)
                     extra={"kind": "latents", "field": "latent.npy", "shape": [4, 4, 4], "num_classes": 3})
     with pytest.raises(DataError, match="sample b in .*does not match the manifest"):
         _parse_dir(tmp_path / "lat", None, policy="fail")
+
+
+def test_only_flowrail_manifests_select_the_fast_reader(digits_shards: Path, tmp_path: Path) -> None:
+    tars = sorted(str(p) for p in (digits_shards / "val").glob("*.tar"))
+    assert is_flowrail_shards(tars)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.tar").write_bytes(Path(tars[0]).read_bytes())
+    assert not is_flowrail_shards([str(other / "a.tar")])  # no manifest: generic WebDataset tars
+    (other / "manifest.json").write_text('{"format": "something-else", "shards": [{"name": "a.tar"}]}')
+    assert not is_flowrail_shards([str(other / "a.tar")])
+    assert not is_flowrail_shards(["s3://bucket/shard-000000.tar"])

@@ -304,12 +304,20 @@ def read_shards(files: list[str], info: Any, policy: str = "skip", *, shuffle_fi
     return ds.map_batches(ParseShards(info, policy), batch_format="numpy", batch_size=1, zero_copy_batch=True)
 
 
-def manifest_format(shard_dir: str | Path) -> str | None:
-    """The ``format`` of the manifest next to a shard directory, or None when there is none."""
+def is_flowrail_shards(files: list[str]) -> bool:
+    """Whether every file lies in a local directory whose manifest says ``"format": "flowrail-shards/1"``.
+
+    Other shard sets (URLs, tars written by other tools) keep the generic ``read_webdataset`` stream.
+    """
     import json
 
-    path = Path(shard_dir) / "manifest.json"
-    try:
-        return json.loads(path.read_text()).get("format")
-    except (OSError, ValueError):
-        return None
+    if not files or any("://" in f for f in files):
+        return False
+    for folder in {Path(f).parent for f in files}:
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return False
+        if not isinstance(manifest, dict) or not is_flowrail_format(manifest):
+            return False
+    return True
