@@ -32,6 +32,7 @@ class DataInfo:
     num_samples: int
     latent_scale: float | None = None
     vae: str | None = None  # for latent sets: the autoencoder folder that decodes them
+    cond_fields: dict[str, list[int]] | None = None  # extra float arrays per sample (FLUX: "t5.npy": [L, D], ...)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,7 +51,8 @@ def describe(shards: str, image_size: int | None, job: str = "train") -> tuple[l
     size = height if (image_size is None or kind == "latents") else image_size
     info = DataInfo(kind=kind, field=manifest.get("field", "image.npy"), channels=channels, size=size,
                     num_classes=int(manifest.get("num_classes", 0)), num_samples=int(manifest["num_samples"]),
-                    latent_scale=manifest.get("latent_scale"), vae=manifest.get("vae"))
+                    latent_scale=manifest.get("latent_scale"), vae=manifest.get("vae"),
+                    cond_fields=manifest.get("cond_fields"))
     return shard_paths(shards, manifest), info
 
 
@@ -79,6 +81,7 @@ class Decode:
         urls = batch.get("__url__", np.array(["?"] * len(keys)))
         arrays, labels = batch.get(info.field), batch.get("cls")
         good_x, good_y, skipped = [], [], 0
+        good_c: dict[str, list[np.ndarray]] = {}
         for i in range(len(keys)):
             x = None if arrays is None else arrays[i]
             if x is None or (isinstance(x, float) and np.isnan(x)):
@@ -114,11 +117,21 @@ class Decode:
                     self._bad(keys[i], urls[i], f"label {bytes(label)[:20]!r} is not an integer")
                     skipped += 1
                     continue
+            conds = self._conditioning(batch, i)
+            if conds is None:
+                self._bad(keys[i], urls[i], f"conditioning fields {list(info.cond_fields or {})} missing or of the "
+                                            "wrong shape")
+                skipped += 1
+                continue
+            for name, value in conds.items():
+                good_c.setdefault(name, []).append(value)
             good_x.append(x)
             good_y.append(int(label) if label is not None and label == label else -1)
         if not good_x:
             out_shape = (0, info.channels, info.size, info.size)
             return {"image": np.zeros(out_shape, np.float32), "label": np.zeros(0, np.int64),
+                    **{f.removesuffix(".npy"): np.zeros((0, *shape), np.float32)
+                       for f, shape in (info.cond_fields or {}).items()},
                     "skipped": np.zeros(0, np.int64)}
         stacked = np.stack(good_x)
         if info.kind == "pixels":
@@ -131,7 +144,24 @@ class Decode:
             images = stacked.astype(np.float32, copy=False)
         count = np.zeros(len(good_x), np.int64)
         count[0] = skipped
-        return {"image": images, "label": np.asarray(good_y, np.int64), "skipped": count}
+        conds = {f.removesuffix(".npy"): np.stack(good_c[f]) for f in (info.cond_fields or {})}
+        return {"image": images, "label": np.asarray(good_y, np.int64), "skipped": count, **conds}
+
+    def _conditioning(self, batch: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray] | None:
+        """The per-sample conditioning arrays named in the manifest (e.g. FLUX text embeddings), or None if bad."""
+        out = {}
+        for name, shape in (self.info.cond_fields or {}).items():
+            column = batch.get(name)
+            value = None if column is None else column[i]
+            if isinstance(value, (bytes, bytearray, np.bytes_)):
+                try:
+                    value = np.load(io.BytesIO(bytes(value)), allow_pickle=False)
+                except (ValueError, OSError, EOFError):
+                    return None
+            if value is None or np.shape(value) != tuple(shape):
+                return None
+            out[name] = np.asarray(value, np.float32)
+        return out
 
 
 def epoch_files(paths: list[str], *, seed: int, epoch: int, rank: int, world: int) -> list[str]:

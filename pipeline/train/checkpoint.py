@@ -206,6 +206,12 @@ def load_trained(path: str | Path, overrides: TrainJobConfig | None = None) -> T
     except (ValueError, TypeError, KeyError) as exc:
         raise CheckpointError(f"checkpoint {ckpt} has metadata this flowrail cannot read "
                               f"({str(exc).splitlines()[0][:200]})") from None
+    if cfg.model.name.lower() == "flux":
+        from pipeline.flux.export import load_finetuned_from_checkpoint
+
+        model, cfg = load_finetuned_from_checkpoint(ckpt, cfg)
+        return Trained(config=cfg, model=model.requires_grad_(False), objective=build_objective(cfg, info.num_classes),
+                       data=info, step=int(meta["step"]), path=ckpt, run_id=meta.get("mlflow_run_id"))
     model = build_model(cfg.model, in_channels=info.channels, input_size=info.size, num_classes=info.num_classes,
                         flux_cfg=cfg.flux)
     try:

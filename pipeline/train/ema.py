@@ -34,7 +34,8 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float | None = None) -> None:
         d = self.decay if decay is None else decay
-        live = dict(model.named_parameters())
+        # only trained parameters move; frozen ones (e.g. a LoRA base model) are neither gathered nor averaged
+        live = {name: p for name, p in model.named_parameters() if p.requires_grad}
         params = [live[name] for name, _ in self.model.named_parameters() if name in live]
         with self._gathered(params):
             for name, ema_p in self.model.named_parameters():

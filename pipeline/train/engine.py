@@ -54,6 +54,7 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dic
     (bucket sizes, prefetching, ...). A preset whose ZeRO stage disagrees with ``train.zero_stage`` is refused.
     """
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    owned_extra: dict[str, Any] = {}
     if cfg.zero_stage >= 2 and not cfg.deepspeed_preset:
         zero.update({"overlap_comm": False, "contiguous_gradients": True})
     if cfg.zero_stage == 3 and not cfg.deepspeed_preset:
@@ -62,6 +63,8 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dic
         if cfg.zero_stage < 2:
             raise ValueError("train.offload=true needs train.zero_stage=2 or 3")
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
+        # flowrail hands DeepSpeed a torch AdamW; without this ZeRO-Offload insists on its own (C++-built) CPU Adam
+        owned_extra["zero_force_ds_cpu_optimizer"] = False
         if cfg.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
     owned = {
@@ -74,6 +77,7 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dic
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        **owned_extra,
     }
     if not cfg.deepspeed_preset:
         return owned

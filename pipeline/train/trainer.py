@@ -121,7 +121,13 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
         raise FlowrailError(f"run {cfg.run_name} finished without a checkpoint")
     checkpoint = local_checkpoint(result.checkpoint, Path(cfg.run_dir) / "checkpoints" / cfg.run_name)
     out = TrainResult(run_id=run_id, checkpoint=checkpoint, metrics=dict(result.metrics or {}), tracking_uri=uri)
-    if make_grid:
+    if cfg.model.name.lower() == "flux":
+        from pipeline.flux.export import export_finetuned, log_finetuned
+
+        exported = export_finetuned(checkpoint, Path(cfg.run_dir) / "export" / cfg.run_name, cfg)
+        log_finetuned(exported, cfg.flux.mode, uri, run_id)
+        print(f"[flowrail] FLUX {cfg.flux.mode} fine-tune exported to {exported}", flush=True)
+    elif make_grid:
         out.grid = log_samples_and_curves(cfg, out)
     client(uri).set_tag(run_id, "flowrail.checkpoint", str(checkpoint))
     client(uri).set_terminated(run_id, status="FINISHED")
