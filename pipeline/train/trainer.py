@@ -106,7 +106,8 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
         run_config=ray.train.RunConfig(
             name=cfg.run_name, storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
+            callbacks=list(callbacks or [])),
         torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
     )
     try:
