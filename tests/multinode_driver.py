@@ -50,4 +50,4 @@ def main(shards: str, run_dir: str, mlflow_uri: str) -> dict:
 
 
 if __name__ == "__main__":
-    print("MULTINODE " + json.dumps(main(*sys.argv[1:4])), flush=True)
+    print("\nMULTINODE " + json.dumps(main(*sys.argv[1:4])), flush=True)
