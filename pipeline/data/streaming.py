@@ -1,6 +1,8 @@
 """Ray Data streaming of a shard set into training workers.
 
 ``read_webdataset`` → decode (uint8 HWC → float CHW in [-1, 1], optional bilinear resize; latents pass through).
+Shard sets written by flowrail (manifest ``"format": "flowrail-shards/1"``) take the faster
+:mod:`pipeline.data.tar_reader` instead: same columns, same bad-sample policy.
 
 Training reads a deterministic stream per (seed, epoch, rank) — see :func:`epoch_dataset` — so that a run resumed
 from a checkpoint sees exactly the batches an uninterrupted run would have seen. Ray Data's ``streaming_split``
@@ -190,9 +192,13 @@ def epoch_dataset(paths: list[str], info: DataInfo, *, policy: str, seed: int, e
     """
     import ray.data
 
+    from pipeline.data.tar_reader import is_flowrail_shards, read_shards
+
     files = epoch_files(paths, seed=seed, epoch=epoch, rank=rank, world=world)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
+    if not info.cond_fields and is_flowrail_shards(files):  # flowrail's own shards: parsed in memory, one copy per shard (tar_reader)
+        return read_shards(files, info, policy), files
     ctx.enable_tensor_extension_casting = False  # a sample missing its array must not fail its whole block
     # decoder=False: members stay bytes and Decode parses them (np.load without pickles), so a sample with a missing
     # or garbled member is one bad sample under data.bad_sample_policy instead of a failed read of the whole block
@@ -248,7 +254,11 @@ def build_dataset(shards: str, *, image_size: int | None, job: str = "train", po
     """A streaming Ray Dataset of decoded samples, and its :class:`DataInfo`."""
     import ray
 
+    from pipeline.data.tar_reader import is_flowrail_shards, read_shards
+
     paths, info = describe(shards, image_size, job)
+    if not info.cond_fields and is_flowrail_shards(paths):  # flowrail's own shards: parsed in memory, one copy per shard (tar_reader)
+        return read_shards(paths, info, policy, shuffle_files=shuffle_files), info
     ds = ray.data.read_webdataset(paths, shuffle="files" if shuffle_files else None)
     ds = ds.map_batches(Decode(info, policy), batch_format="numpy", batch_size=256, zero_copy_batch=True)
     return ds, info

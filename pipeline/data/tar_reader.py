@@ -299,6 +299,8 @@ def read_shards(files: list[str], info: Any, policy: str = "skip", *, shuffle_fi
     """
     import ray.data
 
+    if getattr(info, "cond_fields", None):
+        raise ValueError("tar_reader does not read conditioning fields (FLUX embeddings): use read_webdataset + Decode")
     ds = ray.data.read_binary_files(files, include_paths=True, shuffle="files" if shuffle_files else None,
                                     override_num_blocks=len(files))
     return ds.map_batches(ParseShards(info, policy), batch_format="numpy", batch_size=1, zero_copy_batch=True)

@@ -18,6 +18,7 @@ import shutil
 import signal
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,10 @@ class TooManyBadSteps(FlowrailError):
 
 def _all_reduce(values: list[float]) -> list[float]:
     """Sum a few floats over all ranks (a no-op without a process group)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return list(values)
     t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
+    dist.all_reduce(t)
     return t.tolist()
 
 
@@ -138,6 +140,16 @@ def build_worker_model(cfg: TrainJobConfig, info: DataInfo) -> torch.nn.Module:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's entry point: :func:`_train_loop`, then wait for metrics still being logged, also on failure."""
+    log_threads: list[ThreadPoolExecutor] = []
+    try:
+        _train_loop(loop_config, log_threads)
+    finally:
+        for pool in log_threads:
+            pool.shutdown(wait=True)
+
+
+def _train_loop(loop_config: dict[str, Any], log_threads: list[ThreadPoolExecutor]) -> None:
     import ray.train
 
     from pipeline.data.streaming import batch_stride, epoch_dataset, name_bad_shard
@@ -211,6 +223,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 yield batch
             index += 1
 
+    # Per step one host sync (the NaN-guard flag) and one collective: the agreement on "this loss is finite" and
+    # on "every rank has a next batch" travel together, the next batch being fetched before that agreement.
+    # The window's loss stays on the device until a log step; MLflow logging runs on a background thread.
+    log_thread = ThreadPoolExecutor(1, thread_name_prefix="flowrail-mlflow") if logger is not None else None
+    log_threads.extend([log_thread] if log_thread is not None else [])
+    logged: Future | None = None
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     start_step = state.step
     while state.step < tcfg.steps:
         t_wait = time.perf_counter()
@@ -218,11 +237,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for _ in range(state.batch_in_epoch):  # resume: skip what this epoch already consumed
             next(batches, None)
         consumed_before = state.batch_in_epoch
-        while True:
-            batch = next(batches, None)
-            if _all_reduce([float(batch is None)])[0] > 0:  # one rank ran out: the epoch ends for all
-                break
-            window["wait"] += time.perf_counter() - t_wait
+        batch = next(batches, None)
+        window["wait"] += time.perf_counter() - t_wait
+        ended = _all_reduce([float(batch is None)])[0] > 0  # one rank ran out: the epoch ends for all
+        while not ended:
             state.batch_in_epoch += 1
             window["skipped"] += int(batch.pop("skipped").sum()) if "skipped" in batch else 0
             batch = _to_device(batch, device)
@@ -231,7 +249,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if faults.nan_loss(rank, state.step + state.bad_steps):
                 loss = loss * float("nan")
             finite = torch.isfinite(loss.detach()).float().item()
-            if _all_reduce([1.0 - finite])[0] > 0:  # every rank skips together, or none does
+            t_wait = time.perf_counter()
+            upcoming = next(batches, None)
+            window["wait"] += time.perf_counter() - t_wait
+            nonfinite, ran_out = _all_reduce([1.0 - finite, float(upcoming is None)])
+            ended = ran_out > 0  # one rank ran out: the epoch ends for all after this step
+            if nonfinite > 0:  # every rank skips together, or none does
                 state.bad_steps += 1
                 engine.zero_grad() if hasattr(engine, "zero_grad") else None
                 if rank == 0:
@@ -240,31 +263,36 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if state.bad_steps > tcfg.max_bad_steps:
                     raise TooManyBadSteps(f"loss was NaN/Inf in {state.bad_steps} steps "
                                           f"(train.max_bad_steps={tcfg.max_bad_steps}); last good step {state.step}")
-                t_wait = time.perf_counter()
+                batch = upcoming
                 continue
             engine.backward(loss)
             engine.step()
             ema.update(engine.module, ema.decay_at(state.step))
             state.step += 1
-            window["loss"] += loss.item()
+            loss_sum += loss.detach()
             window["n"] += 1
             window["samples"] += batch["image"].shape[0] if "image" in batch else cfg.data.batch_size
 
             last = state.step >= tcfg.steps
             if state.step % tcfg.log_every == 0 or last or state.step % tcfg.checkpoint_every == 0:
-                loss_sum, n, samples, skipped = _all_reduce([window["loss"], window["n"], window["samples"],
-                                                             window["skipped"]])
+                window["loss"] = float(loss_sum)
+                loss_sum.zero_()
+                loss_total, n, samples, skipped = _all_reduce([window["loss"], window["n"], window["samples"],
+                                                               window["skipped"]])
                 state.skipped_samples += int(skipped)
                 elapsed = time.perf_counter() - window["t0"]
-                metrics = {"loss": loss_sum / max(n, 1), "samples_per_s": samples / max(elapsed, 1e-9),
+                metrics = {"loss": loss_total / max(n, 1), "samples_per_s": samples / max(elapsed, 1e-9),
                            "data_wait_fraction": window["wait"] / max(elapsed, 1e-9),
                            "lr": engine.get_lr()[0] if hasattr(engine, "get_lr") else tcfg.lr,
                            "bad_steps": state.bad_steps, "skipped_samples": state.skipped_samples,
                            "epoch": state.epoch, "step": state.step}
                 if rank == 0 and periodic_eval.due(state.step, tcfg.eval_every, last):
                     metrics.update(periodic_eval.evaluate_ema(cfg, ema.model, objective, info, state.step))
-                if logger is not None:
-                    logger.log({k: v for k, v in metrics.items() if k != "step"}, step=state.step)
+                if logger is not None and log_thread is not None:
+                    if logged is not None:
+                        logged.result()  # the previous window's logging: surfaces a TrackingError here
+                    logged = log_thread.submit(logger.log, {k: v for k, v in metrics.items() if k != "step"},
+                                               state.step)
                     done = state.step - start_step
                     eta = elapsed / max(window["n"], 1) * (tcfg.steps - state.step)
                     print(f"[flowrail] step {state.step}/{tcfg.steps}  loss {metrics['loss']:.4f}  "
@@ -278,7 +306,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             faults.maybe_kill(rank, state.step, state.step // tcfg.checkpoint_every * tcfg.checkpoint_every)
             if last:
                 break
-            t_wait = time.perf_counter()
+            batch = upcoming
         if state.step >= tcfg.steps:
             break
         if state.batch_in_epoch == consumed_before == 0:
@@ -286,5 +314,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                             f"{cfg.data.batch_size} samples (too few valid samples for data.batch_size)")
         state.epoch += 1
         state.batch_in_epoch = 0
+    if log_thread is not None:
+        if logged is not None:
+            logged.result()
+        log_thread.shutdown(wait=True)
     if logger is not None and not logger.flush(final=True):
         print(f"[flowrail] {len(logger.pending)} metrics could not be logged: tracking server unreachable", flush=True)
