@@ -6,7 +6,7 @@ PIP       := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 RUN_ARGS  ?=
 
-.PHONY: run test setup setup-test clean
+.PHONY: run test test-all setup setup-test clean
 
 $(VENV)/.core: pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,7 +26,12 @@ setup-test: $(VENV)/.test
 run: $(VENV)/.core
 	$(VENV)/bin/flowrail run $(RUN_ARGS)
 
+# `make test`: everything except the multi-run end-to-end acceptance tests marked `slow` (sweeps, FLUX, SIGKILL
+# resume, 2-node cluster, ...); `make test-all` runs those too (about an hour on a 2-core machine).
 test: $(VENV)/.test
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(VENV)/.test
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 clean:

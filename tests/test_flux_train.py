@@ -58,6 +58,7 @@ def _losses(result) -> list[float]:
     return [m.value for m in sorted(history, key=lambda m: m.step)]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)  # two Ray Train runs; minutes on a loaded 2-core machine
 @pytest.mark.parametrize("mode,zero", [("lora", 2), ("full", 3)])
 def test_tiny_flux_finetune_on_two_workers(mode, zero, flux_data, ray_local, tmp_path):

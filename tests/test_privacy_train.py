@@ -33,6 +33,7 @@ def _cfg(root, release_dir, **extra):
     return load_config(PrivacyTrainConfig, None, [f"{k}={v}" for k, v in base.items()])
 
 
+@pytest.mark.slow
 def test_sfbd_flow_trains_on_two_workers_and_refreshes_its_pool(ray_local, released):
     from mlflow.tracking import MlflowClient
 

@@ -57,6 +57,7 @@ LOAD_AND_PREDICT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sweep_registers_champion_loadable_in_fresh_process(ray_local, digits_shards, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 

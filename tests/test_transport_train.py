@@ -66,6 +66,7 @@ def test_objective_trains_sit_on_digits(digits_batch, digits_shards, tmp_path, p
     assert out.nfe == 4  # 3 Euler-Maruyama steps + the mean last step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path,prediction", PAIRS)
 def test_flowrail_train(ray_local, digits_shards, tmp_path, path, prediction):
     if (path, prediction) not in DEFAULT_E2E and os.environ.get("FLOWRAIL_ALL_PAIRS") != "1":
