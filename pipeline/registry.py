@@ -12,6 +12,7 @@ generator seeded with ``seed``. It returns an ``(N, H, W, C)`` uint8 array in th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -41,11 +42,8 @@ class FlowrailImageModel(mlflow.pyfunc.PythonModel):
         self.trained = None
 
     def load_context(self, context: Any) -> None:
-        import torch
-
         from pipeline.train.checkpoint import load_trained
 
-        torch.set_grad_enabled(False)
         self.trained = load_trained(context.artifacts["checkpoint"])
 
     def _settings(self, row: dict[str, Any]) -> tuple[Any, Any, int]:
@@ -179,8 +177,7 @@ def register(checkpoint: str | Path, name: str, tracking_uri: str, *, run_id: st
     import mlflow
 
     from pipeline.config import GuidanceConfig, SamplerConfig
-    from pipeline.tracking import client, ensure_experiment
-    from pipeline.train.checkpoint import EMA_FILE, META, find_latest, read_meta
+    from pipeline.train.checkpoint import find_latest, read_meta
 
     ckpt = find_latest(checkpoint)
     meta = read_meta(ckpt)
@@ -189,7 +186,24 @@ def register(checkpoint: str | Path, name: str, tracking_uri: str, *, run_id: st
     guidance = _validated(GuidanceConfig, {**cfg["guidance"], **(guidance or {})}, "guidance")
     data = meta["data"]
     image_shape = (int(data["channels"]), int(data["size"]), int(data["size"]))
-    mlflow.set_tracking_uri(tracking_uri)
+    previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri)  # fluent log_model needs it; restored below (it also sets the env var)
+    try:
+        return _log_and_register(ckpt, meta, name, tracking_uri, experiment, run_id, sampler, guidance, data,
+                                 image_shape, aliases, tags)
+    finally:
+        if previous_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_uri
+        mlflow.set_tracking_uri(previous_uri or "")
+
+
+def _log_and_register(ckpt, meta, name, tracking_uri, experiment, run_id, sampler, guidance, data,  # noqa: ANN001, ANN202
+                      image_shape, aliases, tags):
+    from pipeline.tracking import client, ensure_experiment
+    from pipeline.train.checkpoint import EMA_FILE, META
+
     c = client(tracking_uri)
     if run_id is None:
         exp_id = ensure_experiment(tracking_uri, experiment)

@@ -19,6 +19,35 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
+@pytest.fixture(autouse=True)
+def _isolated_process_state():
+    """Tests must not leak process-wide state into each other: MLflow's tracking URI (``mlflow.set_tracking_uri``
+    also sets the environment variable) and torch's grad mode."""
+    import torch
+
+    saved_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    grad = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(grad)
+    if saved_uri is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved_uri
+
+
+@pytest.fixture(scope="session")
+def ds_process_group():
+    """A world-size-1 gloo process group for in-process DeepSpeed engines, created once for the session
+    (DeepSpeed caches its communication backend, so a group must not be destroyed and re-created)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray with 2 CPUs for the whole session."""

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from pipeline.config import TrainConfig, TrainJobConfig
 from pipeline.data.streaming import DataInfo
@@ -22,24 +21,18 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def engine_and_ema():
+def engine_and_ema(ds_process_group):
     """A real world-size-1 DeepSpeed engine (CPU, gloo) with a tiny SiT."""
     from pipeline.models import build_model
     from pipeline.train.ema import EMA
     from pipeline.train.engine import build_engine
 
-    own_group = not dist.is_initialized()
-    if own_group:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29541", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group("gloo", rank=0, world_size=1)
     cfg = TrainJobConfig(train=TrainConfig(zero_stage=2), model={"hidden_size": 16, "depth": 1, "num_heads": 2})
     torch.manual_seed(0)
     model = build_model(cfg.model, in_channels=1, input_size=8, num_classes=10)
     ema = EMA(model, 0.9)
     engine = build_engine(model, cfg.train, micro_batch=4, world_size=1)
     yield cfg, engine, ema
-    if own_group:
-        dist.destroy_process_group()
 
 
 INFO = DataInfo(kind="pixels", field="image.npy", channels=1, size=8, num_classes=10, num_samples=4)

@@ -1,9 +1,7 @@
 """Checkpoint save/restore through a real DeepSpeed engine (CPU accelerator, gloo, world size 1)."""
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from pipeline.config import TrainConfig, TrainJobConfig
 from pipeline.data.streaming import DataInfo
@@ -11,15 +9,6 @@ from pipeline.models import build_model
 from pipeline.train import checkpoint as ckpt_io
 from pipeline.train.ema import EMA
 from pipeline.train.engine import build_engine
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _engine(cfg: TrainJobConfig, seed: int):
@@ -30,7 +19,7 @@ def _engine(cfg: TrainJobConfig, seed: int):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_save_restore_gives_identical_weights(process_group, tmp_path, stage):
+def test_save_restore_gives_identical_weights(ds_process_group, tmp_path, stage):
     cfg = TrainJobConfig(train=TrainConfig(zero_stage=stage, lr=1e-2),
                          model={"hidden_size": 32, "depth": 1, "num_heads": 2})
     engine, ema = _engine(cfg, seed=0)
@@ -80,5 +69,5 @@ def test_missing_checkpoint_is_named(tmp_path):
 
     with pytest.raises(CheckpointError, match="does not exist"):
         ckpt_io.find_latest(tmp_path / "nope")
-    with pytest.raises(CheckpointError, match="no flowrail checkpoint"):
+    with pytest.raises(CheckpointError, match="no (complete )?flowrail checkpoint"):
         ckpt_io.find_latest(tmp_path)
