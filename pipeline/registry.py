@@ -12,7 +12,6 @@ generator seeded with ``seed``. It returns an ``(N, H, W, C)`` uint8 array in th
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -186,17 +185,9 @@ def register(checkpoint: str | Path, name: str, tracking_uri: str, *, run_id: st
     guidance = _validated(GuidanceConfig, {**cfg["guidance"], **(guidance or {})}, "guidance")
     data = meta["data"]
     image_shape = (int(data["channels"]), int(data["size"]), int(data["size"]))
-    previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(tracking_uri)  # fluent log_model needs it; restored below (it also sets the env var)
-    try:
-        return _log_and_register(ckpt, meta, name, tracking_uri, experiment, run_id, sampler, guidance, data,
-                                 image_shape, aliases, tags)
-    finally:
-        if previous_uri is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous_uri
-        mlflow.set_tracking_uri(previous_uri or "")
+    mlflow.set_tracking_uri(tracking_uri)  # the fluent log_model below writes to the current tracking URI
+    return _log_and_register(ckpt, meta, name, tracking_uri, experiment, run_id, sampler, guidance, data,
+                             image_shape, aliases, tags)
 
 
 def _log_and_register(ckpt, meta, name, tracking_uri, experiment, run_id, sampler, guidance, data,  # noqa: ANN001, ANN202
