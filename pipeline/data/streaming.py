@@ -197,6 +197,7 @@ def epoch_dataset(paths: list[str], info: DataInfo, *, policy: str, seed: int, e
     files = epoch_files(paths, seed=seed, epoch=epoch, rank=rank, world=world)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False  # a new stream per epoch: its bars would flood the training log
     if not info.cond_fields and is_flowrail_shards(files):  # flowrail's own shards: parsed in memory, one copy per shard (tar_reader)
         return read_shards(files, info, policy), files
     ctx.enable_tensor_extension_casting = False  # a sample missing its array must not fail its whole block
