@@ -39,12 +39,6 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
 
 
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _unwrap(exc: BaseException) -> BaseException | None:
     """The user-facing error inside a Ray Train failure, if there is one."""
     seen = set()
