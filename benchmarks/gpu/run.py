@@ -101,7 +101,7 @@ def bare(batch: int, steps: int, warmup: int, compile_model: bool) -> float:
     return batch * steps / elapsed
 
 
-def flowrail(batch: int, steps: int, root: Path) -> float:
+def flowrail(batch: int, steps: int, root: Path, tracking_uri: str | None = None) -> float:
     """Images/s of flowrail's training path (median logged window) on one GPU."""
     import numpy as np
     from mlflow.tracking import MlflowClient
@@ -122,7 +122,7 @@ def flowrail(batch: int, steps: int, root: Path) -> float:
         "model.name=SiT-XL/2", f"train.steps={steps}", "train.num_workers=1", "train.use_gpu=true",
         "train.cpus_per_worker=8", "train.precision=bf16", "train.zero_stage=2", "train.lr=1e-4",
         f"train.log_every={log_every}", f"train.checkpoint_every={steps}", f"run_dir={root / 'runs'}",
-        "run_name=gpu-bench"])
+        "run_name=gpu-bench", *([f"tracking.tracking_uri={tracking_uri}"] if tracking_uri else [])])
     result = fit(cfg, make_grid=False)
     hist = sorted((m.step, m.value) for m in
                   MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "samples_per_s"))
@@ -137,10 +137,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[128, 64], help="tried in order until one fits")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=8)
-    parser.add_argument("--compile", action="store_true", help="also time the bare loop with torch.compile")
+    parser.add_argument("--compile", action="store_true", help="also time the bare loop with torch.compile (last)")
     parser.add_argument("--skip-flowrail", action="store_true")
     parser.add_argument("--flops-only", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--tracking-uri", default=None, help="MLflow store of the flowrail run (default: sqlite)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -156,47 +157,49 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = True
     card = torch.cuda.get_device_name()
     peak = args.peak_tflops or peak_tflops(card)
-    rows: list[tuple[str, int, float]] = []
+    header = [(f"- card: {card}; torch {torch.__version__}; CUDA {torch.version.cuda}; "
+               f"date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}"),
+              f"- command: `python {' '.join(sys.argv)}`",
+              (f"- model FLOPs: forward {fwd / 1e9:.1f} GFLOPs/image, training (fwd+bwd) {train_flops / 1e9:.1f} "
+               f"GFLOPs/image; peak bf16 {peak or '?'} TFLOP/s"), "",
+              "| path | batch | images/s | model TFLOP/s | MFU | vs bare |", "|---|---:|---:|---:|---:|---:|"]
+    rows: list[str] = []
+    base: list[float] = []
+
+    def emit(name: str, b: int, ips: float) -> None:
+        """Print the row and rewrite the results file at once: a later path that crashes loses nothing."""
+        base.append(base[0] if base else ips)
+        tflops = ips * train_flops / 1e12
+        mfu = f"{tflops / peak:.1%}" if peak else "?"
+        rows.append(f"| {name} | {b} | {ips:,.0f} | {tflops:.0f} | {mfu} | {ips / base[0]:.2f} |")
+        print(rows[-1], flush=True)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "gpu_results.md").write_text("\n".join(header + rows) + "\n")
+
     batch = None
     for b in args.batch:
         gc.collect()
         torch.cuda.empty_cache()  # what a batch that did not fit left behind
         try:
-            rows.append(("bare PyTorch (eager)", b, bare(b, args.steps, args.warmup, False)))
+            ips = bare(b, args.steps, args.warmup, False)
             batch = b
             break
         except torch.OutOfMemoryError:
             print(f"batch {b} does not fit: trying the next", flush=True)
     if batch is None:
         sys.exit(f"no batch size of {args.batch} fits on {card}")
-    if args.compile:
-        rows.append(("bare PyTorch (torch.compile)", batch, bare(batch, args.steps, args.warmup, True)))
-    note = ""
+    emit("bare PyTorch (eager)", batch, ips)
     if not args.skip_flowrail:
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                rows.append(("flowrail (Ray Data → Ray Train → DeepSpeed ZeRO-2 bf16)", batch,
-                             flowrail(batch, args.steps * 2, Path(tmp))))
+                emit("flowrail (Ray Data → Ray Train → DeepSpeed ZeRO-2 bf16)", batch,
+                     flowrail(batch, args.steps * 2, Path(tmp), args.tracking_uri))
         except ImportError as exc:
-            note = f"flowrail path skipped: {exc}"
-    lines = [(f"- card: {card}; torch {torch.__version__}; CUDA {torch.version.cuda}; "
-              f"date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}"),
-             f"- command: `python {' '.join(sys.argv)}`",
-             (f"- model FLOPs: forward {fwd / 1e9:.1f} GFLOPs/image, training (fwd+bwd) {train_flops / 1e9:.1f} "
-              f"GFLOPs/image; peak bf16 {peak or '?'} TFLOP/s"), "",
-             "| path | batch | images/s | model TFLOP/s | MFU | vs bare |", "|---|---:|---:|---:|---:|---:|"]
-    base = rows[0][2]
-    for name, b, ips in rows:
-        tflops = ips * train_flops / 1e12
-        mfu = f"{tflops / peak:.1%}" if peak else "?"
-        lines.append(f"| {name} | {b} | {ips:,.0f} | {tflops:.0f} | {mfu} | {ips / base:.2f} |")
-    if note:
-        lines.append(f"\n{note}")
-    text = "\n".join(lines)
-    print(text, flush=True)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu_results.md").write_text(text + "\n")
+            print(f"flowrail path skipped: {exc}", flush=True)
+    if args.compile:
+        emit("bare PyTorch (torch.compile)", batch, bare(batch, args.steps, args.warmup, True))
+    print("\n".join(header + rows), flush=True)
 
 
 if __name__ == "__main__":

@@ -38,9 +38,9 @@ class EMA:
         live = {name: p for name, p in model.named_parameters() if p.requires_grad}
         params = [live[name] for name, _ in self.model.named_parameters() if name in live]
         with self._gathered(params):
-            for name, ema_p in self.model.named_parameters():
-                if name in live:
-                    ema_p.lerp_(live[name].detach().float(), 1.0 - d)
+            pairs = [(ema_p, live[name]) for name, ema_p in self.model.named_parameters() if name in live]
+            if pairs:  # one fused kernel per dtype group instead of one launch per tensor
+                torch._foreach_lerp_([e for e, _ in pairs], [p.detach().to(e.dtype) for e, p in pairs], 1.0 - d)
 
     @torch.no_grad()
     def copy_from(self, model: nn.Module) -> None:

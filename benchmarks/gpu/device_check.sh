@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The prepared one-GPU check of issues 5 and 10, in one go (a few minutes on an H100/H200):
+#   1. SiT-XL/2, 256 px latents, bf16: bare PyTorch eager, flowrail (Ray Data -> Ray Train -> DeepSpeed), torch.compile
+#   2. one FLUX.1-shaped fine-tune step: LoRA (ZeRO-2) and full fine-tune (ZeRO-3, FLUX-width slice)
+# Usage (repo root, on the GPU machine):  OUT=/tmp/gpu bash benchmarks/gpu/device_check.sh
+# Python packages the machine lacks may be put in .whl/ (wheels, and deepspeed's sdist); they are installed first.
+set -u
+OUT=${OUT:-/tmp/flowrail-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MLFLOW_ALLOW_FILE_STORE=true RAY_DEDUP_LOGS=0
+if [ -d .whl ]; then
+  t0=$(date +%s)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --no-build-isolation --upgrade \
+    --target /tmp/site .whl/*.whl .whl/*.tar.gz 2>&1 | grep -v "^  " | tail -5
+  export PYTHONPATH=/tmp/site:$PWD
+  echo "install: $(( $(date +%s) - t0 )) s"
+else
+  export PYTHONPATH=$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/card.txt"
+python3 -c "import torch, ray, deepspeed, diffusers, mlflow, pydantic; print('torch', torch.__version__, 'ray', ray.__version__, 'deepspeed', deepspeed.__version__, 'diffusers', diffusers.__version__, 'mlflow', mlflow.__version__)" 2>&1 | tail -2
+timeout "${SIT_TIMEOUT:-300}" python3 benchmarks/gpu/run.py --batch 64 32 --steps 30 --compile \
+  --tracking-uri "file:///tmp/flowrail-mlruns" --out "$OUT" > "$OUT/sit.log" 2>&1
+echo "sit rc=$?"; grep -E "^\||^- |flowrail windows|Error|error" "$OUT/sit.log" | tail -25
+for mode in lora full; do
+  timeout "${FLUX_TIMEOUT:-100}" python3 benchmarks/flux/gpu_step.py --mode $mode > "$OUT/flux_$mode.log" 2>&1
+  echo "flux $mode rc=$?"; grep -E "^\||last loss|Error|error" "$OUT/flux_$mode.log" | tail -6
+done
