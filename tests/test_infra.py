@@ -337,7 +337,7 @@ def check_preset(config: dict[str, Any]) -> Any:
     """Raise if DeepSpeed would refuse or silently drop part of ``config``; return the parsed config."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    if "auto" in json.dumps(config):
+    if '"auto"' in json.dumps(config):  # the value "auto", not keys such as torch_autocast
         raise ValueError("preset holds an 'auto' value (DeepSpeed drops them outside the HF integration)")
     unknown = set(config) - deepspeed_top_level_keys()
     if unknown:
@@ -354,7 +354,7 @@ def test_deepspeed_presets_are_accepted_by_deepspeed(name: str) -> None:
     stage, offload = PRESETS[name]
     ds = check_preset(preset(name))
     assert ds.zero_optimization_stage == stage
-    assert ds.bfloat16_config.enabled if hasattr(ds, "bfloat16_config") else ds.bfloat16_enabled
+    assert ds.torch_autocast_enabled and not ds.bfloat16_config.enabled  # bf16: autocast over fp32 weights
     assert (ds.zero_config.offload_optimizer is not None) == offload
     assert (ds.zero_config.offload_param is not None) == offload
     if offload:
@@ -372,11 +372,12 @@ def test_flowrail_owned_keys_merge_into_each_preset(name: str) -> None:
                                         grad_clip=0.5), micro_batch=4, world_size=1)
     merged = preset(name)
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
-                "gradient_clipping", "bf16"):
+                "gradient_clipping", "bf16", "torch_autocast"):
         merged[key] = ours[key]
     merged["zero_optimization"]["stage"] = ours["zero_optimization"]["stage"]
     ds = check_preset(merged)
     assert (ds.train_micro_batch_size_per_gpu, ds.gradient_clipping, ds.zero_optimization_stage) == (4, 0.5, stage)
+    assert ds.torch_autocast_enabled and not ds.bfloat16_config.enabled  # bf16 = autocast over fp32 weights
 
 
 @pytest.mark.parametrize("mutate, error", [

@@ -9,11 +9,11 @@ It runs flowrail's own pieces on random weights: ``FluxTransformer2DModel`` with
 ``pipeline.train.engine.build_engine`` (DeepSpeed ZeRO, bf16, AdamW) and ``FluxObjective.loss``
 (1024x1024 images: 128x128 latents = 4096 image tokens, 512 T5 tokens). Prints one markdown table row.
 
-Memory arithmetic for the full fine-tune: bf16 weights + bf16 grads + fp32 master + Adam (m, v) = 16 bytes/param,
-so FLUX.1's 11.9B parameters need ~190 GB; one 80 GB H100 (or 141 GB H200) holds the full model only with the
-optimizer offloaded, and that needs ~12 bytes/param (~143 GB) of host memory. ``--mode full`` therefore defaults
-to a FLUX-width slice (5 double + 10 single blocks, ~3.2B params) on the GPU; ``--double 19 --single 38 --offload``
-asks for the whole model where the host has the memory.
+Memory arithmetic for the full fine-tune (flowrail's bf16 = torch autocast over fp32 weights): fp32 weights + fp32
+grads + Adam (m, v) = 16 bytes/param, so FLUX.1's 11.9B parameters need ~190 GB; one 80 GB H100 (or 141 GB H200)
+holds the full model only with the optimizer offloaded, and that needs ~12 bytes/param (~143 GB) of host memory.
+``--mode full`` therefore defaults to a FLUX-width slice (5 double + 10 single blocks, ~3.2B params) on the GPU;
+``--double 19 --single 38 --offload`` asks for the whole model where the host has the memory.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
+import torch
 
 
 def _free_port() -> int:
@@ -92,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     text_len = 8 if args.tiny else args.text_len
 
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if gpu else torch.float32
-    torch.set_default_dtype(dtype)  # random init directly in bf16 on the GPU: no fp32 copy of 12B params
+    # LoRA: the frozen base in bf16 (random init directly on the GPU), adapters fp32 (peft's default), bf16 autocast.
+    # Full fine-tune: fp32 weights = the master copy that flowrail's bf16 (torch autocast) precision trains.
+    dtype = torch.bfloat16 if gpu and args.mode == "lora" else torch.float32
+    torch.set_default_dtype(dtype)
     with device:
         model = FluxTransformer2DModel.from_config(config)
     torch.set_default_dtype(torch.float32)

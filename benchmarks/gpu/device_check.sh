@@ -19,10 +19,17 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/card.txt"
 python3 -c "import torch, ray, deepspeed, diffusers, mlflow, pydantic; print('torch', torch.__version__, 'ray', ray.__version__, 'deepspeed', deepspeed.__version__, 'diffusers', diffusers.__version__, 'mlflow', mlflow.__version__)" 2>&1 | tail -2
-timeout "${SIT_TIMEOUT:-300}" python3 benchmarks/gpu/run.py --batch 64 32 --steps 30 --compile \
+timeout "${SIT_TIMEOUT:-240}" python3 benchmarks/gpu/run.py --batch 64 32 --steps 30 --compile \
   --tracking-uri "file:///tmp/flowrail-mlruns" --out "$OUT" > "$OUT/sit.log" 2>&1
 echo "sit rc=$?"; grep -E "^\||^- |flowrail windows|Error|error" "$OUT/sit.log" | tail -25
 for mode in lora full; do
-  timeout "${FLUX_TIMEOUT:-100}" python3 benchmarks/flux/gpu_step.py --mode $mode > "$OUT/flux_$mode.log" 2>&1
-  echo "flux $mode rc=$?"; grep -E "^\||last loss|Error|error" "$OUT/flux_$mode.log" | tail -6
+  timeout "${FLUX_TIMEOUT:-90}" python3 benchmarks/flux/gpu_step.py --mode $mode > "$OUT/flux_$mode.log" 2>&1
+  rc=$?; echo "flux $mode rc=$rc"; grep -E "^\||last loss|Error|error" "$OUT/flux_$mode.log" | tail -6
+  if [ $rc -ne 0 ]; then  # once more, smaller (full) or with synchronous launches to name the failing kernel (lora)
+    if [ $mode = full ]; then extra="--double 3 --single 6"; else extra="--warmup 1 --steps 2"; fi
+    CUDA_LAUNCH_BLOCKING=1 timeout 70 python3 benchmarks/flux/gpu_step.py --mode $mode $extra \
+      > "$OUT/flux_${mode}_retry.log" 2>&1
+    echo "flux $mode retry ($extra, CUDA_LAUNCH_BLOCKING=1) rc=$?"
+    grep -E "^\||last loss|Error|error|File \"/work" "$OUT/flux_${mode}_retry.log" | tail -12
+  fi
 done

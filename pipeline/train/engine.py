@@ -73,7 +73,11 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dic
         "train_batch_size": micro_batch * world_size,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": resolve_precision(cfg) == "bf16"},
+        # bf16 = torch autocast over fp32 weights (DeepSpeed's torch_autocast; Linear/Conv grads reduced in bf16).
+        # Not DeepSpeed's "bf16" section: that casts the module to bf16 and switches the caller's autocast off
+        # inside engine.forward, so any fp32 tensor a model makes in forward (time embeddings) meets bf16 weights.
+        "bf16": {"enabled": False},
+        "torch_autocast": {"enabled": resolve_precision(cfg) == "bf16", "dtype": "bfloat16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
