@@ -3,6 +3,7 @@ with the same weights as an uninterrupted run; NaN losses are skipped and counte
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -14,6 +15,17 @@ from pipeline.config import TrainJobConfig, load_config
 from pipeline.train.checkpoint import EMA_FILE, read_meta
 
 
+# Ray's log forwarding colours its prefixes; a reset code (or a progress bar's carriage return) can end up in front
+# of the CLI's own line on the shared stderr
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def _cli_lines(stderr: str, prefix: str) -> list[str]:
+    """The lines of ``stderr`` that start with ``prefix`` once ANSI escapes and carriage-return overwrites are gone."""
+    clean = (_ANSI.sub("", ln).rsplit("\r", 1)[-1].strip() for ln in stderr.splitlines())
+    return [ln for ln in clean if ln.startswith(prefix)]
+
+
 def _steps(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
 
@@ -23,10 +35,10 @@ def test_sigkilled_worker_resumes_and_matches_uninterrupted_run(trained_digits, 
                                                                 monkeypatch):
     from pipeline.train.trainer import fit
 
-    base_cfg, baseline = trained_digits  # 30 steps, checkpoints at 15 and 30, same seed and data
+    base_cfg, baseline = trained_digits  # 30 steps, checkpoints (and in-run evaluations) at 15 and 30
     monkeypatch.setenv("FLOWRAIL_FAULT_INJECT", "kill@1:17")  # rank 1 SIGKILLs itself right after step 17
     cfg = load_config(TrainJobConfig, "train", tiny_train_overrides(
-        digits_shards, tmp_path, run_name="killed", **{"train.max_failures": 1}))
+        digits_shards, tmp_path, run_name="killed", **{"train.max_failures": 1, "train.eval_every": 15}))
     same = cfg.model_copy(deep=True)
     same.run_name, same.run_dir, same.train.max_failures = base_cfg.run_name, base_cfg.run_dir, 0
     assert same == base_cfg  # identical training settings and seed
@@ -59,7 +71,7 @@ def test_nan_losses_skipped_counted_then_abort(ray_local, digits_shards, tmp_pat
         "train.steps": 8, "train.log_every": 2, "train.checkpoint_every": 4, "train.max_bad_steps": 2})
     assert main(["train", *overrides]) == 2
     # Ray's own logging also reaches stderr in-process; the CLI's message is the one "flowrail train:" line
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("flowrail train:")]
+    err = _cli_lines(capsys.readouterr().err, "flowrail train:")
     assert len(err) == 1 and "loss was NaN/Inf in 3 steps (train.max_bad_steps=2)" in err[0], err
     cfg = load_config(TrainJobConfig, "train", overrides)
     from pipeline.tracking import run_record
