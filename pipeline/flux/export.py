@@ -1,10 +1,10 @@
 """A finished FLUX fine-tune -> what users load: a diffusers LoRA file or a diffusers transformer folder, in MLflow.
 
 Reads a flowrail training checkpoint on the driver (no DeepSpeed, no process group): its config and its EMA
-weights (``ema.safetensors``, the full state dict of the LoRA-injected or fully fine-tuned transformer; with
-``train.ema_decay=0`` these are the last training weights). The model is rebuilt from ``flux.weights``, the
-adapter re-added in LoRA mode, the weights loaded strictly, and :func:`pipeline.flux.lora.save_finetuned` writes
-the result.
+weights (``ema.safetensors``: the EMA of the trained tensors, i.e. the LoRA adapter in LoRA mode and every weight
+in full mode; with ``train.ema_decay=0`` these are the last training weights). The model is rebuilt from
+``flux.weights`` (and ``init_from`` if set), the adapter re-added in LoRA mode, every trained tensor loaded, and
+:func:`pipeline.flux.lora.save_finetuned` writes the result.
 """
 from __future__ import annotations
 
@@ -23,13 +23,19 @@ ARTIFACT = {"lora": "flux_lora", "full": "flux_transformer"}
 def load_finetuned_from_checkpoint(checkpoint: str | Path, cfg: TrainJobConfig | None = None):
     """``(model, cfg)``: the EMA FLUX transformer of a flowrail checkpoint (LoRA adapter attached in LoRA mode)."""
     from pipeline.train.checkpoint import EMA_FILE, find_latest, read_meta
+    from pipeline.train.ema import load_ema_weights
 
     ckpt = find_latest(checkpoint)
     cfg = cfg or TrainJobConfig.model_validate(read_meta(ckpt)["config"])
     if cfg.model.name.lower() != "flux":
         raise CheckpointError(f"checkpoint {ckpt} is a '{cfg.model.name}' run, not a FLUX fine-tune")
-    model = prepare_for_training(build_flux_model(cfg.flux), cfg.flux.model_copy(update={"grad_checkpointing": False}))
-    missing, unexpected = model.load_state_dict(load_file(str(ckpt / EMA_FILE)), strict=False)
+    model = build_flux_model(cfg.flux)
+    if cfg.init_from:  # the frozen weights are the ones training started from
+        from pipeline.train.init_from import initialise_from
+
+        initialise_from(model, cfg.init_from)
+    model = prepare_for_training(model, cfg.flux.model_copy(update={"grad_checkpointing": False}))
+    missing, unexpected = load_ema_weights(model, load_file(str(ckpt / EMA_FILE)))
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {ckpt} does not fit the FLUX model of flux.weights={cfg.flux.weights} "
                               f"(missing {list(missing)[:2]}, unexpected {list(unexpected)[:2]})")

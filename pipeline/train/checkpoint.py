@@ -3,7 +3,8 @@
 Layout of one checkpoint directory (Ray merges the ranks' directories into one)::
 
     flowrail.json          step, epoch, resolved config, data info (rank 0)
-    ema.safetensors        full EMA weights, the weights used for sampling (rank 0)
+    ema.safetensors        EMA of the trained parameters, the weights used for sampling (rank 0); frozen
+                           parameters and buffers are not saved: they come from building the model
     deepspeed/state/...    DeepSpeed ``save_checkpoint`` output (every rank writes its shard)
     rng/rank<R>.pt         torch RNG state of rank R
 
@@ -109,7 +110,10 @@ def restore(ckpt_dir: Path, *, engine: Any, ema: Any, rank: int) -> TrainState:
     load_path, _ = engine.load_checkpoint(str(Path(ckpt_dir) / DS_DIR), tag=DS_TAG)
     if load_path is None:
         raise CheckpointError(f"checkpoint {ckpt_dir} has no DeepSpeed state under {DS_DIR}/{DS_TAG}")
-    ema.model.load_state_dict(load_file(str(Path(ckpt_dir) / EMA_FILE)))
+    try:
+        ema.load_state_dict(load_file(str(Path(ckpt_dir) / EMA_FILE)))
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {EMA_FILE} does not fit this model ({str(exc)[:300]})") from None
     rng_file = Path(ckpt_dir) / "rng" / f"rank{rank}.pt"
     if rng_file.is_file():
         torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
@@ -197,6 +201,7 @@ def load_trained(path: str | Path, overrides: TrainJobConfig | None = None) -> T
     """Load a flowrail checkpoint's EMA model and objective (sampling settings may be overridden)."""
     from pipeline.models import build_model
     from pipeline.objective import build_objective
+    from pipeline.train.ema import load_ema_weights
 
     ckpt = find_latest(path)
     meta = read_meta(ckpt)
@@ -219,7 +224,7 @@ def load_trained(path: str | Path, overrides: TrainJobConfig | None = None) -> T
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
         raise CheckpointError(f"checkpoint {ckpt}: {EMA_FILE} cannot be read ({str(exc).splitlines()[0][:200]})") from None
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = load_ema_weights(model, state)
     except RuntimeError as exc:  # shape mismatch
         detail = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc).splitlines()[0])
         raise CheckpointError(f"checkpoint {ckpt} does not fit model '{cfg.model.name}': {detail[:300]}") from None

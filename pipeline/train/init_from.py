@@ -1,6 +1,7 @@
 """``init_from=PATH``: start training from existing weights.
 
-PATH may be a flowrail checkpoint (or a run directory holding some; its EMA weights are used), an official
+PATH may be a flowrail checkpoint (or a run directory holding some; its EMA of the trained parameters is loaded,
+frozen parameters keep the values the model was built with), an official
 SiT/DiT checkpoint file (``.pt``/``.pth`` dict with model/ema/opt/args, or a bare state dict) or a
 ``.safetensors`` export.
 """
@@ -18,13 +19,14 @@ def initialise_from(model: nn.Module, path: str) -> str:
     from safetensors.torch import load_file
 
     from pipeline.train.checkpoint import EMA_FILE, META, find_latest
+    from pipeline.train.ema import load_ema_weights
 
     source = Path(path)
     if not source.exists():
         raise CheckpointError(f"init_from={path}: file or directory does not exist")
     if source.is_dir() and ((source / META).is_file() or any(source.rglob(META))):
         ckpt = find_latest(source)
-        missing, unexpected = model.load_state_dict(load_file(str(ckpt / EMA_FILE)), strict=False)
+        missing, unexpected = load_ema_weights(model, load_file(str(ckpt / EMA_FILE)))
         if missing or unexpected:
             raise CheckpointError(f"init_from={path}: checkpoint does not fit the model "
                                   f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
