@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
     if gpu:
         torch.cuda.set_device(device)
+        # cuDNN's fused attention failed in backward on FLUX shapes (torch 2.11, H100; benchmarks/flux/RESULTS.md)
+        torch.backends.cuda.enable_cudnn_sdp(False)
     deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
 
     double = args.double if args.double is not None else (19 if args.mode == "lora" else 5)
