@@ -167,6 +167,9 @@ class FluxConfig(Section):
     config: str | None = None  # transformer config (local folder or config.json) for a single-file checkpoint
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"  # SD3-style weights on the flow-matching loss
     grad_checkpointing: bool = True
+    # two-stage Decomposable Flow Matching fine-tune (pipeline/flux/dfm.py); stage probabilities, threshold and
+    # per-stage sampling steps come from model.dfm_stage_probs / model.dfm_threshold / model.dfm_stage_steps
+    dfm: bool = False
 
 
 class TrainJobConfig(Section):

@@ -5,6 +5,8 @@
   Saved with ``FluxPipeline.save_lora_weights`` (``pytorch_lora_weights.safetensors``, keys ``transformer.*``,
   adapter config in the safetensors metadata), the file ``FluxPipeline.load_lora_weights`` reads.
 - full: every weight trains; saved as a diffusers transformer folder (``save_pretrained``).
+- FLUX-DFM (``flux.dfm``) in either mode also writes its stage layers to ``flux_dfm_stages.safetensors``
+  (:func:`pipeline.flux.dfm.load_stage_layers` reads them back).
 
 Under DeepSpeed ZeRO-3 the parameters are partitioned across ranks; :func:`save_finetuned` gathers them, so it must
 be called on every rank (only rank 0 writes).
@@ -35,8 +37,16 @@ def lora_config(flux_cfg: FluxConfig) -> LoraConfig:
 def prepare_for_training(model: FluxTransformer2DModel, flux_cfg: FluxConfig) -> FluxTransformer2DModel:
     """LoRA mode: freeze the base and add the adapter (trainable); full mode: train everything.
 
-    Enables gradient checkpointing when ``flux.grad_checkpointing`` is set.
+    With ``flux.dfm`` the transformer first becomes a two-stage FLUX-DFM (:func:`pipeline.flux.dfm.to_flux_dfm`),
+    whose new stage layers train in both modes. Enables gradient checkpointing when ``flux.grad_checkpointing`` is set.
     """
+    if flux_cfg.dfm:
+        from pipeline.flux.dfm import REPLACED, to_flux_dfm
+
+        if flux_cfg.mode == "lora" and (clash := [t for t in flux_cfg.lora_targets if t in REPLACED]):
+            raise ValueError(f"flux.lora_targets: {clash[0]!r} cannot take a LoRA with flux.dfm=true "
+                             "(it becomes a per-stage layer)")
+        model = to_flux_dfm(model)
     if flux_cfg.mode == "lora":
         names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} | {n for n, _ in model.named_modules()}
         missing = [t for t in flux_cfg.lora_targets if t not in names and not any(n.endswith("." + t) for n in names)]
@@ -44,6 +54,11 @@ def prepare_for_training(model: FluxTransformer2DModel, flux_cfg: FluxConfig) ->
             raise ValueError(f"flux.lora_targets: no module named {missing[0]!r} in the FLUX transformer")
         model.requires_grad_(False)
         model.add_adapter(lora_config(flux_cfg), adapter_name=ADAPTER)
+        if flux_cfg.dfm:
+            from pipeline.flux.dfm import stage_parameters
+
+            for _, p in stage_parameters(model):
+                p.requires_grad_(True)
     elif flux_cfg.mode == "full":
         model.requires_grad_(True)
     else:
@@ -85,6 +100,13 @@ def save_finetuned(model: nn.Module, flux_cfg: FluxConfig, out_dir: str | Path) 
                                            transformer_lora_adapter_metadata=meta)
         else:
             inner.save_pretrained(out, safe_serialization=True)
+        from pipeline.flux.dfm import STAGE_FILE, is_flux_dfm, stage_parameters
+
+        if is_flux_dfm(inner):  # diffusers knows no FLUX-DFM: its stage layers go to a file of their own
+            from safetensors.torch import save_file
+
+            save_file({n: p.detach().to("cpu", copy=True).contiguous() for n, p in stage_parameters(inner)},
+                      str(out / STAGE_FILE))
     return out
 
 

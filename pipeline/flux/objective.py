@@ -13,6 +13,7 @@ Batches: ``latent`` (or ``image``; B, 16, H, W, already ``(z - shift) * scale``)
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -20,7 +21,13 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainJobConfig, TransportConfig
-from pipeline.flux.packing import image_ids, num_image_tokens, pack_latents, text_ids, unpack_latents
+from pipeline.flux.packing import (
+    image_ids,
+    num_image_tokens,
+    pack_latents,
+    text_ids,
+    unpack_latents,
+)
 from pipeline.objective import SampleOutput
 from pipeline.transport.timesteps import flux_mu, sample_train_times, time_grid
 
@@ -65,7 +72,17 @@ def loss_weight(sigma: torch.Tensor, scheme: str) -> torch.Tensor:
     raise ValueError(f"flux.loss_weighting={scheme!r} is unknown (allowed: none, sigma_sqrt, cosmap)")
 
 
-def _batched(cond: torch.Tensor, n: int, name: str) -> torch.Tensor:
+def flux_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(latent fp32, t5, clip_pooled)`` of a FLUX batch; a missing key is named."""
+    latent = batch.get("latent", batch.get("image"))  # the streaming loader names any stored array "image"
+    for key, value in (("latent", latent), ("t5", batch.get("t5")), ("clip_pooled", batch.get("clip_pooled"))):
+        if value is None:
+            raise ValueError(f"FLUX batches need '{key}' (have: {', '.join(sorted(batch))}); "
+                             "pre-encode the shards with `flowrail flux_encode`")
+    return latent.float(), batch["t5"], batch["clip_pooled"]
+
+
+def batched(cond: torch.Tensor, n: int, name: str) -> torch.Tensor:
     if cond.shape[0] == n:
         return cond
     if cond.shape[0] == 1:
@@ -85,25 +102,26 @@ class FluxObjective:
     train_eps: float = 0.0
 
     @classmethod
-    def from_config(cls, cfg: TrainJobConfig) -> "FluxObjective":
+    def from_config(cls, cfg: TrainJobConfig) -> FluxObjective | FluxDFMObjective:  # noqa: F821
+        """The FLUX objective of ``cfg``; with ``flux.dfm=true`` the two-stage DFM one
+        (:class:`pipeline.flux.dfm.FluxDFMObjective`)."""
+        if cfg.flux.dfm:
+            from pipeline.flux.dfm import FluxDFMObjective
+
+            return FluxDFMObjective.from_config(cfg)
         loss_weight(torch.zeros(1), cfg.flux.loss_weighting)  # validate early
         return cls(transport=cfg.transport, guidance=cfg.flux.guidance, loss_weighting=cfg.flux.loss_weighting,
                    sample_steps=cfg.sampler.steps, sample_shift=cfg.sampler.time_shift,
                    train_eps=cfg.transport.train_eps or 0.0)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        latent = batch.get("latent", batch.get("image"))  # the streaming loader names any stored array "image"
-        for key, value in (("latent", latent), ("t5", batch.get("t5")), ("clip_pooled", batch.get("clip_pooled"))):
-            if value is None:
-                raise ValueError(f"FLUX batches need '{key}' (have: {', '.join(sorted(batch))}); "
-                                 "pre-encode the shards with `flowrail flux_encode`")
-        x1 = latent.float()
+        x1, t5, pooled = flux_batch(batch)
         b, _, h, w = x1.shape
         x0 = torch.randn_like(x1)
         t = sample_train_times(self.transport, b, self.train_eps, num_tokens=num_image_tokens(h, w), device=x1.device)
         tb = t.view(b, 1, 1, 1)
         xt = tb * x1 + (1 - tb) * x0
-        v = flux_velocity(model, xt, t, batch["t5"], batch["clip_pooled"], self.guidance)
+        v = flux_velocity(model, xt, t, t5, pooled, self.guidance)
         per_sample = ((v - (x1 - x0)) ** 2).mean(dim=(1, 2, 3))
         return (loss_weight(1 - t, self.loss_weighting) * per_sample).mean()
 
@@ -119,9 +137,9 @@ class FluxObjective:
         b, _, h, w = shape
         device = cond["t5"].device
         x = torch.randn(shape, generator=generator, device=generator.device if generator else device).to(device)
-        t5, pooled = _batched(cond["t5"], b, "t5"), _batched(cond["clip_pooled"], b, "clip_pooled")
+        t5, pooled = batched(cond["t5"], b, "t5"), batched(cond["clip_pooled"], b, "clip_pooled")
         grid = self.schedule(h, w, device=device)
-        for t, t_next in zip(grid[:-1], grid[1:]):
+        for t, t_next in itertools.pairwise(grid):
             v = flux_velocity(model, x, t.float().expand(b), t5, pooled, self.guidance)
             x = x + float(t_next - t) * v
         return SampleOutput(x=x, nfe=self.sample_steps)

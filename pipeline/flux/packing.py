@@ -1,7 +1,8 @@
 """FLUX latent layout: 2x2 packing into 64-channel tokens, RoPE position ids, autoencoder shift/scale.
 
 - pack: ``(B, C, H, W) -> (B, (H/2)(W/2), 4C)``; token ``(i, j)`` holds the 2x2 patch at rows ``2i..2i+1``,
-  columns ``2j..2j+1``, channel-major (``c * 4 + 2 * di + dj``), as FLUX and diffusers lay it out.
+  columns ``2j..2j+1``, channel-major (``c * 4 + 2 * di + dj``), as FLUX and diffusers lay it out (other patch
+  sizes ``p`` likewise; FLUX-DFM packs its coarse stage with ``p = 1``).
 - image ids: per token ``(0, i, j)``; text ids: all zeros ``(L, 3)``.
 - autoencoder normalisation: ``latent = (z - shift_factor) * scaling_factor``; decode with the inverse.
 """
@@ -10,22 +11,23 @@ from __future__ import annotations
 import torch
 
 
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """``(B, C, H, W) -> (B, H/2 * W/2, 4C)`` (H and W must be even)."""
+def pack_latents(latents: torch.Tensor, patch: int = 2) -> torch.Tensor:
+    """``(B, C, H, W) -> (B, H/p * W/p, p*p*C)`` (H and W divisible by ``p``; FLUX uses ``p = 2``)."""
     b, c, h, w = latents.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"FLUX latents need even height and width, got {h}x{w}")
-    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+    if h % patch or w % patch:
+        need = "even height and width" if patch == 2 else f"height and width divisible by {patch}"
+        raise ValueError(f"FLUX latents need {need}, got {h}x{w}")
+    x = latents.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
 
 
-def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`pack_latents`: ``(B, H/2 * W/2, 4C) -> (B, C, H, W)``."""
+def unpack_latents(tokens: torch.Tensor, height: int, width: int, patch: int = 2) -> torch.Tensor:
+    """Inverse of :func:`pack_latents`: ``(B, H/p * W/p, p*p*C) -> (B, C, H, W)``."""
     b, n, d = tokens.shape
-    if n != (height // 2) * (width // 2) or d % 4:
+    if n != (height // patch) * (width // patch) or d % (patch * patch):
         raise ValueError(f"{n} tokens of width {d} do not unpack to a {height}x{width} latent")
-    x = tokens.reshape(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, d // 4, height, width)
+    x = tokens.reshape(b, height // patch, width // patch, d // (patch * patch), patch, patch).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // (patch * patch), height, width)
 
 
 def image_ids(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
