@@ -2,14 +2,14 @@
 
 - Every pair: the objective the Ray Train worker builds (``build_objective``) trains a tiny real SiT on a real
   digits batch (read through the spine's Ray Data pipeline) for a few AdamW steps and samples from it.
-- ``flowrail train`` end to end (1 worker, 4 steps, one shared Ray): the two stiffest pairs by default; all 15
-  pairs with ``FLOWRAIL_ALL_PAIRS=1`` (each run costs ~20 s on an idle 2-core machine, minutes on a loaded one).
+- ``flowrail train`` end to end (1 worker, 4 steps, one shared Ray), one test per pair: the two stiffest pairs run
+  in the default tier, the other 13 in the slow tier (``make test-all``); each run costs ~20 s on an idle 2-core
+  machine, a minute or more on a loaded one.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -66,11 +66,9 @@ def test_objective_trains_sit_on_digits(digits_batch, digits_shards, tmp_path, p
     assert out.nfe == 4  # 3 Euler-Maruyama steps + the mean last step
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path,prediction", PAIRS)
+@pytest.mark.parametrize("path,prediction", [pytest.param(p, q, marks=() if (p, q) in DEFAULT_E2E else pytest.mark.slow)
+                                             for p, q in PAIRS])
 def test_flowrail_train(ray_local, digits_shards, tmp_path, path, prediction):
-    if (path, prediction) not in DEFAULT_E2E and os.environ.get("FLOWRAIL_ALL_PAIRS") != "1":
-        pytest.skip("set FLOWRAIL_ALL_PAIRS=1 to run flowrail train for every path x prediction pair")
     from jobs.cli import main
     from pipeline.tracking import run_record
 
