@@ -7,6 +7,9 @@ Metrics (``eval.metrics``):
 - ``fid``: standard FID (Inception-v3 pool3, 2015-12-05 weights, :mod:`evals.inception`) against
   ``eval.reference_stats`` or statistics of the training shards computed once and cached.
 
+A FLUX fine-tune samples its shard set's first captions as the "classes" (:mod:`pipeline.flux.evaluation`:
+Euler on the FLUX shifted schedule with ``flux.guidance``, decoded by the autoencoder).
+
 ``evaluate_checkpoint(trained, cfg)`` is what training (every K steps) and sweeps call; ``flowrail evaluate``
 adds the MLflow run with the sampler settings as params and a sample grid.
 """
@@ -100,6 +103,10 @@ def run_evaluation(trained: Any, cfg: Any) -> EvalResult:
                     examples_per_class=cfg.samples.per_class)
     start = time.time()
     trained = with_sampling_config(trained, cfg)
+    if cfg.model.name.lower() == "flux":  # captions as classes; Euler on the shifted schedule; autoencoder decode
+        from pipeline.flux.evaluation import flux_eval_view
+
+        trained = flux_eval_view(trained, cfg)
     total: WorkerResult = run_workers(trained, cfg, plan)
     metrics: dict[str, float] = {}
     if want_digits and total.digits is not None:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import TrainJobConfig
-from pipeline.flux.objective import batched, flux_batch, unwrap
+from pipeline.flux.objective import batched, flux_batch, require_text, unwrap
 from pipeline.flux.packing import image_ids, pack_latents, text_ids, unpack_latents
 from pipeline.models.dfm import stage_patch_sizes
 from pipeline.objective import SampleOutput
@@ -257,6 +257,7 @@ class FluxDFMObjective:
     def sample(self, model: nn.Module, cond: dict[str, torch.Tensor], shape: tuple[int, ...],
                generator: torch.Generator | None = None) -> SampleOutput:
         """Stage-wise Euler (``model.dfm_stage_steps``, threshold ``model.dfm_threshold``); returns latents."""
+        require_text(cond)
         b = shape[0]
         t5, pooled = batched(cond["t5"], b, "t5"), batched(cond["clip_pooled"], b, "clip_pooled")
         return self.dfm.sample(StageVelocity(model, t5, pooled, self.guidance), {}, shape, generator)

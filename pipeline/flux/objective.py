@@ -82,6 +82,13 @@ def flux_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     return latent.float(), batch["t5"], batch["clip_pooled"]
 
 
+def require_text(cond: dict[str, torch.Tensor]) -> None:
+    """FLUX samples condition on text embeddings; name what is missing."""
+    if "t5" not in cond or "clip_pooled" not in cond:
+        raise ValueError(f"FLUX sampling needs 't5' and 'clip_pooled' conditioning (got {', '.join(sorted(cond))}); "
+                         "evaluation takes them from the shard set (pipeline.flux.evaluation.flux_eval_view)")
+
+
 def batched(cond: torch.Tensor, n: int, name: str) -> torch.Tensor:
     if cond.shape[0] == n:
         return cond
@@ -134,6 +141,7 @@ class FluxObjective:
     def sample(self, model: nn.Module, cond: dict[str, torch.Tensor], shape: tuple[int, ...],
                generator: torch.Generator | None = None) -> SampleOutput:
         """Euler from t = 0 to 1 on :meth:`schedule`; ``cond`` holds ``t5`` and ``clip_pooled``; returns latents."""
+        require_text(cond)
         b, _, h, w = shape
         device = cond["t5"].device
         x = torch.randn(shape, generator=generator, device=generator.device if generator else device).to(device)

@@ -32,7 +32,7 @@ from torch import nn
 
 from pipeline.config import TrainJobConfig
 from pipeline.data.streaming import DataInfo
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, FlowrailError
 
 META = "flowrail.json"
 EMA_FILE = "ema.safetensors"
@@ -212,11 +212,16 @@ def load_trained(path: str | Path, overrides: TrainJobConfig | None = None) -> T
         raise CheckpointError(f"checkpoint {ckpt} has metadata this flowrail cannot read "
                               f"({str(exc).splitlines()[0][:200]})") from None
     if cfg.model.name.lower() == "flux":
+        from pipeline.flux.evaluation import flux_eval_view
         from pipeline.flux.export import load_finetuned_from_checkpoint
 
         model, cfg = load_finetuned_from_checkpoint(ckpt, cfg)
-        return Trained(config=cfg, model=model.requires_grad_(False), objective=build_objective(cfg, info.num_classes),
-                       data=info, step=int(meta["step"]), path=ckpt, run_id=meta.get("mlflow_run_id"))
+        trained = Trained(config=cfg, model=model.requires_grad_(False), objective=build_objective(cfg, info.num_classes),
+                          data=info, step=int(meta["step"]), path=ckpt, run_id=meta.get("mlflow_run_id"))
+        try:  # label -> caption sampling where the run's shard set is readable (evaluation workers load this way)
+            return flux_eval_view(trained, cfg)
+        except (OSError, ValueError, FlowrailError):
+            return trained
     model = build_model(cfg.model, in_channels=info.channels, input_size=info.size, num_classes=info.num_classes,
                         flux_cfg=cfg.flux)
     try:
