@@ -105,7 +105,10 @@ def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_siz
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    # fused (one kernel over ZeRO's flat fp32 partition) where the optimizer state lives on the GPU
+    fused = bool(cfg.use_gpu and torch.cuda.is_available() and not cfg.offload)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                                  fused=fused or None)
     warmup = cfg.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)

@@ -18,6 +18,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -149,6 +150,35 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             pool.shutdown(wait=True)
 
 
+class EpochPrefetch:
+    """Starts epoch ``e``'s batch stream on a background thread and pulls its first batch, so the stream's start-up
+    overlaps the end of epoch ``e - 1``. The stream itself is the same deterministic one; only its start moves."""
+
+    def __init__(self, epoch_batches: Callable[[int], Iterator[dict[str, torch.Tensor]]]) -> None:
+        self._epoch_batches = epoch_batches
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="flowrail-epoch-prefetch")
+        self._pending: tuple[int, Future] | None = None
+
+    def _first(self, epoch: int) -> tuple[Iterator[dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]:
+        batches = self._epoch_batches(epoch)
+        return batches, next(batches, None)
+
+    def start(self, epoch: int) -> None:
+        if self._pending is None:
+            self._pending = (epoch, self._pool.submit(self._first, epoch))
+
+    def take(self, epoch: int) -> tuple[Iterator[dict[str, torch.Tensor]], dict[str, torch.Tensor] | None] | None:
+        """The started stream of ``epoch`` and its first batch (errors re-raised here), or None if not started."""
+        pending, self._pending = self._pending, None
+        if pending is None or pending[0] != epoch:
+            return None
+        return pending[1].result()
+
+    def close(self) -> None:
+        self._pending = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 def _train_loop(loop_config: dict[str, Any], log_threads: list[ThreadPoolExecutor]) -> None:
     import ray.train
 
@@ -203,7 +233,7 @@ def _train_loop(loop_config: dict[str, Any], log_threads: list[ThreadPoolExecuto
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def epoch_batches(epoch: int):  # noqa: ANN202
+    def epoch_batches(epoch: int):
         """This rank's batches of ``epoch`` (deterministic); read errors become one line naming the shard."""
         ds, files = epoch_dataset(paths, info, policy=cfg.data.bad_sample_policy, seed=cfg.seed, epoch=epoch,
                                   rank=rank, world=world)
@@ -231,17 +261,27 @@ def _train_loop(loop_config: dict[str, Any], log_threads: list[ThreadPoolExecuto
     logged: Future | None = None
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     start_step = state.step
+    prefetch = EpochPrefetch(epoch_batches)
+    # half-way through an epoch, the next epoch's stream starts in the background (its Ray Data start-up, seconds,
+    # would otherwise stall every rank at each epoch boundary; a small set like digits has ~10 batches per epoch)
+    prefetch_at = max(1, info.num_samples // max(world * cfg.data.batch_size, 1) // 2)
     while state.step < tcfg.steps:
         t_wait = time.perf_counter()
-        batches = epoch_batches(state.epoch)
-        for _ in range(state.batch_in_epoch):  # resume: skip what this epoch already consumed
-            next(batches, None)
         consumed_before = state.batch_in_epoch
-        batch = next(batches, None)
+        started = prefetch.take(state.epoch) if consumed_before == 0 else None
+        if started is not None:
+            batches, batch = started
+        else:
+            batches = epoch_batches(state.epoch)
+            for _ in range(state.batch_in_epoch):  # resume: skip what this epoch already consumed
+                next(batches, None)
+            batch = next(batches, None)
         window["wait"] += time.perf_counter() - t_wait
         ended = _all_reduce([float(batch is None)])[0] > 0  # one rank ran out: the epoch ends for all
         while not ended:
             state.batch_in_epoch += 1
+            if state.batch_in_epoch == prefetch_at:
+                prefetch.start(state.epoch + 1)
             window["skipped"] += int(batch.pop("skipped").sum()) if "skipped" in batch else 0
             batch = _to_device(batch, device)
             with autocast:
@@ -314,6 +354,7 @@ def _train_loop(loop_config: dict[str, Any], log_threads: list[ThreadPoolExecuto
                             f"{cfg.data.batch_size} samples (too few valid samples for data.batch_size)")
         state.epoch += 1
         state.batch_in_epoch = 0
+    prefetch.close()
     if log_thread is not None:
         if logged is not None:
             logged.result()
