@@ -65,6 +65,10 @@ def prepare_for_training(model: FluxTransformer2DModel, flux_cfg: FluxConfig) ->
         raise ValueError(f"flux.mode={flux_cfg.mode!r} is unknown (allowed: lora, full)")
     if flux_cfg.grad_checkpointing:
         model.enable_gradient_checkpointing()
+    if torch.cuda.is_available():
+        # cuDNN's fused attention failed in backward on FLUX shapes (torch 2.11, H100: benchmarks/flux/RESULTS.md);
+        # flash / memory-efficient attention remain
+        torch.backends.cuda.enable_cudnn_sdp(False)
     model.train()
     return model
 
