@@ -85,7 +85,8 @@ def test_epoch_file_split_is_deterministic_and_handles_fewer_shards_than_workers
 
 
 def _bad_sample_set(root: Path) -> Path:
-    """16 good 8x8 samples, one of wrong shape, one without its image, one with NaN pixels."""
+    """16 good 8x8 samples, one of wrong shape, one without its image, one with NaN pixels, one whose .npy member
+    is garbled inside an intact tar."""
     rng = np.random.default_rng(0)
     samples = [(f"good{i:03d}", {"image.npy": rng.integers(0, 255, (8, 8, 1), dtype=np.uint8), "cls": i % 10})
                for i in range(16)]
@@ -94,6 +95,8 @@ def _bad_sample_set(root: Path) -> Path:
     nan = rng.random((8, 8, 1)).astype(np.float32)
     nan[2, 2, 0] = np.nan
     samples.insert(11, ("nanpixels", {"image.npy": nan, "cls": 3}))
+    samples.insert(15, ("garbled", {"image.npy": b"\x93NUMPY\x01\x00garbage, not an array header" + bytes(40),
+                                    "cls": 4}))
     write_shard_set(root, samples, samples_per_shard=100,
                     extra={"kind": "pixels", "field": "image.npy", "shape": [1, 8, 8], "dtype": "uint8",
                            "num_classes": 10})
@@ -103,11 +106,11 @@ def _bad_sample_set(root: Path) -> Path:
 def test_bad_samples_skipped_and_counted_or_fail(ray_local, tmp_path):
     root = _bad_sample_set(tmp_path / "bad")
     paths = [str(p) for p in sorted(root.glob("*.tar"))]
-    info = DataInfo(kind="pixels", field="image.npy", channels=1, size=8, num_classes=10, num_samples=19)
+    info = DataInfo(kind="pixels", field="image.npy", channels=1, size=8, num_classes=10, num_samples=20)
     ds, _ = epoch_dataset(paths, info, policy="skip", seed=0, epoch=0, rank=0, world=1)
     rows = list(ds.iter_torch_batches(batch_size=100))
     assert sum(b["image"].shape[0] for b in rows) == 16
-    assert sum(int(b["skipped"].sum()) for b in rows) == 3  # the count the worker logs as skipped_samples
+    assert sum(int(b["skipped"].sum()) for b in rows) == 4  # the count the worker logs as skipped_samples
     assert all(torch.isfinite(b["image"]).all() for b in rows)
 
     ds, files = epoch_dataset(paths, info, policy="fail", seed=0, epoch=0, rank=0, world=1)
@@ -117,6 +120,23 @@ def test_bad_samples_skipped_and_counted_or_fail(ray_local, tmp_path):
 
     user = _user_error(err.value)
     assert isinstance(user, DataError) and "sample wrongshape" in str(user) and "does not match" in str(user)
+
+
+@pytest.mark.slow
+def test_too_few_valid_samples_for_a_batch(ray_local, tmp_path, capsys):
+    """16 valid samples (4 bad ones skipped) cannot fill one batch of 32: the worker stops with one line."""
+    import re
+
+    from jobs.cli import main
+
+    root = _bad_sample_set(tmp_path / "bad")
+    code = main(["train", *tiny_train_overrides(root.parent, tmp_path, **{
+        "data.shards": str(root), "data.val_shards": str(root), "train.num_workers": 1, "train.steps": 2})])
+    ansi = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # Ray's forwarded worker logs share stderr in-process
+    err = [ln for ln in (ansi.sub("", x).rsplit("\r", 1)[-1].strip() for x in capsys.readouterr().err.splitlines())
+           if ln.startswith("flowrail train:")]
+    assert code == 2 and len(err) == 1, err
+    assert f"an epoch of {root} gave worker 0 no full batch of 32 samples" in err[0], err
 
 
 @pytest.mark.parametrize("override, needle", [
