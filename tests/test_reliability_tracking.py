@@ -105,3 +105,21 @@ def test_metrics_buffered_while_server_is_down(ray_local, digits_shards, tmp_pat
         assert client.get_run(result.run_id).info.status == "FINISHED"
     finally:
         server.stop()
+
+
+def test_server_gone_after_training_is_one_line_naming_it(tmp_path, monkeypatch, trained_digits):
+    """Training finished, then the server is gone for the run's last calls (grid, status): one line that names the
+    server (credentials redacted) and the kept checkpoint, not MLflow's own traceback."""
+    from pipeline.tracking import TrackingError
+    from pipeline.train.trainer import TrainResult, finish_run
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cfg, result = trained_digits
+    dead = f"http://user:secret@127.0.0.1:{_free_port()}"
+    out = TrainResult(run_id=result.run_id, checkpoint=result.checkpoint, metrics={}, tracking_uri=dead)
+    with pytest.raises(TrackingError) as err:
+        finish_run(cfg, out, make_grid=True)
+    message = str(err.value)
+    assert "\n" not in message and "secret" not in message and "127.0.0.1" in message
+    assert str(result.checkpoint) in message and result.checkpoint.is_dir()
+    assert out.grid is None  # the grid was drawn locally, but never reported as logged

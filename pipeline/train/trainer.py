@@ -116,17 +116,35 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
         raise FlowrailError(f"run {cfg.run_name} finished without a checkpoint")
     checkpoint = local_checkpoint(result.checkpoint, Path(cfg.run_dir) / "checkpoints" / cfg.run_name)
     out = TrainResult(run_id=run_id, checkpoint=checkpoint, metrics=dict(result.metrics or {}), tracking_uri=uri)
-    if cfg.model.name.lower() == "flux":
-        from pipeline.flux.export import export_finetuned, log_finetuned
-
-        exported = export_finetuned(checkpoint, Path(cfg.run_dir) / "export" / cfg.run_name, cfg)
-        log_finetuned(exported, cfg.flux.mode, uri, run_id)
-        print(f"[flowrail] FLUX {cfg.flux.mode} fine-tune exported to {exported}", flush=True)
-    elif make_grid:
-        out.grid = log_samples_and_curves(cfg, out)
-    client(uri).set_tag(run_id, "flowrail.checkpoint", str(checkpoint))
-    client(uri).set_terminated(run_id, status="FINISHED")
+    finish_run(cfg, out, make_grid)
     return out
+
+
+def finish_run(cfg: TrainJobConfig, out: TrainResult, make_grid: bool = True) -> None:
+    """After training: FLUX export or the sample grid, then the run's checkpoint tag and FINISHED status.
+
+    A tracking server that went away meanwhile gives one line naming it (the checkpoint is already saved)."""
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    from pipeline.tracking import TrackingError, client, redact
+
+    uri, run_id, checkpoint = out.tracking_uri, out.run_id, out.checkpoint
+    try:
+        if cfg.model.name.lower() == "flux":
+            from pipeline.flux.export import export_finetuned, log_finetuned
+
+            exported = export_finetuned(checkpoint, Path(cfg.run_dir) / "export" / cfg.run_name, cfg)
+            log_finetuned(exported, cfg.flux.mode, uri, run_id)
+            print(f"[flowrail] FLUX {cfg.flux.mode} fine-tune exported to {exported}", flush=True)
+        elif make_grid:
+            out.grid = log_samples_and_curves(cfg, out)
+        client(uri).set_tag(run_id, "flowrail.checkpoint", str(checkpoint))
+        client(uri).set_terminated(run_id, status="FINISHED")
+    except (MlflowException, RequestException, ConnectionError) as exc:  # the server went away after training
+        raise TrackingError(f"training finished and its checkpoint is kept at {checkpoint}, but the MLflow server "
+                            f"{redact(uri)} did not take the run's final artifacts and status "
+                            f"({type(exc).__name__})") from None
 
 
 def local_checkpoint(checkpoint: Any, download_dir: Path) -> Path:
