@@ -55,5 +55,7 @@ def scheduler(cfg: SweepConfig, max_steps: int):  # noqa: ANN201
     a = cfg.tune.asha
     if not a.enabled:
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=min(a.grace_period, max_steps),
+    # max_t one past the last step: a trial that reaches the end finishes by itself (its Ray Train controller shuts
+    # its workers down) instead of being stopped by the scheduler on its final report
+    return ASHAScheduler(time_attr="step", max_t=max_steps + 1, grace_period=min(a.grace_period, max_steps),
                          reduction_factor=a.reduction_factor)

@@ -36,7 +36,10 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # The dashboard process serves Ray's state API. Ray Train V2's PlacementGroupCleaner asks it whether a
+        # controller is alive and removes the workers' placement group when a controller is killed (a Tune trial
+        # stopped by ASHA). Without it, every stopped trial leaks its workers' CPUs.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
 
 
 def _unwrap(exc: BaseException) -> BaseException | None:
