@@ -53,7 +53,7 @@ class ModelConfig(Section):
     dfm_stage_steps: list[int] | None = None  # per-stage sampling steps (e.g. [30, 10])
 
     @model_validator(mode="after")
-    def _heads_divide_hidden(self) -> "ModelConfig":
+    def _heads_divide_hidden(self) -> ModelConfig:
         if self.name == "sit" and self.hidden_size % self.num_heads:
             raise ValueError(f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}")
         return self
@@ -92,7 +92,7 @@ class SamplerConfig(Section):
     last_step_size: float = Field(default=0.04, gt=0, lt=1)
 
     @model_validator(mode="after")
-    def _sde_solvers(self) -> "SamplerConfig":
+    def _sde_solvers(self) -> SamplerConfig:
         if self.method == "sde" and self.solver not in ("euler", "heun"):
             raise ValueError(f"sampler.solver={self.solver} is not an SDE solver (allowed with sampler.method=sde: euler, heun)")
         return self
@@ -114,6 +114,10 @@ class TrainConfig(Section):
     offload: bool = False  # ZeRO-3 CPU offload of parameters and optimizer state
     deepspeed_preset: str | None = None  # a DeepSpeed JSON (e.g. infra/deepspeed/zero3.json) merged under flowrail's keys
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # torch.compile the model inside the DeepSpeed engine (engine.compile); a one-off compile at the first step,
+    # then faster steps on GPU (SiT-XL/2 bare loop on an H100: 1.58x eager). Sampling/evaluation stay eager.
+    compile: bool = False
+    compile_backend: str = "inductor"  # any torch.compile backend ("inductor", "aot_eager", ...)
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -190,7 +194,7 @@ class TrainJobConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
     flux: FluxConfig = FluxConfig()
 
-    def resolve_paths(self, base: Path | None = None) -> "TrainJobConfig":
+    def resolve_paths(self, base: Path | None = None) -> TrainJobConfig:
         """Make run_dir and relative data paths absolute (Ray changes each worker's working directory)."""
         base = base or Path.cwd()
         root = Path(self.run_dir)

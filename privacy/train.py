@@ -52,7 +52,7 @@ def privacy_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from pipeline.train.checkpoint import TrainState
     from pipeline.train.ema import EMA
     from pipeline.train.engine import build_engine, resolve_precision
-    from pipeline.train.worker import TooManyBadSteps, _all_reduce, build_worker_model
+    from pipeline.train.worker import TooManyBadSteps, _all_reduce, build_worker_model, set_cpu_threads
 
     cfg = PrivacyTrainConfig.model_validate(loop_config["cfg"])
     base = cfg.base()
@@ -63,6 +63,7 @@ def privacy_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tcfg, pcfg = cfg.train, cfg.privacy
     sched = schedule_for(cfg)
 
+    set_cpu_threads(base.train.cpus_per_worker)
     model = build_worker_model(base, info)
     ema = EMA(model, tcfg.ema_decay)
     engine = build_engine(model, tcfg, cfg.data.batch_size, world)

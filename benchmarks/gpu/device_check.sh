@@ -19,7 +19,7 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/card.txt"
 python3 -c "import torch, ray, deepspeed, diffusers, mlflow, pydantic; print('torch', torch.__version__, 'ray', ray.__version__, 'deepspeed', deepspeed.__version__, 'diffusers', diffusers.__version__, 'mlflow', mlflow.__version__)" 2>&1 | tail -2
-timeout "${SIT_TIMEOUT:-240}" python3 benchmarks/gpu/run.py --batch 64 32 --steps 30 --compile \
+timeout "${SIT_TIMEOUT:-330}" python3 benchmarks/gpu/run.py --batch 64 32 --steps 30 --compile \
   --tracking-uri "file:///tmp/flowrail-mlruns" --out "$OUT" > "$OUT/sit.log" 2>&1
 echo "sit rc=$?"; grep -E "^\||^- |flowrail windows|Error|error" "$OUT/sit.log" | tail -25
 for mode in lora full; do

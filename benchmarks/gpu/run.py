@@ -14,7 +14,8 @@ bare      fp32 master weights, ``torch.autocast(bf16)``, fused AdamW, the flowra
           velocity), EMA every step (``torch._foreach_lerp_``), loss read back only at the end.
 flowrail  ``pipeline.train.trainer.fit`` with 1 GPU worker (DeepSpeed bf16, ZeRO-2), random latent shards
           written by ``ShardSetWriter``; images/s is the median of the logged windows (first and last dropped).
-          Needs ray, deepspeed and mlflow importable; skipped with a note otherwise.
+          Needs ray, deepspeed and mlflow importable; skipped with a note otherwise. With ``--compile`` both paths
+          are timed again compiled (bare: ``torch.compile``; flowrail: ``train.compile=true`` = ``engine.compile()``).
 Results are printed as a markdown table and written to ``--out``/gpu_results.md with the card, date and command.
 """
 from __future__ import annotations
@@ -101,7 +102,7 @@ def bare(batch: int, steps: int, warmup: int, compile_model: bool) -> float:
     return batch * steps / elapsed
 
 
-def flowrail(batch: int, steps: int, root: Path, tracking_uri: str | None = None) -> float:
+def flowrail(batch: int, steps: int, root: Path, tracking_uri: str | None = None, compile_model: bool = False) -> float:
     """Images/s of flowrail's training path (median logged window) on one GPU."""
     import numpy as np
     from mlflow.tracking import MlflowClient
@@ -122,7 +123,8 @@ def flowrail(batch: int, steps: int, root: Path, tracking_uri: str | None = None
         "model.name=SiT-XL/2", f"train.steps={steps}", "train.num_workers=1", "train.use_gpu=true",
         "train.cpus_per_worker=8", "train.precision=bf16", "train.zero_stage=2", "train.lr=1e-4",
         f"train.log_every={log_every}", f"train.checkpoint_every={steps}", f"run_dir={root / 'runs'}",
-        "run_name=gpu-bench", *([f"tracking.tracking_uri={tracking_uri}"] if tracking_uri else [])])
+        f"train.compile={str(compile_model).lower()}", "run_name=gpu-bench",
+        *([f"tracking.tracking_uri={tracking_uri}"] if tracking_uri else [])])
     result = fit(cfg, make_grid=False)
     hist = sorted((m.step, m.value) for m in
                   MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "samples_per_s"))
@@ -137,7 +139,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[128, 64], help="tried in order until one fits")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=8)
-    parser.add_argument("--compile", action="store_true", help="also time the bare loop with torch.compile (last)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the bare loop with torch.compile and flowrail with train.compile=true (last)")
     parser.add_argument("--skip-flowrail", action="store_true")
     parser.add_argument("--flops-only", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=None)
@@ -199,6 +202,13 @@ def main() -> None:
             print(f"flowrail path failed: {type(exc).__name__}: {exc}", flush=True)
     if args.compile:
         emit("bare PyTorch (torch.compile)", batch, bare(batch, args.steps, args.warmup, True))
+        if not args.skip_flowrail:
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    emit("flowrail, train.compile=true", batch,
+                         flowrail(batch, args.steps * 2, Path(tmp), args.tracking_uri, compile_model=True))
+            except Exception as exc:  # noqa: BLE001
+                print(f"flowrail compiled path failed: {type(exc).__name__}: {exc}", flush=True)
     print("\n".join(header + rows), flush=True)
 
 

@@ -22,6 +22,7 @@ import errno
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,7 +221,10 @@ def load_trained(path: str | Path, overrides: TrainJobConfig | None = None) -> T
                           data=info, step=int(meta["step"]), path=ckpt, run_id=meta.get("mlflow_run_id"))
         try:  # label -> caption sampling where the run's shard set is readable (evaluation workers load this way)
             return flux_eval_view(trained, cfg)
-        except (OSError, ValueError, FlowrailError):
+        except (OSError, ValueError, FlowrailError) as exc:
+            print(f"[flowrail] checkpoint {ckpt}: no caption sampling for this FLUX model "
+                  f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); pass text embeddings "
+                  "(cond t5, clip_pooled) to objective.sample", file=sys.stderr, flush=True)
             return trained
     model = build_model(cfg.model, in_channels=info.channels, input_size=info.size, num_classes=info.num_classes,
                         flux_cfg=cfg.flux)

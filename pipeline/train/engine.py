@@ -96,7 +96,7 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dic
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_size: int) -> Any:
-    """Wrap ``model`` in a DeepSpeed engine with AdamW and a linear warm-up."""
+    """Wrap ``model`` in a DeepSpeed engine with AdamW and a linear warm-up (``torch.compile``d if ``cfg.compile``)."""
     # decided by the run's config, not by the driver's hardware (a cluster head often has no GPU)
     if not cfg.use_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
@@ -115,4 +115,7 @@ def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_siz
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, micro_batch, world_size), dist_init_required=False)
+    if cfg.compile:
+        # nn.Module.compile in place: state_dict keys, checkpoints and the EMA see the plain module
+        engine.compile(backend=cfg.compile_backend)
     return engine
