@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--samples", type=int, default=20000, help="digits replicated to this many samples, so an "
                         "epoch (a new Ray Data execution per worker) is longer than the run, as on real data")
+    parser.add_argument("--flowrail-overrides", nargs="*", default=[],
+                        help="extra flowrail config overrides (e.g. train.zero_stage=0), for experiments")
     args = parser.parse_args()
     from pipeline.data.shards import write_shard_set
     from pipeline.data.sources import digits_split
@@ -134,7 +136,8 @@ def main() -> None:
         print("|---|---:|---:|---:|---:|")
         for world in args.workers:
             a = statistics.median(bare(world, args.steps, overrides) for _ in range(args.repeats))
-            runs = [flowrail(world, args.steps, overrides, root / "runs", f"w{world}r{i}") for i in range(args.repeats)]
+            runs = [flowrail(world, args.steps, overrides + args.flowrail_overrides, root / "runs", f"w{world}r{i}")
+                    for i in range(args.repeats)]
             b = statistics.median(r[0] for r in runs)
             wait = statistics.median(r[1] for r in runs)
             print(f"| {world} | {a * 1e3:.1f} | {b * 1e3:.1f} | {b / a:.3f} | {wait:.1%} |", flush=True)

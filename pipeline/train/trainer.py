@@ -20,7 +20,7 @@ class TrainResult:
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Connect to the cluster in ``RAY_ADDRESS`` or start a local Ray (quiet, no dashboard)."""
+    """Connect to the cluster in ``RAY_ADDRESS`` or start a local Ray (its dashboard on 127.0.0.1 only)."""
     import ray
 
     if ray.is_initialized():
