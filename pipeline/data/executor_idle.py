@@ -11,10 +11,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ray.data._internal.execution.execution_callback import ExecutionCallback
+try:  # a Ray Data internal: should it move, streams run unthrottled rather than fail
+    from ray.data._internal.execution.execution_callback import ExecutionCallback
+except ImportError:  # pragma: no cover - depends on the installed Ray
+    ExecutionCallback = None  # type: ignore[assignment,misc]
 
 IDLE_SLEEP_MIN_S = 0.001
-IDLE_SLEEP_MAX_S = 0.1  # Ray Data's own ray.wait timeout: a stream whose tasks are in flight reacts no slower
+# the most reaction time added, once a stream has been idle for a while (Ray Data's own ray.wait timeout is 0.1 s)
+IDLE_SLEEP_MAX_S = 0.1
 
 
 def progress_signature(executor: Any) -> tuple[int, ...]:
@@ -28,7 +32,7 @@ def progress_signature(executor: Any) -> tuple[int, ...]:
     return tuple(sig)
 
 
-class IdleExecutorThrottle(ExecutionCallback):
+class IdleExecutorThrottle(ExecutionCallback or object):  # type: ignore[misc]
     """After a scheduling step that changed nothing (see :func:`progress_signature`), sleep; the sleep doubles
     from ``IDLE_SLEEP_MIN_S`` up to ``IDLE_SLEEP_MAX_S`` while nothing changes and resets when anything does.
 
@@ -62,6 +66,6 @@ def install_idle_throttle() -> None:
     """Register :class:`IdleExecutorThrottle` for every dataset this process executes from now on (idempotent)."""
     import ray.data
 
-    classes = ray.data.DataContext.get_current().custom_execution_callback_classes
-    if IdleExecutorThrottle not in classes:
+    classes = getattr(ray.data.DataContext.get_current(), "custom_execution_callback_classes", None)
+    if ExecutionCallback is not None and classes is not None and IdleExecutorThrottle not in classes:
         classes.append(IdleExecutorThrottle)
