@@ -193,22 +193,20 @@ def main() -> None:
     if batch is None:
         sys.exit(f"no batch size of {args.batch} fits on {card}")
     emit("bare PyTorch (eager)", batch, ips)
-    if not args.skip_flowrail:
+
+    def emit_flowrail(name: str, compile_model: bool) -> None:
+        if args.skip_flowrail:
+            return
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                emit("flowrail (Ray Data → Ray Train → DeepSpeed ZeRO-2 bf16)", batch,
-                     flowrail(batch, args.steps * 2, Path(tmp), args.tracking_uri))
+                emit(name, batch, flowrail(batch, args.steps * 2, Path(tmp), args.tracking_uri, compile_model))
         except Exception as exc:  # noqa: BLE001 - a failed path must not cost the rows after it
-            print(f"flowrail path failed: {type(exc).__name__}: {exc}", flush=True)
+            print(f"{name} failed: {type(exc).__name__}: {exc}", flush=True)
+
+    emit_flowrail("flowrail (Ray Data → Ray Train → DeepSpeed ZeRO-2 bf16)", compile_model=False)
     if args.compile:
         emit("bare PyTorch (torch.compile)", batch, bare(batch, args.steps, args.warmup, True))
-        if not args.skip_flowrail:
-            try:
-                with tempfile.TemporaryDirectory() as tmp:
-                    emit("flowrail, train.compile=true", batch,
-                         flowrail(batch, args.steps * 2, Path(tmp), args.tracking_uri, compile_model=True))
-            except Exception as exc:  # noqa: BLE001
-                print(f"flowrail compiled path failed: {type(exc).__name__}: {exc}", flush=True)
+        emit_flowrail("flowrail, train.compile=true", compile_model=True)
     print("\n".join(header + rows), flush=True)
 
 

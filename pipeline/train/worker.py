@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -151,12 +151,8 @@ def build_worker_model(cfg: TrainJobConfig, info: DataInfo) -> torch.nn.Module:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's entry point: :func:`_train_loop`, then wait for metrics still being logged, also on failure."""
-    log_threads: list[ThreadPoolExecutor] = []
-    try:
-        _train_loop(loop_config, log_threads)
-    finally:
-        for pool in log_threads:
-            pool.shutdown(wait=True)
+    with ExitStack() as cleanups:  # background threads the loop started, stopped in reverse order
+        _train_loop(loop_config, cleanups)
 
 
 class EpochPrefetch:
@@ -188,7 +184,7 @@ class EpochPrefetch:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _train_loop(loop_config: dict[str, Any], log_threads: list[ThreadPoolExecutor]) -> None:
+def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
     import ray.train
 
     from pipeline.data.streaming import batch_stride, epoch_dataset, name_bad_shard
@@ -267,106 +263,105 @@ def _train_loop(loop_config: dict[str, Any], log_threads: list[ThreadPoolExecuto
     # on "every rank has a next batch" travel together, the next batch being fetched before that agreement.
     # The window's loss stays on the device until a log step; MLflow logging runs on a background thread.
     log_thread = ThreadPoolExecutor(1, thread_name_prefix="flowrail-mlflow") if logger is not None else None
-    log_threads.extend([log_thread] if log_thread is not None else [])
+    if log_thread is not None:
+        cleanups.callback(log_thread.shutdown, wait=True)
     logged: Future | None = None
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     start_step = state.step
     prefetch = EpochPrefetch(epoch_batches)
+    cleanups.callback(prefetch.close)  # also on errors: the background stream must not outlive the loop
     # half-way through an epoch, the next epoch's stream starts in the background (its Ray Data start-up, seconds,
     # would otherwise stall every rank at each epoch boundary; a small set like digits has ~10 batches per epoch)
     prefetch_at = max(1, info.num_samples // max(world * cfg.data.batch_size, 1) // 2)
-    try:
-        while state.step < tcfg.steps:
+    while state.step < tcfg.steps:
+        t_wait = time.perf_counter()
+        consumed_before = state.batch_in_epoch
+        started = prefetch.take(state.epoch) if consumed_before == 0 else None
+        if started is not None:
+            batches, batch = started
+        else:
+            batches = epoch_batches(state.epoch)
+            for _ in range(state.batch_in_epoch):  # resume: skip what this epoch already consumed
+                next(batches, None)
+            batch = next(batches, None)
+        window["wait"] += time.perf_counter() - t_wait
+        ended = _all_reduce([float(batch is None)])[0] > 0  # one rank ran out: the epoch ends for all
+        while not ended:
+            state.batch_in_epoch += 1
+            if state.batch_in_epoch == prefetch_at:
+                prefetch.start(state.epoch + 1)
+            window["skipped"] += int(batch.pop("skipped").sum()) if "skipped" in batch else 0
+            batch = _to_device(batch, device)
+            with autocast:
+                loss = objective.loss(engine, batch)
+            if faults.nan_loss(rank, state.step + state.bad_steps):
+                loss = loss * float("nan")
+            finite = torch.isfinite(loss.detach()).float().item()
             t_wait = time.perf_counter()
-            consumed_before = state.batch_in_epoch
-            started = prefetch.take(state.epoch) if consumed_before == 0 else None
-            if started is not None:
-                batches, batch = started
-            else:
-                batches = epoch_batches(state.epoch)
-                for _ in range(state.batch_in_epoch):  # resume: skip what this epoch already consumed
-                    next(batches, None)
-                batch = next(batches, None)
+            upcoming = next(batches, None)
             window["wait"] += time.perf_counter() - t_wait
-            ended = _all_reduce([float(batch is None)])[0] > 0  # one rank ran out: the epoch ends for all
-            while not ended:
-                state.batch_in_epoch += 1
-                if state.batch_in_epoch == prefetch_at:
-                    prefetch.start(state.epoch + 1)
-                window["skipped"] += int(batch.pop("skipped").sum()) if "skipped" in batch else 0
-                batch = _to_device(batch, device)
-                with autocast:
-                    loss = objective.loss(engine, batch)
-                if faults.nan_loss(rank, state.step + state.bad_steps):
-                    loss = loss * float("nan")
-                finite = torch.isfinite(loss.detach()).float().item()
-                t_wait = time.perf_counter()
-                upcoming = next(batches, None)
-                window["wait"] += time.perf_counter() - t_wait
-                nonfinite, ran_out = _all_reduce([1.0 - finite, float(upcoming is None)])
-                ended = ran_out > 0  # one rank ran out: the epoch ends for all after this step
-                if nonfinite > 0:  # every rank skips together, or none does
-                    state.bad_steps += 1
-                    engine.zero_grad() if hasattr(engine, "zero_grad") else None
-                    if rank == 0:
-                        print(f"[flowrail] non-finite loss at step {state.step + 1}: skipped "
-                              f"({state.bad_steps}/{tcfg.max_bad_steps} allowed)", flush=True)
-                    if state.bad_steps > tcfg.max_bad_steps:
-                        raise TooManyBadSteps(f"loss was NaN/Inf in {state.bad_steps} steps "
-                                              f"(train.max_bad_steps={tcfg.max_bad_steps}); last good step {state.step}")
-                    batch = upcoming
-                    continue
-                engine.backward(loss)
-                engine.step()
-                ema.update(engine.module, ema.decay_at(state.step))
-                state.step += 1
-                loss_sum += loss.detach()
-                window["n"] += 1
-                window["samples"] += batch["image"].shape[0] if "image" in batch else cfg.data.batch_size
-
-                last = state.step >= tcfg.steps
-                if state.step % tcfg.log_every == 0 or last or state.step % tcfg.checkpoint_every == 0:
-                    window["loss"] = float(loss_sum)
-                    loss_sum.zero_()
-                    loss_total, n, samples, skipped = _all_reduce([window["loss"], window["n"], window["samples"],
-                                                                   window["skipped"]])
-                    state.skipped_samples += int(skipped)
-                    elapsed = time.perf_counter() - window["t0"]
-                    metrics = {"loss": loss_total / max(n, 1), "samples_per_s": samples / max(elapsed, 1e-9),
-                               "data_wait_fraction": window["wait"] / max(elapsed, 1e-9),
-                               "lr": engine.get_lr()[0] if hasattr(engine, "get_lr") else tcfg.lr,
-                               "bad_steps": state.bad_steps, "skipped_samples": state.skipped_samples,
-                               "epoch": state.epoch, "step": state.step}
-                    if rank == 0 and periodic_eval.due(state.step, tcfg.eval_every, last):
-                        metrics.update(periodic_eval.evaluate_ema(cfg, ema.model, objective, info, state.step))
-                    if logger is not None and log_thread is not None:
-                        if logged is not None:
-                            logged.result()  # the previous window's logging: surfaces a TrackingError here
-                        logged = log_thread.submit(logger.log, {k: v for k, v in metrics.items() if k != "step"},
-                                                   state.step)
-                        done = state.step - start_step
-                        eta = elapsed / max(window["n"], 1) * (tcfg.steps - state.step)
-                        print(f"[flowrail] step {state.step}/{tcfg.steps}  loss {metrics['loss']:.4f}  "
-                              f"{metrics['samples_per_s']:.0f} samples/s  eta {eta:.0f}s  ({done} this attempt)",
-                              flush=True)
-                    window.update(loss=0.0, n=0, samples=0, skipped=0, t0=time.perf_counter(), wait=0.0)
-                    if state.step % tcfg.checkpoint_every == 0 or last:
-                        checkpoint_and_report(metrics)
-                    else:
-                        ray.train.report(metrics)
-                faults.maybe_kill(rank, state.step, state.step // tcfg.checkpoint_every * tcfg.checkpoint_every)
-                if last:
-                    break
+            nonfinite, ran_out = _all_reduce([1.0 - finite, float(upcoming is None)])
+            ended = ran_out > 0  # one rank ran out: the epoch ends for all after this step
+            if nonfinite > 0:  # every rank skips together, or none does
+                state.bad_steps += 1
+                engine.zero_grad() if hasattr(engine, "zero_grad") else None
+                if rank == 0:
+                    print(f"[flowrail] non-finite loss at step {state.step + 1}: skipped "
+                          f"({state.bad_steps}/{tcfg.max_bad_steps} allowed)", flush=True)
+                if state.bad_steps > tcfg.max_bad_steps:
+                    raise TooManyBadSteps(f"loss was NaN/Inf in {state.bad_steps} steps "
+                                          f"(train.max_bad_steps={tcfg.max_bad_steps}); last good step {state.step}")
                 batch = upcoming
-            if state.step >= tcfg.steps:
+                continue
+            engine.backward(loss)
+            engine.step()
+            ema.update(engine.module, ema.decay_at(state.step))
+            state.step += 1
+            loss_sum += loss.detach()
+            window["n"] += 1
+            window["samples"] += batch["image"].shape[0] if "image" in batch else cfg.data.batch_size
+
+            last = state.step >= tcfg.steps
+            if state.step % tcfg.log_every == 0 or last or state.step % tcfg.checkpoint_every == 0:
+                window["loss"] = float(loss_sum)
+                loss_sum.zero_()
+                loss_total, n, samples, skipped = _all_reduce([window["loss"], window["n"], window["samples"],
+                                                               window["skipped"]])
+                state.skipped_samples += int(skipped)
+                elapsed = time.perf_counter() - window["t0"]
+                metrics = {"loss": loss_total / max(n, 1), "samples_per_s": samples / max(elapsed, 1e-9),
+                           "data_wait_fraction": window["wait"] / max(elapsed, 1e-9),
+                           "lr": engine.get_lr()[0] if hasattr(engine, "get_lr") else tcfg.lr,
+                           "bad_steps": state.bad_steps, "skipped_samples": state.skipped_samples,
+                           "epoch": state.epoch, "step": state.step}
+                if rank == 0 and periodic_eval.due(state.step, tcfg.eval_every, last):
+                    metrics.update(periodic_eval.evaluate_ema(cfg, ema.model, objective, info, state.step))
+                if logger is not None and log_thread is not None:
+                    if logged is not None:
+                        logged.result()  # the previous window's logging: surfaces a TrackingError here
+                    logged = log_thread.submit(logger.log, {k: v for k, v in metrics.items() if k != "step"},
+                                               state.step)
+                    done = state.step - start_step
+                    eta = elapsed / max(window["n"], 1) * (tcfg.steps - state.step)
+                    print(f"[flowrail] step {state.step}/{tcfg.steps}  loss {metrics['loss']:.4f}  "
+                          f"{metrics['samples_per_s']:.0f} samples/s  eta {eta:.0f}s  ({done} this attempt)",
+                          flush=True)
+                window.update(loss=0.0, n=0, samples=0, skipped=0, t0=time.perf_counter(), wait=0.0)
+                if state.step % tcfg.checkpoint_every == 0 or last:
+                    checkpoint_and_report(metrics)
+                else:
+                    ray.train.report(metrics)
+            faults.maybe_kill(rank, state.step, state.step // tcfg.checkpoint_every * tcfg.checkpoint_every)
+            if last:
                 break
-            if state.batch_in_epoch == consumed_before == 0:
-                raise DataError(f"an epoch of {cfg.data.shards} gave worker {rank} no full batch of "
-                                f"{cfg.data.batch_size} samples (too few valid samples for data.batch_size)")
-            state.epoch += 1
-            state.batch_in_epoch = 0
-    finally:  # also on errors: the background stream must not outlive the loop
-        prefetch.close()
+            batch = upcoming
+        if state.step >= tcfg.steps:
+            break
+        if state.batch_in_epoch == consumed_before == 0:
+            raise DataError(f"an epoch of {cfg.data.shards} gave worker {rank} no full batch of "
+                            f"{cfg.data.batch_size} samples (too few valid samples for data.batch_size)")
+        state.epoch += 1
+        state.batch_in_epoch = 0
     if log_thread is not None:
         if logged is not None:
             logged.result()
