@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from evals.frechet import RunningStats
+from pipeline.errors import first_line
 
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_ENV = "FLOWRAIL_INCEPTION_WEIGHTS"
@@ -90,7 +91,7 @@ class InceptionFeatures:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling error means "not a plain state dict"
             raise ValueError(f"Inception weights {path} are not a plain tensor state dict: "
-                             f"{str(exc).splitlines()[0]}") from None
+                             f"{first_line(exc, None)}") from None
         buffer = io.BytesIO()
         torch.save(state, buffer)
         buffer.seek(0)
@@ -100,7 +101,7 @@ class InceptionFeatures:
                 "inception-v3-compat", [str(FEATURE_DIM)], feature_extractor_weights_path=buffer)
         except RuntimeError as exc:  # load_state_dict: wrong keys/shapes
             raise ValueError(f"Inception weights {path} do not match torch-fidelity's InceptionV3: "
-                             f"{str(exc).splitlines()[0]}") from None
+                             f"{first_line(exc, None)}") from None
         self.device = torch.device(device)
         self.model.to(self.device)
         self.batch_size = batch_size

@@ -28,7 +28,7 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.errors import FlowrailError
+    from pipeline.errors import FlowrailError, first_line
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.main(rest) or 0)
     except (FlowrailError, FileNotFoundError, PermissionError, ValueError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"flowrail {command}: {message}", file=sys.stderr)
+        print(f"flowrail {command}: {first_line(exc, None)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"flowrail {command}: interrupted; checkpoints already written are kept", file=sys.stderr)

@@ -11,6 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.errors import first_line
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
 
 
@@ -279,7 +281,7 @@ def load_config(schema: type[BaseModel], name_or_path: str | None, overrides: li
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {first_line(exc)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     data = deep_merge(data, parse_overrides(overrides or []))

@@ -11,3 +11,12 @@ class DataError(FlowrailError):
 
 class CheckpointError(FlowrailError):
     """A checkpoint is missing, incomplete or incompatible with the model configuration."""
+
+
+def first_line(exc: BaseException, limit: int | None = 200, *, prefer: str | None = None) -> str:
+    """One line of ``exc``'s message for a one-line error: the first line containing ``prefer`` if any, else the
+    first non-blank line, else the exception's type name; cut to ``limit`` characters."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    chosen = next((ln for ln in lines if prefer in ln), None) if prefer else None
+    text = chosen or (lines[0] if lines else type(exc).__name__)
+    return text if limit is None else text[:limit]

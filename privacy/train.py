@@ -50,9 +50,10 @@ def privacy_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from pipeline.tracking import MetricLogger
     from pipeline.train import checkpoint as ckpt_io
     from pipeline.train.checkpoint import TrainState
+    from pipeline.train.collectives import all_reduce_sum, step_flags
     from pipeline.train.ema import EMA
     from pipeline.train.engine import build_engine, resolve_precision
-    from pipeline.train.worker import TooManyBadSteps, _all_reduce, build_worker_model, set_cpu_threads
+    from pipeline.train.worker import TooManyBadSteps, build_worker_model, set_cpu_threads
 
     cfg = PrivacyTrainConfig.model_validate(loop_config["cfg"])
     base = cfg.base()
@@ -85,7 +86,7 @@ def privacy_loop_per_worker(loop_config: dict[str, Any]) -> None:
     noisy_x, noisy_y = _materialize(ray.train.get_dataset_shard("noisy")) if sched.uses_pool else (None, None)
     n_clean_local = 0 if clean_x is None else clean_x.shape[0]
     n_pool_local = 0 if noisy_x is None else noisy_x.shape[0]
-    n_clean, n_pool = (int(v) for v in _all_reduce([n_clean_local, n_pool_local]))
+    n_clean, n_pool = (int(v) for v in all_reduce_sum([n_clean_local, n_pool_local]))
     if sched.uses_clean and n_clean_local == 0:
         raise DataError(f"worker {rank} got no clean samples from {cfg.clean_dir} (too few for {world} workers)")
     if sched.uses_pool and n_pool_local == 0:
@@ -136,7 +137,7 @@ def privacy_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loss_p = objective.loss(engine, {k: v.to(device) for k, v in pool.sample(
                 cfg.data.batch_size, gen).items()}) if pool is not None and w > 0 else None
             loss = mixed_loss(loss_c, loss_p, n_clean, n_pool, w)
-        if _all_reduce([1.0 - torch.isfinite(loss.detach()).float().item()])[0] > 0:
+        if step_flags(loss, ran_out=False)[0]:  # every rank skips together
             state.bad_steps += 1
             engine.zero_grad() if hasattr(engine, "zero_grad") else None
             if state.bad_steps > tcfg.max_bad_steps:
@@ -147,20 +148,20 @@ def privacy_loop_per_worker(loop_config: dict[str, Any]) -> None:
         engine.step()
         ema.update(engine.module)
         state.step += 1
-        window["loss"] += loss.item()
+        window["loss"] += loss.detach().float()  # on the device: no host sync per step
         window["n"] += 1
         window["samples"] += cfg.data.batch_size * (int(loss_c is not None) + int(loss_p is not None))
 
         last = state.step >= tcfg.steps
         if state.step % tcfg.log_every == 0 or last or state.step % tcfg.checkpoint_every == 0:
-            loss_sum, n, samples, den_s = _all_reduce([window["loss"], window["n"], window["samples"],
+            loss_sum, n, samples, den_s = all_reduce_sum([float(window["loss"]), window["n"], window["samples"],
                                                        window["denoise_s"]])
             elapsed = time.perf_counter() - window["t0"]
             metrics = {"loss": loss_sum / max(n, 1), "samples_per_s": samples / max(elapsed, 1e-9),
                        "denoised_weight": w, "denoise_seconds": den_s / world, "step": state.step,
                        "bad_steps": state.bad_steps}
             if pool is not None:
-                refreshes, change = _all_reduce([pool.refreshes, 0.0 if pool.last_change != pool.last_change
+                refreshes, change = all_reduce_sum([pool.refreshes, 0.0 if pool.last_change != pool.last_change
                                                  else pool.last_change])
                 metrics.update({"pool_refreshes": refreshes / world, "pool_change": change / world,
                                 "denoise_nfe": denoise_nfe})
@@ -221,7 +222,12 @@ def fit_privacy(cfg: PrivacyTrainConfig, *, make_grid: bool = True):  # noqa: AN
     from pipeline.config import flatten, tracking_uri
     from pipeline.errors import FlowrailError
     from pipeline.tracking import client, start_or_resume_run
-    from pipeline.train.trainer import TrainResult, _unwrap, init_ray, log_samples_and_curves
+    from pipeline.train.trainer import (
+        TrainResult,
+        _unwrap,
+        init_ray,
+        log_samples_and_curves,
+    )
 
     sched = schedule_for(cfg)
     if cfg.privacy.denoise_with == "model" and cfg.train.zero_stage == 3:

@@ -117,12 +117,20 @@ def main() -> None:
                         "epoch (a new Ray Data execution per worker) is longer than the run, as on real data")
     parser.add_argument("--flowrail-overrides", nargs="*", default=[],
                         help="extra flowrail config overrides (e.g. train.zero_stage=0), for experiments")
+    parser.add_argument("--ray-minimal", action="store_true",
+                        help="experiment: local Ray without the dashboard and without streaming worker logs to "
+                        "the driver (flowrail's default keeps both)")
     args = parser.parse_args()
     from pipeline.data.shards import write_shard_set
     from pipeline.data.sources import digits_split
     from pipeline.train.trainer import init_ray
 
-    init_ray(num_cpus=2)
+    if args.ray_minimal:
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    else:
+        init_ray(num_cpus=2)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         images, labels = digits_split()["train"]

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.shards import read_manifest, shard_paths
-from pipeline.errors import DataError
+from pipeline.errors import DataError, first_line
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ def check_tar(path: str) -> str | None:
         if size % 512 or tail.strip(b"\0"):
             return "no end-of-archive marker: the file is truncated"
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        return f"{type(exc).__name__}: {first_line(exc, 120)}"
     return None
 
 

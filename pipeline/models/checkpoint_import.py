@@ -27,6 +27,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from pipeline.errors import first_line
+
 STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -51,10 +53,10 @@ def _load_file(path: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"checkpoint {path} cannot be loaded weights-only (refusing arbitrary pickles): {first}") from None
+        raise ValueError(f"checkpoint {path} cannot be loaded weights-only (refusing arbitrary pickles): "
+                         f"{first_line(exc, None)}") from None
     except (RuntimeError, EOFError) as exc:
-        raise ValueError(f"checkpoint {path} is not a readable torch checkpoint: {str(exc).splitlines()[0]}") from None
+        raise ValueError(f"checkpoint {path} is not a readable torch checkpoint: {first_line(exc, None)}") from None
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -21,8 +21,19 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from pipeline.config import (CONFIG_DIR, ConfigError, GuidanceConfig, SamplerConfig, Section, TrainJobConfig,
-                             deep_merge, format_validation_error, load_config, parse_overrides)
+from pipeline.config import (
+    CONFIG_DIR,
+    ConfigError,
+    GuidanceConfig,
+    SamplerConfig,
+    Section,
+    TrainJobConfig,
+    deep_merge,
+    format_validation_error,
+    load_config,
+    parse_overrides,
+)
+from pipeline.errors import first_line
 
 DISTRIBUTIONS = ("grid", "choice", "loguniform", "uniform", "randint")
 
@@ -146,7 +157,7 @@ def load_sweep_config(name_or_path: str, overrides: list[str] | None = None, bas
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"sweep config {path} is not valid YAML: {first_line(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"sweep config {path} must hold a mapping at the top level")
     data["overrides"] = nest(data.get("overrides") or {})

@@ -33,7 +33,7 @@ from torch import nn
 
 from pipeline.config import TrainJobConfig
 from pipeline.data.streaming import DataInfo
-from pipeline.errors import CheckpointError, FlowrailError
+from pipeline.errors import CheckpointError, FlowrailError, first_line
 
 META = "flowrail.json"
 EMA_FILE = "ema.safetensors"
@@ -62,8 +62,7 @@ def _write_failure(local_dir: Path, exc: BaseException) -> str:
             return "no space left on device"
     except OSError:
         pass
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
+    return first_line(exc)
 
 
 def save(local_dir: Path, *, engine: Any, ema: Any, state: TrainState, cfg: TrainJobConfig, info: DataInfo,
@@ -211,7 +210,7 @@ def load_trained(path: str | Path, overrides: TrainJobConfig | None = None) -> T
         info = DataInfo(**meta["data"])
     except (ValueError, TypeError, KeyError) as exc:
         raise CheckpointError(f"checkpoint {ckpt} has metadata this flowrail cannot read "
-                              f"({str(exc).splitlines()[0][:200]})") from None
+                              f"({first_line(exc)})") from None
     if cfg.model.name.lower() == "flux":
         from pipeline.flux.evaluation import flux_eval_view
         from pipeline.flux.export import load_finetuned_from_checkpoint
@@ -223,7 +222,7 @@ def load_trained(path: str | Path, overrides: TrainJobConfig | None = None) -> T
             return flux_eval_view(trained, cfg)
         except (OSError, ValueError, FlowrailError) as exc:
             print(f"[flowrail] checkpoint {ckpt}: no caption sampling for this FLUX model "
-                  f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); pass text embeddings "
+                  f"({first_line(exc)}); pass text embeddings "
                   "(cond t5, clip_pooled) to objective.sample", file=sys.stderr, flush=True)
             return trained
     model = build_model(cfg.model, in_channels=info.channels, input_size=info.size, num_classes=info.num_classes,
@@ -231,12 +230,12 @@ def load_trained(path: str | Path, overrides: TrainJobConfig | None = None) -> T
     try:
         state = load_file(str(ckpt / EMA_FILE))
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
-        raise CheckpointError(f"checkpoint {ckpt}: {EMA_FILE} cannot be read ({str(exc).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"checkpoint {ckpt}: {EMA_FILE} cannot be read ({first_line(exc)})") from None
     try:
         missing, unexpected = load_ema_weights(model, state)
     except RuntimeError as exc:  # shape mismatch
-        detail = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc).splitlines()[0])
-        raise CheckpointError(f"checkpoint {ckpt} does not fit model '{cfg.model.name}': {detail[:300]}") from None
+        detail = first_line(exc, 300, prefer="size mismatch")
+        raise CheckpointError(f"checkpoint {ckpt} does not fit model '{cfg.model.name}': {detail}") from None
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {ckpt} does not fit model '{cfg.model.name}': "
                               f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")

@@ -25,27 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from pipeline.config import TrainJobConfig
 from pipeline.data.streaming import DataInfo
-from pipeline.errors import CheckpointError, DataError, FlowrailError
+from pipeline.errors import CheckpointError, DataError, FlowrailError, first_line
 from pipeline.train import checkpoint as ckpt_io
 from pipeline.train import periodic_eval
 from pipeline.train.checkpoint import TrainState
+from pipeline.train.collectives import all_reduce_sum, step_flags
 
 
 class TooManyBadSteps(FlowrailError):
     """The loss was NaN/Inf more often than ``train.max_bad_steps`` allows."""
-
-
-def _all_reduce(values: list[float]) -> list[float]:
-    """Sum a few floats over all ranks (a no-op without a process group)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 def _user_error(exc: BaseException) -> FlowrailError | None:
@@ -138,10 +129,8 @@ def build_worker_model(cfg: TrainJobConfig, info: DataInfo) -> torch.nn.Module:
         try:
             initialise_from(model, cfg.init_from)
         except RuntimeError as exc:  # tensor shape mismatch from load_state_dict
-            detail = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln),
-                          str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            raise CheckpointError(f"init_from={cfg.init_from}: checkpoint does not fit the model ({detail[:300]})") \
-                from None
+            detail = first_line(exc, 300, prefer="size mismatch")
+            raise CheckpointError(f"init_from={cfg.init_from}: checkpoint does not fit the model ({detail})") from None
     if cfg.model.name.lower() == "flux":
         from pipeline.flux.model import prepare_for_training
 
@@ -285,7 +274,7 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
                 next(batches, None)
             batch = next(batches, None)
         window["wait"] += time.perf_counter() - t_wait
-        ended = _all_reduce([float(batch is None)])[0] > 0  # one rank ran out: the epoch ends for all
+        ended = all_reduce_sum([float(batch is None)])[0] > 0  # one rank ran out: the epoch ends for all
         while not ended:
             state.batch_in_epoch += 1
             if state.batch_in_epoch == prefetch_at:
@@ -296,13 +285,11 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
                 loss = objective.loss(engine, batch)
             if faults.nan_loss(rank, state.step + state.bad_steps):
                 loss = loss * float("nan")
-            finite = torch.isfinite(loss.detach()).float().item()
             t_wait = time.perf_counter()
-            upcoming = next(batches, None)
+            upcoming = next(batches, None)  # host work while an accelerator still runs the forward pass
             window["wait"] += time.perf_counter() - t_wait
-            nonfinite, ran_out = _all_reduce([1.0 - finite, float(upcoming is None)])
-            ended = ran_out > 0  # one rank ran out: the epoch ends for all after this step
-            if nonfinite > 0:  # every rank skips together, or none does
+            nonfinite, ended = step_flags(loss, upcoming is None)  # the epoch ends for all if one rank ran out
+            if nonfinite:  # every rank skips together, or none does
                 state.bad_steps += 1
                 engine.zero_grad() if hasattr(engine, "zero_grad") else None
                 if rank == 0:
@@ -325,7 +312,7 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
             if state.step % tcfg.log_every == 0 or last or state.step % tcfg.checkpoint_every == 0:
                 window["loss"] = float(loss_sum)
                 loss_sum.zero_()
-                loss_total, n, samples, skipped = _all_reduce([window["loss"], window["n"], window["samples"],
+                loss_total, n, samples, skipped = all_reduce_sum([window["loss"], window["n"], window["samples"],
                                                                window["skipped"]])
                 state.skipped_samples += int(skipped)
                 elapsed = time.perf_counter() - window["t0"]
