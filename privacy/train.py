@@ -222,12 +222,7 @@ def fit_privacy(cfg: PrivacyTrainConfig, *, make_grid: bool = True):  # noqa: AN
     from pipeline.config import flatten, tracking_uri
     from pipeline.errors import FlowrailError
     from pipeline.tracking import client, start_or_resume_run
-    from pipeline.train.trainer import (
-        TrainResult,
-        _unwrap,
-        init_ray,
-        log_samples_and_curves,
-    )
+    from pipeline.train.trainer import TrainResult, _unwrap, init_ray, log_samples_and_curves
 
     sched = schedule_for(cfg)
     if cfg.privacy.denoise_with == "model" and cfg.train.zero_stage == 3:

@@ -21,18 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from pipeline.config import (
-    CONFIG_DIR,
-    ConfigError,
-    GuidanceConfig,
-    SamplerConfig,
-    Section,
-    TrainJobConfig,
-    deep_merge,
-    format_validation_error,
-    load_config,
-    parse_overrides,
-)
+from pipeline.config import (CONFIG_DIR, ConfigError, GuidanceConfig, SamplerConfig, Section, TrainJobConfig,
+                             deep_merge, format_validation_error, load_config, parse_overrides)
 from pipeline.errors import first_line
 
 DISTRIBUTIONS = ("grid", "choice", "loguniform", "uniform", "randint")
