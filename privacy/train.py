@@ -11,7 +11,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -46,14 +45,11 @@ def privacy_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     from pipeline.data.streaming import DataInfo
-    from pipeline.objective import build_objective
     from pipeline.tracking import MetricLogger
     from pipeline.train import checkpoint as ckpt_io
-    from pipeline.train.checkpoint import TrainState
     from pipeline.train.collectives import all_reduce_sum, step_flags
-    from pipeline.train.ema import EMA
-    from pipeline.train.engine import build_engine, resolve_precision
-    from pipeline.train.worker import TooManyBadSteps, build_worker_model, set_cpu_threads
+    from pipeline.train.worker import TooManyBadSteps
+    from pipeline.train.worker_setup import set_up_worker
 
     cfg = PrivacyTrainConfig.model_validate(loop_config["cfg"])
     base = cfg.base()
@@ -64,21 +60,9 @@ def privacy_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tcfg, pcfg = cfg.train, cfg.privacy
     sched = schedule_for(cfg)
 
-    set_cpu_threads(base.train.cpus_per_worker)
-    model = build_worker_model(base, info)
-    ema = EMA(model, tcfg.ema_decay)
-    engine = build_engine(model, tcfg, cfg.data.batch_size, world)
-    device = engine.device
-    ema.model.to(device)
-    objective = build_objective(base, info.num_classes)
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-                if resolve_precision(tcfg) == "bf16" else nullcontext())
-
-    state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = ckpt_io.restore(Path(ckpt_dir), engine=engine, ema=ema, rank=rank)
+    setup = set_up_worker(base, info, micro_batch=cfg.data.batch_size, world=world, rank=rank)
+    engine, ema, objective, device, autocast, state = (setup.engine, setup.ema, setup.objective, setup.device,
+                                                       setup.autocast, setup.state)
     torch.manual_seed(cfg.seed * 1009 + rank + 7919 * state.step)
     gen = torch.Generator().manual_seed(cfg.seed * 104729 + rank + 7919 * state.step)
 

@@ -97,7 +97,7 @@ def test_throttled_stream_reads_ray_executor_and_delivers_every_sample(ray_local
 
 @pytest.mark.parametrize(("cpus", "env", "expected"), [(0.5, None, 1), (3.0, None, 3), (4.0, "2", 2)])
 def test_worker_threads_follow_its_cpu_reservation(monkeypatch, cpus, env, expected):
-    from pipeline.train.worker import set_cpu_threads
+    from pipeline.train.worker_setup import set_cpu_threads
 
     before = torch.get_num_threads()
     if env is None:

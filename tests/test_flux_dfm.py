@@ -80,7 +80,7 @@ def test_flux_dfm_lora_finetune_trains_in_process(ds_process_group, tmp_path):
     from pipeline.objective import build_objective
     from pipeline.train.ema import EMA
     from pipeline.train.engine import build_engine
-    from pipeline.train.worker import build_worker_model
+    from pipeline.train.worker_setup import build_worker_model
 
     torch.manual_seed(0)
     build_flux_model(None, tiny=True).save_pretrained(tmp_path / "base")

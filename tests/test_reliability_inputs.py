@@ -169,7 +169,7 @@ def test_unreachable_tracking_server_fails_early(digits_shards, tmp_path, capsys
 def test_missing_and_incompatible_checkpoints(trained_digits, tmp_path):
     from pipeline.config import TrainJobConfig
     from pipeline.train.checkpoint import load_trained
-    from pipeline.train.worker import build_worker_model
+    from pipeline.train.worker_setup import build_worker_model
 
     cfg, result = trained_digits
     with pytest.raises(CheckpointError, match="does not exist"):

@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,9 @@ import torch
 
 from pipeline.config import TrainJobConfig
 from pipeline.data.streaming import DataInfo
-from pipeline.errors import CheckpointError, DataError, FlowrailError, first_line
+from pipeline.errors import CheckpointError, DataError, FlowrailError
 from pipeline.train import checkpoint as ckpt_io
 from pipeline.train import periodic_eval
-from pipeline.train.checkpoint import TrainState
 from pipeline.train.collectives import all_reduce_sum, step_flags
 
 
@@ -106,38 +105,6 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
-def set_cpu_threads(cpus_per_worker: float) -> int:
-    """torch intra-op threads = the CPUs Ray reserved for this worker (at least one), unless ``OMP_NUM_THREADS``
-    is set. torch's default is one thread per core of the machine, so workers sharing a node oversubscribe its
-    cores."""
-    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, int(cpus_per_worker)))
-    torch.set_num_threads(threads)
-    return threads
-
-
-def build_worker_model(cfg: TrainJobConfig, info: DataInfo) -> torch.nn.Module:
-    """The model with the same initial weights on every rank (seeded), optionally initialised from a checkpoint."""
-    from pipeline.errors import CheckpointError
-    from pipeline.models import build_model
-
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, in_channels=info.channels, input_size=info.size, num_classes=info.num_classes,
-                        flux_cfg=cfg.flux)
-    if cfg.init_from:
-        from pipeline.train.init_from import initialise_from
-
-        try:
-            initialise_from(model, cfg.init_from)
-        except RuntimeError as exc:  # tensor shape mismatch from load_state_dict
-            detail = first_line(exc, 300, prefer="size mismatch")
-            raise CheckpointError(f"init_from={cfg.init_from}: checkpoint does not fit the model ({detail})") from None
-    if cfg.model.name.lower() == "flux":
-        from pipeline.flux.model import prepare_for_training
-
-        model = prepare_for_training(model, cfg.flux)
-    return model
-
-
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's entry point: :func:`_train_loop`, then wait for metrics still being logged, also on failure."""
     with ExitStack() as cleanups:  # background threads the loop started, stopped in reverse order
@@ -177,10 +144,8 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
     import ray.train
 
     from pipeline.data.streaming import batch_stride, epoch_dataset, name_bad_shard
-    from pipeline.objective import build_objective
     from pipeline.tracking import MetricLogger
-    from pipeline.train.ema import EMA
-    from pipeline.train.engine import build_engine, resolve_precision
+    from pipeline.train.worker_setup import set_up_worker
 
     cfg = TrainJobConfig.model_validate(loop_config["cfg"])
     info = DataInfo(**loop_config["data"])
@@ -191,21 +156,10 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
     faults = FaultInjection(loop_config.get("fault_injection"), loop_config.get("fault_marker_dir"),
                             loop_config.get("fault_run_storage"))
 
-    set_cpu_threads(tcfg.cpus_per_worker)
-    model = build_worker_model(cfg, info)
-    ema = EMA(model, tcfg.ema_decay)
-    engine = build_engine(model, tcfg, cfg.data.batch_size, world)
-    device = engine.device
-    ema.model.to(device)
-    objective = build_objective(cfg, info.num_classes)
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-                if resolve_precision(tcfg) == "bf16" else nullcontext())
-
-    state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = ckpt_io.restore(Path(ckpt_dir), engine=engine, ema=ema, rank=rank)
+    setup = set_up_worker(cfg, info, micro_batch=cfg.data.batch_size, world=world, rank=rank)
+    engine, ema, objective, device, autocast, state = (setup.engine, setup.ema, setup.objective, setup.device,
+                                                       setup.autocast, setup.state)
+    if setup.resumed:
         if rank == 0:
             print(f"[flowrail] resumed from step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})",
                   flush=True)
@@ -215,7 +169,7 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
     logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"], cfg.tracking.on_unreachable,
                           grace_s=cfg.tracking.buffer_grace_s) \
         if rank == 0 and loop_config.get("run_id") else None
-    if logger is not None and checkpoint:
+    if logger is not None and setup.resumed:
         logger.log({"resumed_from_step": state.step}, step=state.step)
     window = {"loss": 0.0, "n": 0, "samples": 0, "skipped": 0, "t0": time.perf_counter(), "wait": 0.0}
 
