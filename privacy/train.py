@@ -139,14 +139,14 @@ def privacy_loop_per_worker(loop_config: dict[str, Any]) -> None:
         last = state.step >= tcfg.steps
         if state.step % tcfg.log_every == 0 or last or state.step % tcfg.checkpoint_every == 0:
             loss_sum, n, samples, den_s = all_reduce_sum([float(window["loss"]), window["n"], window["samples"],
-                                                       window["denoise_s"]])
+                                                          window["denoise_s"]])
             elapsed = time.perf_counter() - window["t0"]
             metrics = {"loss": loss_sum / max(n, 1), "samples_per_s": samples / max(elapsed, 1e-9),
                        "denoised_weight": w, "denoise_seconds": den_s / world, "step": state.step,
                        "bad_steps": state.bad_steps}
             if pool is not None:
                 refreshes, change = all_reduce_sum([pool.refreshes, 0.0 if pool.last_change != pool.last_change
-                                                 else pool.last_change])
+                                                    else pool.last_change])
                 metrics.update({"pool_refreshes": refreshes / world, "pool_change": change / world,
                                 "denoise_nfe": denoise_nfe})
             if logger is not None:

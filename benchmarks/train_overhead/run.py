@@ -118,8 +118,9 @@ def main() -> None:
     parser.add_argument("--flowrail-overrides", nargs="*", default=[],
                         help="extra flowrail config overrides (e.g. train.zero_stage=0), for experiments")
     parser.add_argument("--ray-minimal", action="store_true",
-                        help="experiment: local Ray without the dashboard and without streaming worker logs to "
-                        "the driver (flowrail's default keeps both)")
+                        help="experiment: ray.init(include_dashboard=False, log_to_driver=False); in Ray 2.60 that "
+                        "drops the dashboard's UI modules (its head process still runs) and the streaming of worker "
+                        "logs to the driver (flowrail's default keeps both)")
     args = parser.parse_args()
     from pipeline.data.shards import write_shard_set
     from pipeline.data.sources import digits_split

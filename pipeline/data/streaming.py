@@ -234,7 +234,7 @@ def check_tar(path: str) -> str | None:
         if size % 512 or tail.strip(b"\0"):
             return "no end-of-archive marker: the file is truncated"
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        return f"{type(exc).__name__}: {first_line(exc, 120)}"
+        return f"{type(exc).__name__}: {first_line(exc, 120)}" if str(exc).strip() else type(exc).__name__
     return None
 
 

@@ -267,7 +267,7 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
                 window["loss"] = float(loss_sum)
                 loss_sum.zero_()
                 loss_total, n, samples, skipped = all_reduce_sum([window["loss"], window["n"], window["samples"],
-                                                               window["skipped"]])
+                                                                  window["skipped"]])
                 state.skipped_samples += int(skipped)
                 elapsed = time.perf_counter() - window["t0"]
                 metrics = {"loss": loss_total / max(n, 1), "samples_per_s": samples / max(elapsed, 1e-9),
