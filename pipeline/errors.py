@@ -1,4 +1,7 @@
 """User-facing errors: the CLI prints their message as one line and exits with code 2."""
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
 
 
 class FlowrailError(Exception):
@@ -20,3 +23,25 @@ def first_line(exc: BaseException, limit: int | None = 200, *, prefer: str | Non
     chosen = next((ln for ln in lines if prefer in ln), None) if prefer else None
     text = chosen or (lines[0] if lines else type(exc).__name__)
     return text if limit is None else text[:limit]
+
+
+def find_in_chain(exc: BaseException, types: type[E] | tuple[type[E], ...]) -> E | None:
+    """The first exception of ``types`` reachable from ``exc``, depth first, or None.
+
+    Follows ``__cause__`` and ``__context__``, the ``cause`` Ray attaches to a task's error, and the
+    ``worker_failures`` of a Ray Train failure (one exception per failed worker); each exception is visited once.
+    """
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, types):
+            return e
+        failures = getattr(e, "worker_failures", None)
+        inner = list(failures.values()) if isinstance(failures, dict) else []
+        inner += [getattr(e, attr, None) for attr in ("__context__", "__cause__", "cause")]
+        stack.extend(i for i in inner if isinstance(i, BaseException))
+    return None

@@ -6,6 +6,7 @@ builds C++ at run time, which CPU machines often cannot do).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -95,6 +96,18 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dic
     return _merge(preset, owned)
 
 
+def quiet_deepspeed_deprecations() -> None:
+    """Silence the torch deprecation DeepSpeed triggers at every ZeRO step on several ranks.
+
+    DeepSpeed 0.19's ZeRO all-gather calls ``torch.distributed.all_gather_into_tensor``, deprecated in torch 2.13
+    (FutureWarning). Python would print it once, but Ray Data's tensor conversion enters ``warnings.catch_warnings``
+    at every batch, which clears the registry of warnings already shown (``once`` filters too), so every rank printed
+    it at every step: two lines per rank per step through Ray's log streaming. Nothing a user can act on.
+    """
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
+
+
 def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_size: int) -> Any:
     """Wrap ``model`` in a DeepSpeed engine with AdamW and a linear warm-up (``torch.compile``d if ``cfg.compile``)."""
     # decided by the run's config, not by the driver's hardware (a cluster head often has no GPU)
@@ -104,6 +117,7 @@ def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_siz
         del os.environ["DS_ACCELERATOR"]
     import deepspeed
 
+    quiet_deepspeed_deprecations()
     params = [p for p in model.parameters() if p.requires_grad]
     # fused (one kernel over ZeRO's flat fp32 partition) where the optimizer state lives on the GPU
     fused = bool(cfg.use_gpu and torch.cuda.is_available() and not cfg.offload)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import TrainJobConfig, tracking_uri
-from pipeline.errors import FlowrailError
+from pipeline.errors import FlowrailError, find_in_chain
 
 
 @dataclass
@@ -54,22 +54,7 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 def _unwrap(exc: BaseException) -> BaseException | None:
     """The user-facing error inside a Ray Train failure, if there is one."""
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, (FlowrailError, PermissionError, FileNotFoundError)):
-            return e
-        for attr in ("cause", "__cause__", "__context__"):
-            inner = getattr(e, attr, None)
-            if isinstance(inner, BaseException):
-                stack.append(inner)
-        for inner in getattr(e, "worker_failures", {}).values() if isinstance(getattr(e, "worker_failures", None), dict) else []:
-            stack.append(inner)
-    return None
+    return find_in_chain(exc, (FlowrailError, PermissionError, FileNotFoundError))
 
 
 def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: bool = True,

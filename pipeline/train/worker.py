@@ -28,7 +28,7 @@ import torch
 
 from pipeline.config import TrainJobConfig
 from pipeline.data.streaming import DataInfo
-from pipeline.errors import CheckpointError, DataError, FlowrailError
+from pipeline.errors import CheckpointError, DataError, FlowrailError, find_in_chain
 from pipeline.train import checkpoint as ckpt_io
 from pipeline.train import periodic_eval
 from pipeline.train.collectives import all_reduce_sum, step_flags
@@ -40,14 +40,10 @@ class TooManyBadSteps(FlowrailError):
 
 def _user_error(exc: BaseException) -> FlowrailError | None:
     """A :class:`FlowrailError` in the cause chain of ``exc`` (Ray Data wraps errors raised in its tasks)."""
-    seen: set[int] = set()
-    text = str(exc)
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, FlowrailError):
-            return exc
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    for line in reversed(text.splitlines()):  # Ray Data may only keep the remote traceback's text
+    found = find_in_chain(exc, FlowrailError)
+    if found is not None:
+        return found
+    for line in reversed(str(exc).splitlines()):  # Ray Data may only keep the remote traceback's text
         match = re.search(r"\b(DataError|CheckpointError|FlowrailError): (.+)$", line.strip())
         if match:
             return {"DataError": DataError, "CheckpointError": CheckpointError}.get(match.group(1), FlowrailError)(
