@@ -1,5 +1,5 @@
 """What training workers print reaches the driver once: Ray Train V2's print patch doubles prints (see
-``trainer.worker_env``), and Ray Data's per-batch warning reset repeated a DeepSpeed deprecation at every step."""
+``trainer.worker_env``), and Ray Data's per-batch warning reset repeated two DeepSpeed deprecations at every step."""
 from __future__ import annotations
 
 import os
@@ -22,9 +22,9 @@ def test_a_users_setting_wins(monkeypatch):
     assert worker_env() == {"RAY_TRAIN_ENABLE_PRINT_PATCH": "1"}
 
 
-def _all_gather_deprecations(calls: int) -> int:
-    """How often torch's all_gather_into_tensor deprecation is shown over ``calls`` calls, with Ray Data's per-batch
-    tensor conversion (which enters ``warnings.catch_warnings``) between calls, as in a training worker's loop."""
+def _zero_collective_deprecations(calls: int) -> int:
+    """How often torch's deprecations of the two ZeRO collectives are shown over ``calls`` calls of each, with Ray
+    Data's per-batch tensor conversion (which enters ``warnings.catch_warnings``) between calls, as in a worker."""
     import contextlib
     import warnings
 
@@ -35,13 +35,14 @@ def _all_gather_deprecations(calls: int) -> int:
 
     with warnings.catch_warnings(record=True) as seen:
         for _ in range(calls):
-            with contextlib.suppress(Exception):  # no process group here: the warning comes before the call fails
-                dist.all_gather_into_tensor(torch.zeros(2), torch.zeros(1))
+            for collective in (dist.all_gather_into_tensor, dist.reduce_scatter_tensor):
+                with contextlib.suppress(Exception):  # no process group here: the warning comes before the failure
+                    collective(torch.zeros(2), torch.zeros(1))
             convert_ndarray_to_torch_tensor(np.zeros(3, dtype=np.float32))
-    return sum("all_gather_into_tensor" in str(w.message) for w in seen)
+    return sum("is deprecated" in str(w.message) and "torch.distributed" in str(w.message) for w in seen)
 
 
-def test_deepspeeds_torch_deprecation_is_not_printed_at_every_step():
+def test_deepspeeds_torch_deprecations_are_not_printed_at_every_step():
     import warnings
 
     import pytest
@@ -49,9 +50,9 @@ def test_deepspeeds_torch_deprecation_is_not_printed_at_every_step():
     from pipeline.train.engine import quiet_deepspeed_deprecations
 
     with warnings.catch_warnings():  # the filter must not outlive this test
-        shown = _all_gather_deprecations(3)
+        shown = _zero_collective_deprecations(3)
         if shown == 0:
-            pytest.skip("this torch no longer deprecates all_gather_into_tensor")
-        assert shown == 3  # Ray Data's conversion resets the registry: shown again at every step
+            pytest.skip("this torch no longer deprecates all_gather_into_tensor / reduce_scatter_tensor")
+        assert shown == 6  # Ray Data's conversion resets the registry: both shown again at every step
         quiet_deepspeed_deprecations()
-        assert _all_gather_deprecations(3) == 0
+        assert _zero_collective_deprecations(3) == 0

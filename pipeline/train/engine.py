@@ -97,15 +97,16 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dic
 
 
 def quiet_deepspeed_deprecations() -> None:
-    """Silence the torch deprecation DeepSpeed triggers at every ZeRO step on several ranks.
+    """Silence the torch deprecations DeepSpeed triggers at every ZeRO step on several ranks.
 
-    DeepSpeed 0.19's ZeRO all-gather calls ``torch.distributed.all_gather_into_tensor``, deprecated in torch 2.13
-    (FutureWarning). Python would print it once, but Ray Data's tensor conversion enters ``warnings.catch_warnings``
-    at every batch, which clears the registry of warnings already shown (``once`` filters too), so every rank printed
-    it at every step: two lines per rank per step through Ray's log streaming. Nothing a user can act on.
+    DeepSpeed 0.19's ZeRO collectives call ``torch.distributed.all_gather_into_tensor`` and ``reduce_scatter_tensor``,
+    deprecated in torch 2.13 (FutureWarning). Python would print each once, but Ray Data's tensor conversion enters
+    ``warnings.catch_warnings`` at every batch, which clears the registry of warnings already shown (``once``
+    filters too), so every rank printed them at every step through Ray's log streaming. Nothing a user can act on.
     """
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-                            category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning)
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_size: int) -> Any:
