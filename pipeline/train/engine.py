@@ -100,7 +100,7 @@ def quiet_deepspeed_deprecations() -> None:
     """Silence the torch deprecations DeepSpeed triggers at every ZeRO step on several ranks.
 
     DeepSpeed 0.19's ZeRO collectives call ``torch.distributed.all_gather_into_tensor`` and ``reduce_scatter_tensor``,
-    deprecated in torch 2.13 (FutureWarning). Python would print each once, but Ray Data's tensor conversion enters
+    which torch 2.13 deprecates (FutureWarning). Python would print each once, but Ray Data's tensor conversion enters
     ``warnings.catch_warnings`` at every batch, which clears the registry of warnings already shown (``once``
     filters too), so every rank printed them at every step through Ray's log streaming. Nothing a user can act on.
     """
