@@ -33,6 +33,22 @@ def _raised_from(inner: BaseException, outer: BaseException) -> BaseException:
         return exc
 
 
+class TaskError(Exception):
+    """Like Ray's task errors: the original error is ``cause``, not ``__cause__``."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__("wrapped")
+        self.cause = cause
+
+
+class TrainingFailed(Exception):
+    """Like Ray Train's failure: one exception per failed worker."""
+
+    def __init__(self, failures: dict[int, BaseException]) -> None:
+        super().__init__("training failed")
+        self.worker_failures = failures
+
+
 def test_find_in_chain_follows_causes_ray_task_errors_and_worker_failures():
     from pipeline.errors import DataError, FlowrailError, find_in_chain
 
@@ -40,18 +56,8 @@ def test_find_in_chain_follows_causes_ray_task_errors_and_worker_failures():
     assert find_in_chain(data, FlowrailError) is data
     assert find_in_chain(_raised_from(data, RuntimeError("task failed")), FlowrailError) is data
 
-    class TaskError(Exception):  # Ray's task errors carry the original as ``cause``, not ``__cause__``
-        def __init__(self, cause: BaseException) -> None:
-            super().__init__("wrapped")
-            self.cause = cause
-
     assert find_in_chain(RuntimeError("outer"), FlowrailError) is None
     assert find_in_chain(TaskError(TaskError(data)), DataError) is data
-
-    class TrainingFailed(Exception):  # Ray Train: one exception per failed worker
-        def __init__(self, failures: dict[int, BaseException]) -> None:
-            super().__init__("training failed")
-            self.worker_failures = failures
 
     missing = FileNotFoundError("ckpt/meta.json")
     failed = TrainingFailed({0: RuntimeError("peer closed"), 1: TaskError(missing)})
@@ -71,11 +77,6 @@ def test_fit_surfaces_the_user_error_of_a_failed_worker():
     """What ``fit`` re-raises from a Ray Train failure: a flowrail error or a file/permission error of a worker."""
     from pipeline.errors import CheckpointError
     from pipeline.train.trainer import _unwrap
-
-    class TrainingFailed(Exception):
-        def __init__(self, failures: dict[int, BaseException]) -> None:
-            super().__init__("training failed")
-            self.worker_failures = failures
 
     denied = PermissionError("/runs/ckpt: permission denied")
     assert _unwrap(TrainingFailed({0: _raised_from(denied, RuntimeError("in worker"))})) is denied
