@@ -10,7 +10,7 @@ from privacy.boundary import mark_sensitive
 from privacy.config import PrivacyTrainConfig
 from privacy.release import release
 
-SECRET = b"test secret for the privacy stage"
+SECRET = b"test secret for the privacy stage, 256+ bits"
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,12 @@ def released(digits_shards, tmp_path_factory):
     sensitive = root / "sensitive"
     shutil.copytree(digits_shards / "train", sensitive)  # a copy: the shared digits set stays public
     mark_sensitive(sensitive)
-    out = release(sensitive, root / "release", 0.59, SECRET, clean_fraction=0.1, samples_per_shard=256)
+    from pipeline.data.shards import iter_samples
+
+    keys = [k for k, _ in iter_samples(sensitive)]
+    (sensitive / "consent.txt").write_text("\n".join(keys[::10]) + "\n")  # 10%, inside the fence
+    out = release(sensitive, root / "release", 0.59, secret=SECRET, consent_list=sensitive / "consent.txt",
+                  release_labels=True, samples_per_shard=256)
     return root, sensitive, out
 
 
