@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -38,36 +39,120 @@ def _cfg(root, release_dir, **extra):
     return load_config(PrivacyTrainConfig, None, [f"{k}={v}" for k, v in base.items()])
 
 
+def _leak_patterns(sensitive, release_dir):
+    """Every form a non-consented sensitive image could take in a file: its uint8 bytes, its float32 / float16
+    [-1, 1] CHW bytes, and the sha256 hex of its uint8 bytes (and of the sensitive shards)."""
+    import hashlib
+
+    import numpy as np
+
+    from pipeline.data.shards import iter_samples, read_manifest
+    from privacy.ledger import read_record
+    from privacy.release import read_release, to_signed_chw
+
+    consented = set(read_record(sensitive, read_release(release_dir)["release_id"])["consented"].values())
+    raw, hexes = [], {s["sha256"] for s in read_manifest(sensitive)["shards"]}
+    for key, sample in iter_samples(sensitive):
+        if key in consented:
+            continue
+        im = np.ascontiguousarray(sample["image.npy"])
+        raw += [im.tobytes(), to_signed_chw(im).astype(np.float32).tobytes(),
+                to_signed_chw(im).astype(np.float16).tobytes()]
+        hexes.add(hashlib.sha256(im.tobytes()).hexdigest())
+    return raw, hexes
+
+
+def _hits(data: bytes, raw, hexes) -> int:
+    import re
+
+    found = sum(1 for h in set(re.findall(rb"[0-9a-f]{64}", data)) if h.decode() in hexes)
+    return found + sum(1 for r in raw if r in data)
+
+
 @pytest.mark.slow
-def test_sfbd_flow_trains_on_two_workers_and_refreshes_its_pool(ray_local, released):
+def test_sfbd_flow_run_leaks_nothing_and_leaves_the_stage_only_through_the_audit(ray_local, released, mlflow_server,
+                                                                                capfd):
+    """SFBD flow on 2 workers (ZeRO-2): the pool refreshes on schedule; no sample grid and no registration before the
+    audit (an override is recorded); after a passing audit the grid is logged and `register` accepts it. Then every
+    checkpoint, MLflow artifact, MLflow database and log line of the run is scanned for the non-consented sensitive
+    images (bytes in uint8 / float32 / float16, sha256 of each image and shard): zero hits outside the fence."""
+    import ray
     from mlflow.tracking import MlflowClient
 
+    from jobs.cli import main
     from privacy.audit_run import audit_checkpoint
     from privacy.train import fit_privacy
 
     root, sensitive, out = released
-    cfg = _cfg(root, out.out_dir, run_name="flow", **{"train.num_workers": 2, "train.zero_stage": 2})
-    result = fit_privacy(cfg, make_grid=False)
+    cfg = _cfg(root, out.out_dir, run_name="flow", **{"train.num_workers": 2, "train.zero_stage": 2,
+                                                      "tracking.tracking_uri": mlflow_server,
+                                                      "tracking.experiment": "privacy-e2e"})
+    result = fit_privacy(cfg)
     m = result.metrics
     assert m["step"] == 30
     # refreshes at steps 10 (whole slice), 15, 20, 25 on each worker; each refresh changed reconstructions
     assert m["pool_refreshes"] == 4 and m["pool_change"] > 0 and m["denoised_weight"] == 1.0
     assert m["denoise_nfe"] == 6  # Heun, 3 steps
-    client = MlflowClient(result.tracking_uri)
-    history = [x.value for x in client.get_metric_history(result.run_id, "pool_refreshes")]
-    assert history[0] == 0 and history[-1] == 4 and history == sorted(history)
+    # compute: 10 warm-up steps of one batch, step 10 (w = 0) one batch, 19 steps of two; x 2 workers x 32
+    assert m["sample_gradients"] == 2 * 32 * (11 + 2 * 19)
+    client = MlflowClient(mlflow_server)
     weights = [x.value for x in client.get_metric_history(result.run_id, "denoised_weight")]
     assert weights[0] == 0.0 and 0 < weights[2] < 1 and weights[-1] == 1.0
     params = client.get_run(result.run_id).data.params
     assert params["privacy.method"] == "sfbd_flow" and params["privacy.noise_std"] == "0.59"
-    assert not any(SECRET.decode() in v for v in params.values())
+    assert [a.path for a in client.list_artifacts(result.run_id)] == ["curves"]  # no sample grid before the audit
 
-    report = audit_checkpoint(result.checkpoint, sensitive, release=out.out_dir, num_samples=40, features="pixels",
-                             denoise_steps=3)
-    assert report["feature_space"] == "pixels" and 0 <= report["gen_extracted_frac"] <= 1
-    assert report["pool_recon_own_l2_mean"] > 0 and report["noisy_recon_own_l2_mean"] > 0
-    logged = client.get_run(result.run_id).data.metrics
-    assert "audit_gen_extracted_frac" in logged and "audit_pool_recon_reid_frac" in logged
+    ckpt = str(result.checkpoint)
+    from privacy.gate import AuditGateError, log_sample_grid
+
+    with pytest.raises(AuditGateError, match="audit is missing"):
+        log_sample_grid(ckpt)
+    assert main(["register", ckpt, "--name", "faces", "--tracking-uri", mlflow_server]) == 2
+    assert "whose audit is missing" in capfd.readouterr().err
+    assert main(["register", ckpt, "--name", "faces-override", "--tracking-uri", mlflow_server,
+                 "--override-privacy-audit"]) == 0
+    v1 = client.get_model_version("faces-override", "1")
+    assert v1.tags["privacy.audit_override"] == "true" and v1.tags["privacy.audit"] == "missing"
+    assert client.get_run(result.run_id).data.tags["privacy.audit_override"] == "true"
+
+    report = audit_checkpoint(ckpt, sensitive, release=out.out_dir, num_samples=300, features="pixels",
+                              denoise_steps=3)
+    assert report["num_consented"] == 144 and report["num_released"] == 1294
+    assert report["passed"], report["fail_reasons"]
+    assert report["noisy_recon_reid_frac"] > 0.5 and report["floor_nn_l2_p05"] > 0
+    assert main(["register", ckpt, "--name", "faces", "--tracking-uri", mlflow_server]) == 0
+    assert client.get_model_version("faces", "1").tags["privacy.audit"] == "passed"
+    log_sample_grid(ckpt)
+    assert "samples" in [a.path for a in client.list_artifacts(result.run_id)]
+
+    # the scan: everything this run wrote outside the fence
+    raw, hexes = _leak_patterns(sensitive, out.out_dir)
+    server_root = Path(mlflow_server_root(mlflow_server))
+    exp_id = client.get_experiment_by_name("privacy-e2e").experiment_id
+    files = [p for p in root.rglob("*") if p.is_file() and sensitive not in p.parents]
+    files += [p for p in (server_root / "artifacts" / exp_id).rglob("*") if p.is_file()]
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    files += [p for p in logs.rglob("*") if p.is_file()]
+    assert any(p.name == "ema.safetensors" for p in files) and any(p.suffix == ".png" for p in files)
+    assert any("MLmodel" == p.name for p in files)
+    leaks = {str(p): n for p in files if (n := _hits(p.read_bytes(), raw, hexes))}
+    captured = capfd.readouterr()
+    leaks["captured output"] = _hits((captured.out + captured.err).encode(), raw, hexes)
+    assert sum(leaks.values()) == 0, {k: v for k, v in leaks.items() if v}
+    # the scan finds them where they are: inside the fence
+    assert _hits(b"".join(p.read_bytes() for p in sensitive.glob("*.tar")), raw[:3], hexes) == 3
+
+
+def mlflow_server_root(uri: str) -> str:
+    """The session MLflow server's root directory (conftest starts it with sqlite + local artifacts under it)."""
+    import psutil
+
+    port = uri.rsplit(":", 1)[1]
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "mlflow" in " ".join(cmd) and "--artifacts-destination" in cmd and port in cmd:
+            return str(Path(cmd[cmd.index("--artifacts-destination") + 1]).parent)
+    raise AssertionError(f"no mlflow server process for {uri}")
 
 
 def test_privacy_train_refuses_sensitive_sets_and_bad_settings(ray_local, released):
