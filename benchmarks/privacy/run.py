@@ -68,7 +68,7 @@ def overrides(args: argparse.Namespace, seed_dir: Path, method: str, seed: int, 
         "train.lr": 2e-3, "train.ema_decay": 0.99, "train.log_every": 50, "train.checkpoint_every": checkpoint_every,
         "train.keep_checkpoints": 1000, "sampler.solver": "heun", "sampler.steps": 16, "seed": seed,
         "privacy.warmup_steps": args.steps // 4, "privacy.rounds": 2, "privacy.refresh_every": 20,
-        "privacy.refresh_size": 128, "privacy.ramp_end": args.steps // 2, "privacy.denoise_steps": 40,
+        "privacy.refresh_size": 128, "privacy.ramp_end": args.steps // 2, "privacy.denoise_steps": args.denoise_steps,
         "tracking.experiment": "privacy-benchmark",
     }
     if method == "clean_sensitive":
@@ -150,9 +150,9 @@ def run_seed(args: argparse.Namespace, seed: int, fd: FrechetDigits, version: st
     rows = []
     budget_steps = None
     for method in args.methods:
-        if method == "sfbd_flow":
+        if method in ("sfbd_flow", "sfbd"):  # two batches per step after the warm-up: compute reported per row
             steps = args.steps
-        else:
+        else:  # one batch per step: as many steps as give SFBD flow's sample-gradient count
             assert budget_steps is not None, "sfbd_flow runs first: it sets the compute budget"
             steps = budget_steps
         select = method == "clean_only"
@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64, help="per worker")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--select-points", type=int, default=8, help="clean-only checkpoints scored for early stopping")
+    p.add_argument("--denoise-steps", type=int, default=40, help="SFBD flow's Heun steps per pool refresh")
     p.add_argument("--audit-denoise-steps", type=int, default=20)
     p.add_argument("--noise-std", type=float, default=0.59)
     p.add_argument("--clean-fraction", type=float, default=0.04)
