@@ -66,7 +66,7 @@ def overrides(args: argparse.Namespace, seed_dir: Path, method: str, seed: int, 
         "data.batch_size": args.batch, "model.hidden_size": 64, "model.depth": 3, "model.num_heads": 4,
         "model.patch_size": 2, "train.num_workers": args.workers, "train.zero_stage": 2, "train.steps": steps,
         "train.lr": 2e-3, "train.ema_decay": 0.99, "train.log_every": 50, "train.checkpoint_every": checkpoint_every,
-        "train.keep_checkpoints": 1000, "sampler.solver": "heun", "sampler.steps": 16, "seed": seed,
+        "train.keep_checkpoints": 1000, "sampler.solver": "heun", "sampler.steps": args.sampler_steps, "seed": seed,
         "privacy.warmup_steps": args.steps // 4, "privacy.rounds": 2, "privacy.refresh_every": 20,
         "privacy.refresh_size": 128, "privacy.ramp_end": args.steps // 2, "privacy.denoise_steps": args.denoise_steps,
         "tracking.experiment": "privacy-benchmark",
@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64, help="per worker")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--select-points", type=int, default=8, help="clean-only checkpoints scored for early stopping")
+    p.add_argument("--sampler-steps", type=int, default=16, help="Heun steps of every generated sample (fd, audit)")
     p.add_argument("--denoise-steps", type=int, default=40, help="SFBD flow's Heun steps per pool refresh")
     p.add_argument("--audit-denoise-steps", type=int, default=20)
     p.add_argument("--noise-std", type=float, default=0.59)
