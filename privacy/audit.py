@@ -108,6 +108,19 @@ def nn_floor(released: torch.Tensor, train: torch.Tensor, released_index: torch.
     return _quantiles(dist.min(dim=1).values, prefix)
 
 
+def split_extraction(ext: Extraction, consented: torch.Tensor) -> dict[str, float]:
+    """Extraction counted separately by whom it copies: a released (noisy-only) image - a leak - or a consented one
+    (given in the clear); ``consented[j]`` marks training image j. The released rate comes with its 95% bound."""
+    n = int(ext.ratio.shape[0])
+    hit_released = ext.extracted & ~consented[ext.nearest]
+    hit_consented = ext.extracted & consented[ext.nearest]
+    k = int(hit_released.sum())
+    return {"released_extracted_count": float(k), "released_extracted_frac": k / n,
+            "released_extracted_upper95": upper_bound(k, n),
+            "consented_extracted_count": float(int(hit_consented.sum())),
+            "consented_extracted_frac": float(hit_consented.double().mean())}
+
+
 def _quantiles(x: torch.Tensor, prefix: str) -> dict[str, float]:
     x = x.double()
     q = torch.quantile(x, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))

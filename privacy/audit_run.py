@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from privacy.audit import (Features, audit_reconstructions, audit_samples, carlini_extraction, nn_floor,
-                           ratio_histogram, samples_for_zero_bound, upper_bound, _quantiles, normalized_l2,
-                           unit_pixels)
+                           ratio_histogram, samples_for_zero_bound, split_extraction, _quantiles,
+                           normalized_l2, unit_pixels)
 from privacy.boundary import check_readable
 from privacy.release import to_signed_chw
 
@@ -132,14 +132,8 @@ def audit_checkpoint(checkpoint: str | Path, sensitive: str | Path, *, release: 
     out: dict[str, Any] = {f"gen_{k}": v for k, v in audit_samples(generated, train, feat, space, alpha, n).items()}
 
     ext = carlini_extraction(generated, train, alpha=alpha, n=n)
-    hit_released = ext.extracted & released[ext.nearest]
-    hit_consented = ext.extracted & consented[ext.nearest]
-    k_rel = int(hit_released.sum())
-    out.update({"gen_released_extracted_count": float(k_rel), "gen_released_extracted_frac": k_rel / num_samples,
-                "gen_released_extracted_upper95": upper_bound(k_rel, num_samples),
-                "gen_consented_extracted_count": float(int(hit_consented.sum())),
-                "gen_consented_extracted_frac": float(hit_consented.double().mean()),
-                **ratio_histogram(ext.ratio, "gen_carlini_ratio")})
+    out.update({f"gen_{k}": v for k, v in split_extraction(ext, consented).items()})
+    out.update(ratio_histogram(ext.ratio, "gen_carlini_ratio"))
     rel_idx = torch.nonzero(released).flatten()
     d_rel = normalized_l2(unit_pixels(generated), unit_pixels(train[rel_idx])).min(dim=1).values
     out.update(_quantiles(d_rel, "gen_released_nn_l2"))

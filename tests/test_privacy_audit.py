@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from privacy.audit import (audit_reconstructions, audit_samples, carlini_extraction, max_cosine_similarity, nn_floor,
-                           normalized_l2, ratio_histogram, samples_for_zero_bound, unit_pixels, upper_bound)
+                           normalized_l2, ratio_histogram, samples_for_zero_bound, split_extraction, unit_pixels,
+                           upper_bound)
 from privacy.audit_run import criterion
 
 
@@ -93,3 +94,13 @@ def test_criterion_needs_enough_samples_low_extraction_and_nn_above_the_floor():
     assert criterion({**ok, "gen_released_extracted_upper95": 0.02, "noisy_recon_extracted_frac": 0.03})[0]
     passed, why = criterion({**ok, "gen_released_nn_l2_p05": 0.04})
     assert not passed and "real-vs-real floor" in why[0]
+
+
+def test_copies_of_consented_images_are_not_counted_as_released_extraction():
+    train = _train()
+    consented = torch.zeros(200, dtype=torch.bool)
+    consented[:10] = True
+    generated = torch.cat([train[:6], train[50:52], _train(12, seed=4)])  # 6 consented copies, 2 released copies
+    split = split_extraction(carlini_extraction(generated, train), consented)
+    assert split["consented_extracted_count"] == 6 and split["released_extracted_count"] == 2
+    assert split["released_extracted_frac"] == 0.1 and split["released_extracted_upper95"] > 0.1
