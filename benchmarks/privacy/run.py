@@ -38,9 +38,12 @@ sys.path.insert(0, str(ROOT))
 
 METHODS = ["sfbd_flow", "clean_only", "noisy_only"]
 OPTIONAL = ["sfbd", "clean_sensitive"]
-SUMMARY = ["fd_test", "classifier_accuracy", "audit_gen_released_extracted_frac", "audit_gen_consented_extracted_frac",
-           "audit_gen_released_nn_l2_p05", "audit_gen_released_nn_l2_median", "audit_pool_recon_reid_frac",
-           "audit_pool_recon_extracted_frac", "sample_gradients", "denoise_sample_nfe", "train_seconds"]
+SUMMARY = ["fd_test", "classifier_accuracy", "audit_gen_released_extracted_frac", "audit_gen_released_extracted_upper95",
+           "audit_gen_consented_extracted_frac", "audit_gen_carlini_ratio_median", "audit_gen_carlini_ratio_p05",
+           "audit_gen_released_nn_l2_p05", "audit_gen_released_nn_l2_median", "audit_floor_nn_l2_p05",
+           "audit_floor_nn_l2_median", "audit_pool_recon_reid_frac", "audit_noisy_recon_reid_frac",
+           "audit_pool_recon_extracted_frac", "audit_noisy_recon_extracted_frac", "audit_passed", "steps",
+           "sample_gradients", "denoise_sample_nfe", "train_seconds"]
 
 
 def code_version() -> str:
@@ -193,7 +196,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
         mine = [r for r in rows if r["method"] == method]
         out[method] = {}
         for k in SUMMARY:
-            v = np.array([r[k] for r in mine if isinstance(r.get(k), (int, float))], dtype=np.float64)
+            v = np.array([float(r[k]) for r in mine if isinstance(r.get(k), (int, float))], dtype=np.float64)
             if len(v):
                 out[method][k] = [float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan"), len(v)]
     return out
@@ -217,8 +220,12 @@ def table(summary: dict[str, dict[str, list[float]]]) -> str:
     cols = [("fd_test", "fd_digits (test half) ↓", "{:.2f}"), ("classifier_accuracy", "class acc", "{:.3f}"),
             ("audit_gen_released_extracted_frac", "extracted: released", "{:.3f}"),
             ("audit_gen_consented_extracted_frac", "extracted: consented", "{:.3f}"),
-            ("audit_gen_released_nn_l2_p05", "NN l2 p05 (released)", "{:.3f}"),
-            ("audit_pool_recon_reid_frac", "recon re-id", "{:.3f}"),
+            ("audit_gen_carlini_ratio_median", "Carlini ratio median", "{:.2f}"),
+            ("audit_gen_released_nn_l2_p05", "NN l2 p05 to released", "{:.3f}"),
+            ("audit_floor_nn_l2_p05", "floor: real-vs-real NN l2 p05", "{:.3f}"),
+            ("audit_pool_recon_reid_frac", "model's recon re-id", "{:.3f}"),
+            ("audit_noisy_recon_reid_frac", "floor: noisy release re-id", "{:.3f}"),
+            ("audit_passed", "audit passed", "{:.2f}"), ("steps", "steps", "{:.0f}"),
             ("sample_gradients", "sample-grads", "{:.0f}"), ("denoise_sample_nfe", "denoise sample-NFE", "{:.0f}"),
             ("train_seconds", "train s", "{:.0f}")]
     lines = ["| method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -227,7 +234,7 @@ def table(summary: dict[str, dict[str, list[float]]]) -> str:
         for k, _, fmt in cols:
             if k in figs:
                 mean, sd, _ = figs[k]
-                cells.append(fmt.format(mean) + (" ± " + fmt.format(sd) if sd == sd else ""))
+                cells.append(fmt.format(mean) + (" ± " + fmt.format(sd) if sd == sd and sd > 0 else ""))
             else:
                 cells.append("–")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -270,7 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--audit-samples", type=int, default=300)
     p.add_argument("--methods", default=",".join(METHODS), help=f"sfbd_flow first; also: {', '.join(OPTIONAL)}")
+    p.add_argument("--table", type=Path, help="only print the table and claim of an existing results.json")
     args = p.parse_args(argv)
+    if args.table is not None:
+        rows = json.loads(args.table.read_text())["rows"]
+        print(table(summarize(rows)))
+        print(f"claim: {claim(summarize(rows))}")
+        return 0
     args.out = args.out.resolve()
     args.methods = args.methods.split(",")
     if args.methods[0] != "sfbd_flow":
