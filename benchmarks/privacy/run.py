@@ -134,15 +134,26 @@ def prepare_seed(args: argparse.Namespace, seed: int) -> tuple[Path, Path, dict[
 
 
 def train(args: argparse.Namespace, seed_dir: Path, method: str, seed: int, steps: int,
-          checkpoint_every: int) -> tuple[Any, float]:
+          checkpoint_every: int, attempts: int = 3) -> tuple[Any, float, int]:
+    """One training run from scratch; a run that fails (e.g. a worker killed by the host's memory monitor on a
+    shared machine) is restarted from scratch under a new run name, so the compute counts stay exact."""
     from pipeline.config import load_config
     from privacy.config import PrivacyTrainConfig
     from privacy.train import fit_privacy
 
-    t0 = time.time()
-    cfg = load_config(PrivacyTrainConfig, None, overrides(args, seed_dir, method, seed, steps, checkpoint_every))
-    res = fit_privacy(cfg, make_grid=False)
-    return res, time.time() - t0
+    for attempt in range(1, attempts + 1):
+        t0 = time.time()
+        o = overrides(args, seed_dir, method, seed, steps, checkpoint_every)
+        if attempt > 1:
+            o.append(f"run_name=bench-{method}-attempt{attempt}")
+        cfg = load_config(PrivacyTrainConfig, None, o)
+        try:
+            return fit_privacy(cfg, make_grid=False), time.time() - t0, attempt
+        except Exception as exc:  # noqa: BLE001 - Ray raises many kinds; the row records the attempts
+            print(f"[bench] seed {seed} {method}: attempt {attempt} failed: {str(exc).strip()[:300]}", flush=True)
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
 
 
 def run_seed(args: argparse.Namespace, seed: int, fd: FrechetDigits, version: str) -> list[dict[str, Any]]:
@@ -160,14 +171,14 @@ def run_seed(args: argparse.Namespace, seed: int, fd: FrechetDigits, version: st
             steps = budget_steps
         select = method == "clean_only"
         every = max(1, steps // args.select_points) if select else steps
-        res, seconds = train(args, seed_dir, method, seed, steps, every)
+        res, seconds, attempts = train(args, seed_dir, method, seed, steps, every)
         m = res.metrics
         if method == "sfbd_flow":
             budget_steps = int(round(m["sample_gradients"] / (args.batch * args.workers)))
         row: dict[str, Any] = {"method": method, "seed": seed, "code_version": version, "steps": steps,
                                "sample_gradients": float(m["sample_gradients"]),
                                "denoise_sample_nfe": float(m["denoise_sample_nfe"]), "train_seconds": seconds,
-                               "mlflow_run_id": res.run_id}
+                               "mlflow_run_id": res.run_id, "attempts": attempts}
         checkpoint = res.checkpoint
         if select:
             curve = []
