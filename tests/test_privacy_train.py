@@ -110,7 +110,7 @@ def test_sfbd_flow_run_leaks_nothing_and_leaves_the_stage_only_through_the_audit
     assert main(["register", ckpt, "--name", "faces", "--tracking-uri", mlflow_server]) == 2
     assert "whose audit is missing" in capfd.readouterr().err
     assert main(["register", ckpt, "--name", "faces-override", "--tracking-uri", mlflow_server,
-                 "--override-privacy-audit"]) == 0
+                 "--experiment", "privacy-e2e", "--override-privacy-audit"]) == 0
     v1 = client.get_model_version("faces-override", "1")
     assert v1.tags["privacy.audit_override"] == "true" and v1.tags["privacy.audit"] == "missing"
     assert client.get_run(result.run_id).data.tags["privacy.audit_override"] == "true"
@@ -120,7 +120,8 @@ def test_sfbd_flow_run_leaks_nothing_and_leaves_the_stage_only_through_the_audit
     assert report["num_consented"] == 131 and report["num_released"] == 1307
     assert report["passed"], report["fail_reasons"]
     assert report["noisy_recon_reid_frac"] > 0.5 and report["floor_nn_l2_p05"] > 0
-    assert main(["register", ckpt, "--name", "faces", "--tracking-uri", mlflow_server]) == 0
+    assert main(["register", ckpt, "--name", "faces", "--tracking-uri", mlflow_server,
+                 "--experiment", "privacy-e2e"]) == 0
     assert client.get_model_version("faces", "1").tags["privacy.audit"] == "passed"
     log_sample_grid(ckpt)
     assert "samples" in [a.path for a in client.list_artifacts(result.run_id)]
