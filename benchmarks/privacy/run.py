@@ -289,7 +289,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--audit-samples", type=int, default=300)
     p.add_argument("--methods", default=",".join(METHODS), help=f"sfbd_flow first; also: {', '.join(OPTIONAL)}")
     p.add_argument("--table", type=Path, help="only print the table and claim of an existing results.json")
+    p.add_argument("--merge", type=Path, nargs="+", help="combine the rows of results.json files from runs of "
+                   "disjoint --seeds (same settings) into --results")
     args = p.parse_args(argv)
+    if args.merge:
+        docs = [json.loads(m.read_text()) for m in args.merge]
+        rows = [r for d in docs for r in d["rows"]]
+        seen = [(r["method"], r["seed"]) for r in rows]
+        if len(seen) != len(set(seen)):
+            raise SystemExit("--merge: the files share a (method, seed) row; run disjoint --seeds")
+        keep = ("seeds", "out", "results")
+        if len({json.dumps({k: v for k, v in d["settings"].items() if k not in keep}, sort_keys=True)
+                for d in docs}) != 1:
+            raise SystemExit("--merge: the files were made with different settings")
+        summary = summarize(rows)
+        merged = {**docs[0], "settings": {**docs[0]["settings"], "seeds": ",".join(sorted({str(r["seed"]) for r in rows}))},
+                  "merged_from": [str(m) for m in args.merge], "summary": summary,
+                  "claim_sfbd_flow_beats": claim(summary), "rows": rows,
+                  "elapsed_seconds": [d["elapsed_seconds"] for d in docs]}
+        args.results.write_text(json.dumps(merged, indent=2))
+        print(table(summary))
+        print(f"claim: {claim(summary)}")
+        return 0
     if args.table is not None:
         rows = json.loads(args.table.read_text())["rows"]
         print(table(summarize(rows)))
