@@ -1,10 +1,12 @@
 """``flowrail privacy <mark|release|train|audit> ...``: the privacy stage (privacy/ holds the algorithms).
 
-  privacy mark DIR                                   declare a shard set sensitive
-  privacy release --sensitive DIR --out DIR --noise-std S [--clean-from DIR | --clean-fraction F]
-                  [--secret-seed-file PATH]          noisy copies + clean subset (secret also via $FLOWRAIL_PRIVACY_SECRET)
+  privacy mark DIR|URL_PREFIX                        declare a shard set sensitive (a URL prefix: fence registry)
+  privacy release --sensitive DIR --out DIR --noise-std S [--clean-from DIR | --consent-list FILE]
+                  [--secret-file PATH] [--derive-from RELEASE] [--release-labels] [--allow-large-clean-fraction]
+                                                     noisy copies + clean subset (see docs/PRIVACY.md)
   privacy train [--config PATH] key=value ...        SFBD / SFBD flow / baselines (privacy.method=...)
   privacy audit CHECKPOINT --sensitive DIR [--release DIR] [--num-samples N]
+                                                     memorization audit; a pass unlocks sample grids and `register`
 """
 from __future__ import annotations
 
@@ -16,34 +18,41 @@ def _mark(argv: list[str]) -> int:
     from privacy.boundary import mark_sensitive
 
     p = argparse.ArgumentParser(prog="flowrail privacy mark", description="declare a shard set sensitive")
-    p.add_argument("dir")
+    p.add_argument("dir", help="a shard directory, or a URL prefix to add to the fence registry")
     args = p.parse_args(argv)
     path = mark_sensitive(args.dir)
-    print(f"[flowrail privacy] {args.dir} is now sensitive ({path}); only `flowrail privacy release` reads it")
+    print(f"[flowrail privacy] {args.dir} is now sensitive ({path}); only the privacy stage reads it")
     return 0
 
 
 def _release(argv: list[str]) -> int:
-    from privacy.release import read_secret, release
+    from privacy.release import DEFAULT_MAX_CLEAN_FRACTION, release
 
     p = argparse.ArgumentParser(prog="flowrail privacy release", description="write the noisy release")
     p.add_argument("--sensitive", required=True, help="the sensitive shard set (marked with `privacy mark`)")
     p.add_argument("--out", required=True, help="output directory (noisy/, clean/, release.json)")
     p.add_argument("--noise-std", type=float, required=True, help="s in y = x + s eps, pixel scale [-1, 1]")
     clean = p.add_mutually_exclusive_group()
-    clean.add_argument("--clean-from", help="a separate public/consented shard set to copy as the clean subset")
-    clean.add_argument("--clean-fraction", type=float, help="declare this fraction of the sensitive set consented")
-    p.add_argument("--clean-seed", type=int, default=0, help="which samples --clean-fraction picks (not secret)")
-    p.add_argument("--secret-seed-file", help="file holding the secret noise seed (else $FLOWRAIL_PRIVACY_SECRET)")
+    clean.add_argument("--clean-from", help="a separate public shard set to copy as the clean subset")
+    clean.add_argument("--consent-list", help="file naming each consented sensitive key (one per line): released "
+                                              "in the clear as the clean subset")
+    p.add_argument("--allow-large-clean-fraction", action="store_true",
+                   help=f"allow a consent list above {DEFAULT_MAX_CLEAN_FRACTION:.0%} of the set (recorded)")
+    p.add_argument("--derive-from", help="an earlier release of this set: derive this one from it at a higher level")
+    p.add_argument("--release-labels", action="store_true", help="declare the labels non-sensitive and release them")
+    p.add_argument("--secret-file", help="a secret of >= 128 random bits (hex or raw); default: a 256-bit secret "
+                                         "generated inside the sensitive set's fence")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--samples-per-shard", type=int, default=1000)
     args = p.parse_args(argv)
-    result = release(args.sensitive, args.out, args.noise_std, read_secret(args.secret_seed_file),
-                     clean_from=args.clean_from, clean_fraction=args.clean_fraction, clean_seed=args.clean_seed,
-                     dtype=args.dtype, samples_per_shard=args.samples_per_shard)
+    result = release(args.sensitive, args.out, args.noise_std, secret_file=args.secret_file,
+                     clean_from=args.clean_from, consent_list=args.consent_list,
+                     allow_large_clean_fraction=args.allow_large_clean_fraction, derive_from=args.derive_from,
+                     release_labels=args.release_labels, dtype=args.dtype, samples_per_shard=args.samples_per_shard)
     counts = result.manifest["counts"]
-    print(f"[flowrail privacy] released {counts['noisy']} noisy copies (s={args.noise_std}) and {counts['clean']} "
-          f"clean samples into {result.out_dir}")
+    made = "generated a new 256-bit secret inside the fence; " if result.secret_created else ""
+    print(f"[flowrail privacy] {made}released {counts['noisy']} noisy copies (s={args.noise_std}) and "
+          f"{counts['clean']} clean samples into {result.out_dir}")
     return 0
 
 
@@ -63,20 +72,37 @@ def _train(argv: list[str]) -> int:
 
 
 def _audit(argv: list[str]) -> int:
-    from privacy.audit_run import audit_checkpoint
+    from privacy.audit_run import MAX_EXTRACTION_RATE, MIN_SAMPLES, NN_FLOOR_FACTOR, audit_checkpoint
+    from privacy.gate import log_sample_grid
 
     p = argparse.ArgumentParser(prog="flowrail privacy audit", description="memorization audit of a checkpoint")
     p.add_argument("checkpoint", help="a flowrail checkpoint or run directory")
     p.add_argument("--sensitive", required=True, help="the sensitive shard set the model's data came from")
-    p.add_argument("--release", help="also audit the reconstructions of this release's noisy copies")
-    p.add_argument("--num-samples", type=int, default=500)
+    p.add_argument("--release", help="the release the model trained on (default: the checkpoint's privacy.release)")
+    p.add_argument("--num-samples", type=int, default=500, help=f">= {MIN_SAMPLES} for a pass (0/N bounds < 1%%)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--features", default="auto", choices=["auto", "digits_classifier", "pixels"])
+    p.add_argument("--denoise-steps", type=int, default=40)
+    p.add_argument("--max-extraction-rate", type=float, default=MAX_EXTRACTION_RATE)
+    p.add_argument("--nn-floor-factor", type=float, default=NN_FLOOR_FACTOR)
     args = p.parse_args(argv)
-    out = audit_checkpoint(args.checkpoint, args.sensitive, release=args.release, num_samples=args.num_samples,
-                           seed=args.seed, features=args.features)
+    release = args.release or _release_of(args.checkpoint)
+    out = audit_checkpoint(args.checkpoint, args.sensitive, release=release, num_samples=args.num_samples,
+                           seed=args.seed, features=args.features, denoise_steps=args.denoise_steps,
+                           max_rate=args.max_extraction_rate, nn_factor=args.nn_floor_factor)
     print(json.dumps(out, indent=2, sort_keys=True))
-    return 0
+    if out["passed"]:
+        grid = log_sample_grid(args.checkpoint)
+        print(f"[flowrail privacy] audit passed; sample grid logged ({grid})")
+        return 0
+    print(f"[flowrail privacy] audit FAILED: {'; '.join(out['fail_reasons'])}")
+    return 1
+
+
+def _release_of(checkpoint: str) -> str | None:
+    from pipeline.train.checkpoint import find_latest, read_meta
+
+    return read_meta(find_latest(checkpoint)).get("privacy", {}).get("release")
 
 
 SUBCOMMANDS = {"mark": _mark, "release": _release, "train": _train, "audit": _audit}

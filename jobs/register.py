@@ -17,6 +17,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                         help="MLflow tracking server (default: $MLFLOW_TRACKING_URI)")
     parser.add_argument("--experiment", default="flowrail", help="experiment for the logging run of a checkpoint path")
+    parser.add_argument("--override-privacy-audit", action="store_true",
+                        help="register a privacy-stage checkpoint whose audit has not passed (recorded on run and version)")
     parser.add_argument("settings", nargs="*", help="sampler/guidance defaults, e.g. sampler.solver=heun guidance.scale=2")
     args = parser.parse_intermixed_args(argv)
     if not args.tracking_uri:
@@ -26,8 +28,11 @@ def main(argv: list[str]) -> int:
     if unknown:
         raise ValueError(f"register settings: unknown section(s) {sorted(unknown)} (allowed: sampler, guidance)")
     checkpoint, run_id = resolve_checkpoint(args.source, args.tracking_uri)
+    from privacy.gate import require_audit_passed
+    privacy_tags = require_audit_passed(checkpoint, override=args.override_privacy_audit, tracking_uri=args.tracking_uri)
     reg = register(checkpoint, args.name, args.tracking_uri, run_id=run_id, experiment=args.experiment,
-                   aliases=args.alias, sampler=extra.get("sampler"), guidance=extra.get("guidance"))
+                   aliases=args.alias, sampler=extra.get("sampler"), guidance=extra.get("guidance"),
+                   tags=privacy_tags)
     aliases = "".join(f" @{a}" for a in reg.aliases)
     print(f"[flowrail] registered {reg.name} version {reg.version}{aliases} (run {reg.run_id}; {reg.model_uri})")
     return 0

@@ -9,6 +9,10 @@
   *other* training image as the reference.
 - For a denoised pool with known originals: the distance of each reconstruction to its own original and how often
   the original is its nearest training image (re-identification rate).
+- The floors every model's figure is read against: the real-vs-real nearest-neighbour distance (each image to its
+  nearest *other* training image) and the noisy release's own re-identification / extraction rates.
+- ``upper_bound``: the one-sided 95% Clopper-Pearson bound of a rate seen as k of n; 0 of n bounds it by
+  ``1 - 0.05^(1/n)``, below 1% from n = 299 samples.
 """
 from __future__ import annotations
 
@@ -60,6 +64,61 @@ def carlini_extraction(generated: torch.Tensor, train: torch.Tensor, alpha: floa
     near, idx = dist.topk(k, dim=1, largest=False)
     ratio = near[:, 0] / (alpha * near.mean(dim=1)).clamp_min(1e-12)
     return Extraction(ratio=ratio, nearest=idx[:, 0], nn_distance=near[:, 0], alpha=alpha, n=k)
+
+
+def upper_bound(k: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided Clopper-Pearson upper bound of a binomial rate observed as ``k`` successes in ``n`` trials."""
+    if n <= 0:
+        return 1.0
+    if k >= n:
+        return 1.0
+    if k == 0:
+        return 1.0 - (1.0 - confidence) ** (1.0 / n)
+    from scipy.stats import beta
+
+    return float(beta.ppf(confidence, k + 1, n - k))
+
+
+def samples_for_zero_bound(rate: float, confidence: float = 0.95) -> int:
+    """The fewest samples for which 0 of n bounds the rate below ``rate``."""
+    import math
+
+    return math.floor(math.log(1.0 - confidence) / math.log(1.0 - rate)) + 1
+
+
+RATIO_BINS = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, float("inf"))
+
+
+def ratio_histogram(ratio: torch.Tensor, prefix: str) -> dict[str, float]:
+    """Fraction of Carlini ratios in each bin of :data:`RATIO_BINS` (the distribution, not only ``ratio <= 1``)."""
+    out = {}
+    for lo, hi in zip(RATIO_BINS[:-1], RATIO_BINS[1:]):
+        name = f"{prefix}_frac_{lo:g}_{hi:g}".replace("inf", "up")
+        out[name] = float(((ratio > lo) & (ratio <= hi)).double().mean()) if lo > 0 else \
+            float((ratio <= hi).double().mean())
+    return out
+
+
+def nn_floor(released: torch.Tensor, train: torch.Tensor, released_index: torch.Tensor,
+             prefix: str = "floor_nn_l2") -> dict[str, float]:
+    """Real-vs-real floor: each released image's normalised l2 to its nearest *other* training image
+    (``released_index[i]`` is row i's own index in ``train``)."""
+    dist = normalized_l2(unit_pixels(released), unit_pixels(train))
+    dist[torch.arange(dist.shape[0]), released_index] = float("inf")
+    return _quantiles(dist.min(dim=1).values, prefix)
+
+
+def split_extraction(ext: Extraction, consented: torch.Tensor) -> dict[str, float]:
+    """Extraction counted separately by whom it copies: a released (noisy-only) image - a leak - or a consented one
+    (given in the clear); ``consented[j]`` marks training image j. The released rate comes with its 95% bound."""
+    n = int(ext.ratio.shape[0])
+    hit_released = ext.extracted & ~consented[ext.nearest]
+    hit_consented = ext.extracted & consented[ext.nearest]
+    k = int(hit_released.sum())
+    return {"released_extracted_count": float(k), "released_extracted_frac": k / n,
+            "released_extracted_upper95": upper_bound(k, n),
+            "consented_extracted_count": float(int(hit_consented.sum())),
+            "consented_extracted_frac": float(hit_consented.double().mean())}
 
 
 def _quantiles(x: torch.Tensor, prefix: str) -> dict[str, float]:

@@ -1,11 +1,17 @@
-"""``flowrail privacy audit``: memorization statistics of a trained checkpoint, logged to MLflow.
+"""``flowrail privacy audit``: memorization statistics of a trained checkpoint, its pass/fail, logged to MLflow.
 
-1. Generated samples (class-conditional, labels in the sensitive set's proportions) against the sensitive set:
-   Carlini extraction, nearest-neighbour l2, max cosine similarity (:mod:`privacy.audit`).
-2. With ``release``: the checkpoint's model denoises the release's noisy copies (from ``t*``, as SFBD does), and the
-   reconstructions are compared with their own private originals — how much a model holder could recover.
+1. Generated samples (labels in the sensitive set's proportions, or unconditional when the release withheld labels)
+   against the sensitive set, reported separately for the *released* images (noisy copies only) and the *consented*
+   ones (given in the clear): Carlini extraction (fraction, its 95% upper bound, the ratio's quantiles and
+   histogram), nearest-neighbour l2, max cosine similarity (:mod:`privacy.audit`).
+2. Beside them, the floors: the real-vs-real nearest-neighbour distance of the released images and, with the release,
+   the noisy copies' own re-identification and extraction rates (what the release alone already reveals).
+3. With the release: the checkpoint's model denoises the noisy copies (from ``t*``, as SFBD does), and the
+   reconstructions are compared with their own originals - how much a model holder could recover.
 
-Reads the sensitive set inside the privacy boundary (``allow_sensitive``) and writes only statistics.
+The criterion (:func:`criterion`) decides the pass that :mod:`privacy.gate` checks before a sample grid is logged or
+the checkpoint registered. Reads the sensitive set and the fence's key map inside the boundary; writes only
+statistics (MLflow metrics, ``privacy_audit.json`` in the checkpoint).
 """
 from __future__ import annotations
 
@@ -15,9 +21,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from privacy.audit import Features, audit_reconstructions, audit_samples
+from privacy.audit import (Features, audit_reconstructions, audit_samples, carlini_extraction, nn_floor,
+                           ratio_histogram, samples_for_zero_bound, split_extraction, _quantiles,
+                           normalized_l2, unit_pixels)
 from privacy.boundary import check_readable
 from privacy.release import to_signed_chw
+
+MAX_EXTRACTION_RATE = 0.01
+NN_FLOOR_FACTOR = 0.5
+MIN_SAMPLES = samples_for_zero_bound(MAX_EXTRACTION_RATE)  # 299
 
 
 def load_pixels(shard_dir: str | Path, job: str, allow_sensitive: bool = False) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -54,54 +66,121 @@ def feature_space(train: torch.Tensor, prefer: str = "auto") -> tuple[Features |
     return (lambda x: classifier.features(x) - mean), "digits_classifier"
 
 
+def criterion(out: dict[str, Any], max_rate: float = MAX_EXTRACTION_RATE,
+              nn_factor: float = NN_FLOOR_FACTOR) -> tuple[bool, list[str]]:
+    """Pass when (1) enough samples that 0/N bounds the rate below ``max_rate``; (2) the 95% upper bound of the
+    released-image extraction rate is <= max(``max_rate``, the noisy copies' own extraction rate); (3) the 5th
+    percentile of the samples' NN l2 to the released images is >= ``nn_factor`` x the real-vs-real floor's."""
+    reasons = []
+    n = int(out["num_generated"])
+    if n < samples_for_zero_bound(max_rate):
+        reasons.append(f"{n} samples cannot bound the extraction rate below {max_rate:g} "
+                       f"(need >= {samples_for_zero_bound(max_rate)})")
+    allowed = max(max_rate, float(out.get("noisy_recon_extracted_frac", 0.0)))
+    if out["gen_released_extracted_upper95"] > allowed:
+        reasons.append(f"released-image extraction upper bound {out['gen_released_extracted_upper95']:.4f} > "
+                       f"{allowed:.4f}")
+    if out["gen_released_nn_l2_p05"] < nn_factor * out["floor_nn_l2_p05"]:
+        reasons.append(f"NN l2 p05 to released images {out['gen_released_nn_l2_p05']:.4f} < {nn_factor:g} x "
+                       f"real-vs-real floor {out['floor_nn_l2_p05']:.4f}")
+    return not reasons, reasons
+
+
+def _subsets(sensitive: str | Path, keys: list[str], release: str | Path | None
+             ) -> tuple[torch.Tensor, dict[str, str] | None, dict[str, Any] | None]:
+    """A mask of the consented sensitive images, the release's public-key -> sensitive-key map, and its manifest."""
+    consented = torch.zeros(len(keys), dtype=torch.bool)
+    if release is None:
+        return consented, None, None
+    from privacy.ledger import read_record
+    from privacy.release import read_release
+
+    rec = read_release(release)
+    if "release_id" not in rec:
+        raise ValueError(f"{release} is a release of an old format (no release_id); release the set again")
+    ledger = read_record(sensitive, rec["release_id"])
+    given = set(ledger["consented"].values())
+    consented = torch.tensor([k in given for k in keys], dtype=torch.bool)
+    return consented, ledger["keys"], rec
+
+
 def audit_checkpoint(checkpoint: str | Path, sensitive: str | Path, *, release: str | Path | None = None,
                      num_samples: int = 500, seed: int = 0, features: str = "auto", n: int = 50,
-                     alpha: float = 0.5, denoise_steps: int = 40, log: bool = True,
-                     prefix: str = "audit_") -> dict[str, Any]:
-    """All audit statistics for one checkpoint; logged into its MLflow run (``prefix``-ed) when ``log``."""
+                     alpha: float = 0.5, denoise_steps: int = 40, log: bool = True, prefix: str = "audit_",
+                     max_rate: float = MAX_EXTRACTION_RATE, nn_factor: float = NN_FLOOR_FACTOR,
+                     record: bool = True) -> dict[str, Any]:
+    """All audit statistics for one checkpoint and its pass/fail; logged into its MLflow run (``prefix``-ed) when
+    ``log``; the gate's record written into the checkpoint when ``record``."""
     from pipeline.sampling import sample_classes
-    from pipeline.train.checkpoint import load_trained
+    from pipeline.train.checkpoint import find_latest, load_trained
 
+    checkpoint = find_latest(checkpoint)
     keys, train, train_labels = load_pixels(sensitive, job="privacy audit", allow_sensitive=True)
     trained = load_trained(checkpoint)
     if tuple(train.shape[1:]) != trained.image_shape:
         raise ValueError(f"checkpoint {checkpoint} makes {trained.image_shape} images, the sensitive set holds "
                          f"{tuple(train.shape[1:])}")
+    consented, key_map, rec = _subsets(sensitive, keys, release)
+    released = ~consented
     g = torch.Generator().manual_seed(seed)
-    labels = train_labels[torch.randint(len(train_labels), (num_samples,), generator=g)]
+    if int(trained.data.num_classes or 0) > 0:
+        labels = train_labels[torch.randint(len(train_labels), (num_samples,), generator=g)]
+    else:
+        labels = torch.full((num_samples,), -1, dtype=torch.long)
     generated = sample_classes(trained, labels, seed).x.float().clamp(-1, 1)
     feat, space = feature_space(train, features)
     out: dict[str, Any] = {f"gen_{k}": v for k, v in audit_samples(generated, train, feat, space, alpha, n).items()}
-    out["feature_space"] = space
-    out["num_generated"] = num_samples
 
-    if release is not None:
-        from privacy.release import read_release
+    ext = carlini_extraction(generated, train, alpha=alpha, n=n)
+    out.update({f"gen_{k}": v for k, v in split_extraction(ext, consented).items()})
+    out.update(ratio_histogram(ext.ratio, "gen_carlini_ratio"))
+    rel_idx = torch.nonzero(released).flatten()
+    d_rel = normalized_l2(unit_pixels(generated), unit_pixels(train[rel_idx])).min(dim=1).values
+    out.update(_quantiles(d_rel, "gen_released_nn_l2"))
+    if bool(consented.any()):
+        d_con = normalized_l2(unit_pixels(generated), unit_pixels(train[consented])).min(dim=1).values
+        out.update(_quantiles(d_con, "gen_consented_nn_l2"))
+    out.update(nn_floor(train[rel_idx], train, rel_idx))
+    out.update({"feature_space": space, "num_generated": num_samples, "num_released": int(released.sum()),
+                "num_consented": int(consented.sum())})
+
+    if release is not None and key_map is not None and rec is not None:
         from privacy.sfbd import denoise
 
-        rec = read_release(release)
         nkeys, noisy, nlabels = load_pixels(Path(release) / "noisy", job="privacy audit")
         by_key = {k: i for i, k in enumerate(keys)}
-        missing = [k for k in nkeys if k not in by_key]
+        missing = [k for k in nkeys if key_map.get(k) not in by_key]
         if missing:
-            raise ValueError(f"release {release} holds {len(missing)} samples not in {sensitive} (e.g. {missing[0]})")
-        originals = train[[by_key[k] for k in nkeys]]
-        x_hat, nfe = denoise(trained.objective, trained.model, noisy, float(rec["noise_std"]), nlabels,
-                             steps=denoise_steps)
+            raise ValueError(f"release {release} holds {len(missing)} samples that its fence record does not map to "
+                             f"{sensitive}")
+        originals = train[[by_key[key_map[k]] for k in nkeys]]
+        x_hat, nfe = denoise(trained.objective, trained.model, noisy, float(rec["noise_std"]),
+                             nlabels if int(trained.data.num_classes or 0) > 0 else None, steps=denoise_steps)
         out.update({f"pool_{k}": v for k, v in audit_reconstructions(x_hat.float().clamp(-1, 1), originals,
                                                                       alpha, n).items()})
-        # the noisy copies themselves, as the floor of what the release already reveals
+        # the noisy copies themselves: the floor of what the release already reveals
         out.update({f"noisy_{k}": v for k, v in audit_reconstructions(noisy.clamp(-1, 1), originals, alpha,
                                                                        n).items()})
         out["pool_denoise_nfe"] = nfe
+        out["noise_std"] = float(rec["noise_std"])
+    passed, reasons = criterion(out, max_rate, nn_factor)
+    out["passed"] = passed
+    out["fail_reasons"] = reasons
+    out["criterion"] = {"max_extraction_rate": max_rate, "nn_floor_factor": nn_factor, "alpha": alpha, "n": n}
     if log and trained.run_id:
         from pipeline.config import tracking_uri
         from pipeline.tracking import client
 
         c = client(tracking_uri(trained.config))
         for k, v in out.items():
-            if isinstance(v, (int, float)):
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
                 c.log_metric(trained.run_id, f"{prefix}{k}", float(v), step=trained.step)
+        c.log_metric(trained.run_id, f"{prefix}passed", float(passed), step=trained.step)
         c.set_tag(trained.run_id, f"{prefix}feature_space", space)
+        c.set_tag(trained.run_id, "privacy.audit", "passed" if passed else "failed")
         out["mlflow_run_id"] = trained.run_id
+    if record:
+        from privacy.gate import write_audit_record
+
+        write_audit_record(checkpoint, out)
     return out

@@ -81,6 +81,9 @@ def privacy_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0 and loop_config.get("run_id") else None
     window = {"loss": 0.0, "n": 0, "samples": 0, "t0": time.perf_counter(), "denoise_s": 0.0}
     denoise_nfe = 0
+    # compute spent by this worker in this process: sample-gradients (samples in a backward pass) and
+    # denoising sample-evaluations (samples x NFE, forward only)
+    compute = {"sample_gradients": 0, "denoise_sample_nfe": 0}
 
     def refresh(kind: str) -> None:
         nonlocal denoise_nfe
@@ -95,6 +98,7 @@ def privacy_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                          batch_size=pcfg.denoise_batch)
         engine.module.train()
         pool.update(idx, x_hat.float().cpu().clamp(-1.5, 1.5))
+        compute["denoise_sample_nfe"] += int(idx.numel()) * int(denoise_nfe)
         window["denoise_s"] += time.perf_counter() - t0
 
     def checkpoint_and_report(metrics: dict[str, float]) -> None:
@@ -135,15 +139,17 @@ def privacy_loop_per_worker(loop_config: dict[str, Any]) -> None:
         window["loss"] += loss.detach().float()  # on the device: no host sync per step
         window["n"] += 1
         window["samples"] += cfg.data.batch_size * (int(loss_c is not None) + int(loss_p is not None))
+        compute["sample_gradients"] += cfg.data.batch_size * (int(loss_c is not None) + int(loss_p is not None))
 
         last = state.step >= tcfg.steps
         if state.step % tcfg.log_every == 0 or last or state.step % tcfg.checkpoint_every == 0:
-            loss_sum, n, samples, den_s = all_reduce_sum([float(window["loss"]), window["n"], window["samples"],
-                                                          window["denoise_s"]])
+            loss_sum, n, samples, den_s, grads, den_nfe = all_reduce_sum(
+                [float(window["loss"]), window["n"], window["samples"], window["denoise_s"],
+                 compute["sample_gradients"], compute["denoise_sample_nfe"]])
             elapsed = time.perf_counter() - window["t0"]
             metrics = {"loss": loss_sum / max(n, 1), "samples_per_s": samples / max(elapsed, 1e-9),
                        "denoised_weight": w, "denoise_seconds": den_s / world, "step": state.step,
-                       "bad_steps": state.bad_steps}
+                       "bad_steps": state.bad_steps, "sample_gradients": grads, "denoise_sample_nfe": den_nfe}
             if pool is not None:
                 refreshes, change = all_reduce_sum([pool.refreshes, 0.0 if pool.last_change != pool.last_change
                                                     else pool.last_change])
@@ -197,8 +203,24 @@ def build_datasets(cfg: PrivacyTrainConfig, sched: Schedule) -> tuple[dict[str, 
     return datasets, replace(info, num_classes=num_classes, num_samples=sum(i.num_samples for i in infos)), s
 
 
+def log_curves(cfg: Any, result: Any) -> Path:
+    """The loss / throughput curves as an MLflow image (no samples: those wait for the audit gate)."""
+    from pipeline.images import save_curves
+    from pipeline.tracking import client
+
+    c = client(result.tracking_uri)
+    history = {name: [(m.step, m.value) for m in c.get_metric_history(result.run_id, name)]
+               for name in ("loss", "samples_per_s")}
+    curves = save_curves(history, Path(cfg.run_dir) / "samples" / cfg.run_name / "curves.png", title=cfg.run_name)
+    c.log_artifact(result.run_id, str(curves), artifact_path="curves")
+    return curves
+
+
 def fit_privacy(cfg: PrivacyTrainConfig, *, make_grid: bool = True):  # noqa: ANN201
-    """Train one privacy method; returns the spine's ``TrainResult`` (MLflow run id, checkpoint, metrics)."""
+    """Train one privacy method; returns the spine's ``TrainResult`` (MLflow run id, checkpoint, metrics).
+
+    ``make_grid`` logs the loss curves only: sample images of a privacy-stage model go to MLflow after its audit
+    passed (:func:`privacy.gate.log_sample_grid`, run by ``flowrail privacy audit``)."""
     import ray.train
     from mlflow.entities import Param
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -206,7 +228,7 @@ def fit_privacy(cfg: PrivacyTrainConfig, *, make_grid: bool = True):  # noqa: AN
     from pipeline.config import flatten, tracking_uri
     from pipeline.errors import FlowrailError
     from pipeline.tracking import client, start_or_resume_run
-    from pipeline.train.trainer import TrainResult, _unwrap, init_ray, log_samples_and_curves
+    from pipeline.train.trainer import TrainResult, _unwrap, init_ray
 
     sched = schedule_for(cfg)
     if cfg.privacy.denoise_with == "model" and cfg.train.zero_stage == 3:
@@ -249,7 +271,7 @@ def fit_privacy(cfg: PrivacyTrainConfig, *, make_grid: bool = True):  # noqa: AN
     out = TrainResult(run_id=run_id, checkpoint=Path(result.checkpoint.path), metrics=dict(result.metrics or {}),
                       tracking_uri=uri)
     if make_grid:
-        out.grid = log_samples_and_curves(base, out)
+        log_curves(base, out)
     client(uri).set_tag(run_id, "flowrail.checkpoint", str(out.checkpoint))
     client(uri).set_terminated(run_id, status="FINISHED")
     return out

@@ -8,7 +8,7 @@ import pytest
 from privacy.boundary import check_readable, is_sensitive, mark_sensitive, read_manifest
 
 
-def _shard_set(path, **extra):
+def _shard_set(path, **extra):  # noqa: D103
     path.mkdir(parents=True)
     (path / "shard-000000.tar").write_bytes(b"")
     (path / "manifest.json").write_text(json.dumps({"num_samples": 1, **extra}))
@@ -66,3 +66,48 @@ def test_streaming_and_cli_refuse_a_marked_set(tmp_path, capsys):
     assert main(["privacy", "mark", str(tmp_path / "missing")]) == 2
     assert "shard directory not found" in capsys.readouterr().err
     assert main(["privacy", "frobnicate"]) == 2
+
+
+def test_the_fence_covers_every_directory_below_a_sensitive_set(tmp_path):
+    """Walking up to the root: a set nested any depth inside a sensitive set (or a path not yet made there) is
+    refused, however far below."""
+    d = _shard_set(tmp_path / "faces")
+    mark_sensitive(d)
+    deep = _shard_set(tmp_path / "faces" / "a" / "b" / "c")
+    for source in (deep, deep / "manifest.json", tmp_path / "faces" / "a" / "not-yet"):
+        with pytest.raises(PermissionError, match=f"{d} is a sensitive shard set"):
+            check_readable(source, job="train")
+
+
+def test_a_manifest_may_only_name_shards_inside_its_directory(tmp_path):
+    secret_set = _shard_set(tmp_path / "sensitive")
+    mark_sensitive(secret_set)
+    outside = _shard_set(tmp_path / "elsewhere")
+    cases = {"../sensitive/shard-000000.tar": "outside its directory",
+             str(outside / "shard-000000.tar"): "outside its directory",
+             "../elsewhere/shard-000000.tar": "outside its directory"}
+    for i, (name, msg) in enumerate(cases.items()):
+        d = tmp_path / f"public{i}"
+        _shard_set(d, shards=[{"name": name, "num_samples": 1}])
+        with pytest.raises(PermissionError, match=msg) as err:
+            check_readable(d, job="train")
+        assert "\n" not in str(err.value)
+    linked = _shard_set(tmp_path / "linked", shards=[{"name": "shard-000001.tar", "num_samples": 1}])
+    (linked / "shard-000001.tar").symlink_to(secret_set / "shard-000000.tar")
+    with pytest.raises(PermissionError, match="outside its directory"):
+        check_readable(linked, job="train")
+    fine = _shard_set(tmp_path / "fine", shards=[{"name": "shard-000000.tar", "num_samples": 1}])
+    check_readable(fine, job="train")
+
+
+def test_fenced_url_prefixes_are_refused(tmp_path, monkeypatch, capsys):
+    from jobs.cli import main
+
+    monkeypatch.setenv("FLOWRAIL_FENCE_REGISTRY", str(tmp_path / "fenced"))
+    check_readable("s3://bucket/faces/train/shard-{000000..000009}.tar", job="train")  # not yet fenced
+    assert main(["privacy", "mark", "s3://bucket/faces/"]) == 0
+    assert main(["privacy", "mark", "s3://bucket/faces/"]) == 0  # idempotent
+    assert (tmp_path / "fenced").read_text() == "s3://bucket/faces/\n"
+    with pytest.raises(PermissionError, match="under the fenced prefix s3://bucket/faces/"):
+        check_readable("s3://bucket/faces/train/shard-{000000..000009}.tar", job="train")
+    check_readable("s3://bucket/public/train/shard-000000.tar", job="train")
