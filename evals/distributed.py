@@ -144,7 +144,7 @@ def run_workers(trained: Any, cfg: Any, plan: EvalPlan) -> WorkerResult:
 
     import ray
 
-    from pipeline.train.trainer import init_ray
+    from pipeline.cluster import init_ray
 
     init_ray()
     source: Any = (str(trained.path), cfg) if _checkpoint_matches(trained) else ray.put(trained)

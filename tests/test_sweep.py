@@ -105,3 +105,25 @@ def test_sweep_cli_missing_config_exits_2(tmp_path, capsys):
 
     assert main(["sweep", str(tmp_path / "nope.yaml")]) == 2
     assert "sweep config file not found" in capsys.readouterr().err
+
+
+def test_evals_and_sweep_join_ray_through_pipeline_cluster_not_the_trainer():
+    """evals sits below training (periodic evaluation imports it): nothing in evals/ or the sweep's metric path may
+    import pipeline.train.trainer, else train -> periodic eval -> evals -> train is a circle."""
+    import ast
+    from pathlib import Path
+
+    import pipeline.cluster
+    import pipeline.train.trainer as trainer
+
+    assert trainer.init_ray is pipeline.cluster.init_ray  # still importable from the trainer (re-export)
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in [*(root / "evals").glob("*.py"), root / "pipeline" / "sweep" / "metric.py",
+                 root / "pipeline" / "sweep" / "evaluation.py", root / "pipeline" / "cluster.py"]:
+        if not path.is_file():
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline.train.trainer"):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert not offenders, offenders

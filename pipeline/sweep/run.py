@@ -93,7 +93,7 @@ def _run_trials(cfg: SweepConfig, base: TrainJobConfig, parent: str, uri: str) -
 
     from pipeline.sweep.space import scheduler, searcher, tune_space
     from pipeline.sweep.trainable import run_trial
-    from pipeline.train.trainer import init_ray
+    from pipeline.cluster import init_ray
 
     init_ray()
     # a trial's last result ("done") carries no metric, and a checkpoint whose evaluation failed neither
