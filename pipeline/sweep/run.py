@@ -2,7 +2,6 @@
 optional registration of the best (checkpoint, sampler) as ``champion`` and the runner-up as ``challenger``."""
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +10,9 @@ from typing import Any
 from pipeline.config import TrainJobConfig, tracking_uri
 from pipeline.errors import FlowrailError
 from pipeline.sweep.config import SweepConfig, base_train_config
+from pipeline.sweep.sampling import sampling_search, write_best_config
 from pipeline.sweep.summary import Row, rank_rows, write_summary
+from pipeline.tracking import redact
 
 
 @dataclass
@@ -38,15 +39,17 @@ class SweepResult:
 def run_sweep(cfg: SweepConfig) -> SweepResult:
     base = base_train_config(cfg)
     uri = tracking_uri(base)
-    base.tracking.tracking_uri = uri  # trials run in other processes: pin the store they write to
+    # trials run in other processes: the store travels to them through Ray's object store (tune.with_parameters),
+    # never inside their config, which lands in checkpoints, Tune's experiment files and registered artifacts
+    base.tracking.tracking_uri = None
     out_dir = Path(base.run_dir) / "sweeps" / cfg.name
     out_dir.mkdir(parents=True, exist_ok=True)
     parent = _start_parent(cfg, base, uri)
-    print(f"[flowrail] sweep {cfg.name}: parent MLflow run {parent} at {uri}", flush=True)
+    print(f"[flowrail] sweep {cfg.name}: parent MLflow run {parent} at {redact(uri)}", flush=True)
     try:
         trials = _run_trials(cfg, base, parent, uri)
         rows = [Row.from_trial(t, cfg.tune.metric) for t in trials]
-        rows += _sampling_sweep(cfg, trials, parent, uri, out_dir)
+        rows += sampling_search(cfg, trials, parent, uri, out_dir, gpus=1 if base.train.use_gpu else 0)
         rows = rank_rows(rows, cfg.tune.metric, cfg.tune.mode)
         csv = write_summary(rows, out_dir / "summary.csv", cfg.tune.metric)
         from pipeline.tracking import client
@@ -57,6 +60,10 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         if ranked:
             c.log_metric(parent, f"best_{cfg.tune.metric}", ranked[0].metric)
             c.set_tag(parent, "flowrail.best_run", ranked[0].run_id)
+            best_yaml = write_best_config(cfg, ranked[0], out_dir / "best_config.yaml")
+            c.log_artifact(parent, str(best_yaml), artifact_path="best")
+            print(f"[flowrail] best config ({cfg.tune.metric}={ranked[0].metric:.5g}, {ranked[0].sampler}): "
+                  f"{best_yaml}", flush=True)
         c.log_metric(parent, "trials_stopped", sum(t.status == "stopped" for t in trials))
         c.log_metric(parent, "trials_completed", sum(t.status == "completed" for t in trials))
         result = SweepResult(parent, uri, trials, rows, csv)
@@ -84,6 +91,8 @@ def _start_parent(cfg: SweepConfig, base: TrainJobConfig, uri: str) -> str:
     params.update({f"eval.{k}": str(v) for k, v in cfg.eval.model_dump().items()})
     params["sampling.top_k"] = str(cfg.sampling.top_k)
     params["sampling.configs"] = str([v.label for v in cfg.sampling.configs])[:500]
+    params.update({f"sampling.space.{k}": str(v)[:500] for k, v in cfg.sampling.space.items()})
+    params.update({"sampling.searcher": cfg.sampling.searcher, "sampling.num_samples": str(cfg.sampling.num_samples)})
     c.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
     return run.info.run_id
 
@@ -99,8 +108,9 @@ def _run_trials(cfg: SweepConfig, base: TrainJobConfig, parent: str, uri: str) -
     # a trial's last result ("done") carries no metric, and a checkpoint whose evaluation failed neither
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     sweep = {"name": cfg.name, "parent_run_id": parent, "metrics": cfg.eval.metrics,
-             "num_samples": cfg.eval.num_samples, "seed": cfg.eval.seed}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.model_dump(mode="json"), sweep=sweep),
+             "num_samples": cfg.eval.num_samples, "seed": cfg.eval.seed, "eval_cpus": cfg.eval.cpus}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.model_dump(mode="json"), sweep=sweep,
+                                                         store={"uri": uri}),
                                     {"CPU": cfg.tune.trial_cpus})
     tuner = tune.Tuner(
         trainable, param_space=tune_space(cfg.space),
@@ -149,59 +159,6 @@ def _outcome(res: Any, base: TrainJobConfig, uri: str, cfg: SweepConfig) -> Tria
             c.set_tag(run_id, "flowrail.checkpoint", str(ckpt))
     print(f"[flowrail] trial {trial_id} {params}: {status} at step {step}, {metrics}", flush=True)
     return TrialOutcome(trial_id, params, run_id, Path(ckpt) if ckpt else None, step, metrics, status)
-
-
-def _sampling_sweep(cfg: SweepConfig, trials: list[TrialOutcome], parent: str, uri: str,
-                    out_dir: Path) -> list[Row]:
-    """Every sampler configuration on the checkpoints of the ``top_k`` best completed trials (nested runs)."""
-    import torch
-    from mlflow.entities import Metric, Param
-
-    from pipeline.sampling import class_grid
-    from pipeline.sweep.metric import evaluate, with_sampler
-    from pipeline.tracking import client
-    from pipeline.train.checkpoint import load_trained
-
-    if not cfg.sampling.configs:
-        return []
-    done = [t for t in trials if t.status == "completed" and t.checkpoint and cfg.tune.metric in t.metrics]
-    sign = 1 if cfg.tune.mode == "min" else -1
-    best = sorted(done, key=lambda t: sign * t.metrics[cfg.tune.metric])[:cfg.sampling.top_k]
-    c = client(uri)
-    exp = c.get_run(parent).info.experiment_id
-    rows = []
-    for trial in best:
-        trained = load_trained(trial.checkpoint)
-        for variant in cfg.sampling.configs:
-            sampler, guidance = variant.resolve(trained.config)
-            model = with_sampler(trained, sampler, guidance)
-            with torch.no_grad():
-                metrics = evaluate(model, cfg.eval.metrics, cfg.eval.num_samples, cfg.eval.seed)
-            run = c.create_run(exp, run_name=f"{trial.trial_id}:{variant.label}", tags={
-                "mlflow.parentRunId": trial.run_id or parent, "flowrail.job": "sweep_sampling",
-                "flowrail.sweep": cfg.name, "flowrail.sweep_parent": parent, "flowrail.trial_id": trial.trial_id,
-                "flowrail.checkpoint": str(trial.checkpoint)})
-            rid = run.info.run_id
-            params = {f"sampler.{k}": str(v) for k, v in sampler.model_dump().items()}
-            params.update({f"guidance.{k}": str(v) for k, v in guidance.model_dump().items()})
-            params.update({f"trial.{k}": str(v) for k, v in trial.params.items()})
-            c.log_batch(rid, params=[Param(k, v) for k, v in params.items()],
-                        metrics=[Metric(k, float(v), 0, trained.step) for k, v in metrics.items()])
-            grid, _ = class_grid(model, out_dir / "samples" / f"{trial.trial_id}-{_slug(variant.label)}.png",
-                                 trained.config.samples.per_class, trained.config.samples.seed)
-            c.log_artifact(rid, str(grid), artifact_path="samples")
-            c.set_terminated(rid, status="FINISHED")
-            print(f"[flowrail] sampling {trial.trial_id} {variant.label}: {metrics}", flush=True)
-            rows.append(Row(kind="sampling", trial_id=trial.trial_id, run_id=rid, params=trial.params,
-                            sampler=variant.label, sampler_settings=sampler.model_dump(),
-                            guidance_settings=guidance.model_dump(), metric=metrics.get(cfg.tune.metric, math.nan),
-                            nfe=metrics.get("nfe"), step=trained.step, status="completed",
-                            checkpoint=trial.checkpoint, trial_run_id=trial.run_id))
-    return rows
-
-
-def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_=." else "_" for ch in text)[:80]
 
 
 def register_best(cfg: SweepConfig, rows: list[Row], uri: str, parent: str) -> list[Any]:
