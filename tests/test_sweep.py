@@ -20,7 +20,7 @@ def _write(tmp_path, data) -> str:
 
 def test_shipped_sweep_config_is_valid_and_fits_two_cores():
     cfg = load_sweep_config("sweep")
-    assert grid_size(cfg.space) == 4 and len(cfg.sampling.configs) >= 4
+    assert grid_size(cfg.space) == 4 and len(cfg.sampling.configs) + cfg.sampling.num_samples >= 4 and cfg.sampling.space
     from pipeline.sweep.config import base_train_config
 
     base = base_train_config(cfg)
