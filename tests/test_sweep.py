@@ -179,3 +179,28 @@ def test_bad_sampling_space_is_one_line(tmp_path, space, message):
 def test_training_space_empty_range_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"space.train.lr.loguniform: empty range"):
         load_sweep_config(_write(tmp_path, {"space": {"train.lr": {"loguniform": [1e-2, 1e-3]}}}))
+
+
+def test_resume_unknown_sweep_is_one_line_exit_2(tmp_path, capsys):
+    from jobs.cli import main
+
+    (tmp_path / "sweeps" / "other").mkdir(parents=True)
+    (tmp_path / "sweeps" / "other" / "sweep.json").write_text("{}")
+    assert main(["sweep", "--resume", "nope", "--run-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--resume nope: no sweep of that name" in err and "known: other" in err
+
+
+def test_resume_refuses_another_tracking_store(tmp_path):
+    from pipeline.sweep.state import check_same_store, load_state, save_state
+
+    cfg = load_sweep_config(_write(tmp_path, {"name": "s1"}))
+    (tmp_path / "tune").mkdir()
+    path = save_state(tmp_path, cfg, "parent123", tmp_path / "tune", "http://user:pw-123@host:5000")
+    assert "pw-123" not in path.read_text()
+    state = load_state(tmp_path, "s1")
+    assert state.parent_run_id == "parent123" and state.config["name"] == "s1"
+    check_same_store(state, "http://user:pw-123@host:5000")
+    with pytest.raises(ConfigError, match=r"tracked at http://\*\*\*@host:5000") as info:
+        check_same_store(state, "http://host:5001")
+    assert "pw-123" not in str(info.value)

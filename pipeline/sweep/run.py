@@ -11,6 +11,7 @@ from pipeline.config import TrainJobConfig, tracking_uri
 from pipeline.errors import FlowrailError
 from pipeline.sweep.config import SweepConfig, base_train_config
 from pipeline.sweep.sampling import sampling_search, write_best_config
+from pipeline.sweep.state import SweepState, check_same_store, save_state
 from pipeline.sweep.summary import Row, rank_rows, write_summary
 from pipeline.tracking import redact
 
@@ -36,7 +37,9 @@ class SweepResult:
     registered: list[Any] = field(default_factory=list)
 
 
-def run_sweep(cfg: SweepConfig) -> SweepResult:
+def run_sweep(cfg: SweepConfig, resume: SweepState | None = None) -> SweepResult:
+    """Run the sweep ``cfg`` (or continue the interrupted one ``resume``: Tune restores its experiment, finished
+    trials keep their results and are not run again, unfinished ones continue from their last checkpoint)."""
     base = base_train_config(cfg)
     uri = tracking_uri(base)
     # trials run in other processes: the store travels to them through Ray's object store (tune.with_parameters),
@@ -44,10 +47,20 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     base.tracking.tracking_uri = None
     out_dir = Path(base.run_dir) / "sweeps" / cfg.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    parent = _start_parent(cfg, base, uri)
-    print(f"[flowrail] sweep {cfg.name}: parent MLflow run {parent} at {redact(uri)}", flush=True)
+    if resume is not None:
+        check_same_store(resume, uri)
+        parent, tune_dir = resume.parent_run_id, Path(resume.tune_dir)
+        from pipeline.tracking import client
+
+        client(uri).update_run(parent, status="RUNNING")
+    else:
+        parent = _start_parent(cfg, base, uri)
+        tune_dir = Path(base.run_dir) / "ray" / "tune" / f"{cfg.name}-{parent[:8]}"
+        save_state(base.run_dir, cfg, parent, tune_dir, uri)
+    print(f"[flowrail] sweep {cfg.name}: {'resumed' if resume else 'parent'} MLflow run {parent} at {redact(uri)}",
+          flush=True)
     try:
-        trials = _run_trials(cfg, base, parent, uri)
+        trials = _run_trials(cfg, base, parent, uri, tune_dir, resume is not None)
         rows = [Row.from_trial(t, cfg.tune.metric) for t in trials]
         rows += sampling_search(cfg, trials, parent, uri, out_dir, gpus=1 if base.train.use_gpu else 0)
         rows = rank_rows(rows, cfg.tune.metric, cfg.tune.mode)
@@ -97,7 +110,8 @@ def _start_parent(cfg: SweepConfig, base: TrainJobConfig, uri: str) -> str:
     return run.info.run_id
 
 
-def _run_trials(cfg: SweepConfig, base: TrainJobConfig, parent: str, uri: str) -> list[TrialOutcome]:
+def _run_trials(cfg: SweepConfig, base: TrainJobConfig, parent: str, uri: str, tune_dir: Path,
+                resume: bool) -> list[TrialOutcome]:
     from ray import tune
 
     from pipeline.sweep.space import scheduler, searcher, tune_space
@@ -112,12 +126,15 @@ def _run_trials(cfg: SweepConfig, base: TrainJobConfig, parent: str, uri: str) -
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.model_dump(mode="json"), sweep=sweep,
                                                          store={"uri": uri}),
                                     {"CPU": cfg.tune.trial_cpus})
+    if resume:
+        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
+        return [_outcome(res, base, uri, cfg) for res in tuner.fit()]
     tuner = tune.Tuner(
         trainable, param_space=tune_space(cfg.space),
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
                                     max_concurrent_trials=cfg.tune.max_concurrent, search_alg=searcher(cfg),
                                     scheduler=scheduler(cfg, base.train.steps)),
-        run_config=tune.RunConfig(name=f"{cfg.name}-{parent[:8]}", storage_path=str(Path(base.run_dir) / "ray" / "tune"),
+        run_config=tune.RunConfig(name=tune_dir.name, storage_path=str(tune_dir.parent),
                                   verbose=1),
     )
     grid = tuner.fit()
@@ -162,27 +179,23 @@ def _outcome(res: Any, base: TrainJobConfig, uri: str, cfg: SweepConfig) -> Tria
 
 
 def register_best(cfg: SweepConfig, rows: list[Row], uri: str, parent: str) -> list[Any]:
-    """Register the best ranked row as ``champion`` and the best row of another trial (or sampler) as
-    ``challenger``; each version is tagged with its metric, sampler settings and training choices."""
+    """Register the best ranked (checkpoint, sampler) row; the promotion gate makes it ``champion`` only if it beats
+    the current champion on the same metric and protocol, else ``challenger``."""
+    from pipeline.promotion import Score
     from pipeline.registry import register
+    from pipeline.sweep.sampling import protocol
+    from pipeline.train.checkpoint import read_meta
 
     ranked = [r for r in rows if r.rank is not None and r.checkpoint is not None]
     if not ranked:
         raise FlowrailError(f"sweep {cfg.name}: no completed trial to register")
-    picks = [(ranked[0], cfg.registry.champion_alias)]
-    if cfg.registry.challenger_alias:
-        other = next((r for r in ranked[1:] if r.trial_id != ranked[0].trial_id), None) or \
-            (ranked[1] if len(ranked) > 1 else None)
-        if other is not None:
-            picks.append((other, cfg.registry.challenger_alias))
-    out = []
-    for row, alias in picks:
-        tags = {"flowrail.metric": cfg.tune.metric, cfg.tune.metric: row.metric, "flowrail.sweep": cfg.name,
-                "flowrail.sweep_parent": parent, "flowrail.rank": row.rank, "flowrail.sampler": row.sampler,
-                **{f"trial.{k}": v for k, v in row.params.items()}}
-        reg = register(row.checkpoint, cfg.registry.name, uri, run_id=row.run_id, aliases=[alias],
-                       sampler=row.sampler_settings, guidance=row.guidance_settings, tags=tags)
-        print(f"[flowrail] registered {reg.name} v{reg.version} as @{alias} "
-              f"({cfg.tune.metric}={row.metric:.4g}, {row.sampler})", flush=True)
-        out.append(reg)
-    return out
+    best = ranked[0]
+    score = Score(cfg.tune.metric, best.metric, cfg.tune.mode, protocol(cfg, read_meta(best.checkpoint)["config"]))
+    tags = {"flowrail.sweep": cfg.name, "flowrail.sweep_parent": parent, "flowrail.sampler": best.sampler,
+            **{f"trial.{k}": v for k, v in best.params.items()}}
+    reg = register(best.checkpoint, cfg.registry.name, uri, run_id=best.trial_run_id or best.run_id,
+                   sampler=best.sampler_settings, guidance=best.guidance_settings, tags=tags, score=score,
+                   gate=(cfg.registry.champion_alias, cfg.registry.challenger_alias or "challenger"))
+    print(f"[flowrail] registered {reg.name} v{reg.version} as @{reg.aliases[0]} ({reg.reason}; {best.sampler})",
+          flush=True)
+    return [reg]

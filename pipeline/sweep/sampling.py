@@ -181,7 +181,7 @@ def write_best_config(cfg: Any, best: Row, path: Path) -> Path:
     sampler = best.sampler_settings or train["sampler"]
     guidance = best.guidance_settings or train["guidance"]
     doc = {"sweep": cfg.name, "metric": {"name": cfg.tune.metric, "mode": cfg.tune.mode, "value": best.metric,
-                                          **protocol(cfg)},
+                                          **protocol(cfg, train)},
            "trial": {"id": best.trial_id, "params": best.params, "mlflow_run_id": best.trial_run_id or best.run_id,
                      "checkpoint": str(best.checkpoint), "step": best.step},
            "sampler": sampler, "guidance": guidance, "train": {**train, "sampler": sampler, "guidance": guidance}}
@@ -190,6 +190,9 @@ def write_best_config(cfg: Any, best: Row, path: Path) -> Path:
     return path
 
 
-def protocol(cfg: Any) -> dict[str, Any]:
-    """What makes two numbers of the metric comparable: metric, sample count, seed (and FID's reference)."""
-    return {"num_samples": cfg.eval.num_samples, "seed": cfg.eval.seed, "metrics": list(cfg.eval.metrics)}
+def protocol(cfg: Any, train_config: dict[str, Any]) -> dict[str, Any]:
+    """What makes two numbers of the metric comparable (besides its name and direction): sample count, seed and the
+    real images they are compared with (the validation shard set; FID's reference statistics when given)."""
+    data, ev = train_config["data"], train_config.get("eval", {})
+    return {"num_samples": cfg.eval.num_samples, "seed": cfg.eval.seed,
+            "reference": ev.get("reference_stats") or data.get("val_shards") or data.get("shards")}
