@@ -72,6 +72,7 @@ PREDICT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.timeout(1200)  # a fresh process loads the model: minutes on a loaded 2-core machine
 def test_latent_model_is_registered_with_its_autoencoder_and_predicts_rgb(mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -47,6 +47,7 @@ def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # two sweep processes, each starting its own local Ray
 def test_killed_sweep_resumes_and_never_leaks_the_tracking_password(digits_shards, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 

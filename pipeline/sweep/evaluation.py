@@ -44,10 +44,14 @@ def score_remotely(checkpoint: Any, metrics: list[str], num_samples: int, seed: 
                    sampler: dict[str, Any] | None = None, guidance: dict[str, Any] | None = None) -> dict[str, Any]:
     """:func:`score_checkpoint` as a Ray task asking for ``cpus``/``gpus``; returns its result (errors re-raised)."""
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from pipeline.cluster import init_ray
 
     init_ray()
-    task = ray.remote(score_checkpoint).options(num_cpus=cpus, num_gpus=gpus, max_retries=0,
-                                                name="flowrail-score-checkpoint")
+    # outside the caller's placement group: a Tune trial's group holds only the trial driver's own tiny bundle, and
+    # tasks started inside a trial would otherwise be captured into it (and never fit)
+    task = ray.remote(score_checkpoint).options(
+        num_cpus=cpus, num_gpus=gpus, max_retries=0, name="flowrail-score-checkpoint",
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     return ray.get(task.remote(checkpoint, list(metrics), num_samples, seed, sampler, guidance))
