@@ -56,6 +56,9 @@ class TrackingError(FlowrailError):
 def client(uri: str):  # noqa: ANN201
     from mlflow.tracking import MlflowClient
 
+    if redact(uri) != uri:  # MLflow prints each ended run's URL, userinfo included, unless told not to
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
     return MlflowClient(tracking_uri=uri)
 
 

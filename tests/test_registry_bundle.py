@@ -30,8 +30,9 @@ def tiny_autoencoder(folder: Path) -> Path:
     return folder
 
 
-def latent_checkpoint(root: Path, vae: Path | None) -> Path:
-    """A flowrail checkpoint (flowrail.json + ema.safetensors) of a tiny SiT on 4x4x4 latents of ``vae``."""
+def latent_checkpoint(root: Path, vae: Path | None, shards: Path | None = None) -> Path:
+    """A flowrail checkpoint (flowrail.json + ema.safetensors) of a tiny SiT on 4x4x4 latents of ``vae`` (trained
+    on ``shards``, else on a manifest-only stand-in)."""
     from safetensors.torch import save_file
 
     from pipeline.config import TrainJobConfig, load_config
@@ -39,12 +40,13 @@ def latent_checkpoint(root: Path, vae: Path | None) -> Path:
     from pipeline.models import build_model
     from pipeline.train.checkpoint import EMA_FILE, META
 
-    shards = root / "latent-shards"
-    shards.mkdir(parents=True)
-    (shards / "manifest.json").write_text(json.dumps({"kind": "latents", "shape": [4, 4, 4], "num_samples": 100}))
+    if shards is None:
+        shards = root / "latent-shards"
+        shards.mkdir(parents=True)
+        (shards / "manifest.json").write_text(json.dumps({"kind": "latents", "shape": [4, 4, 4], "num_samples": 100}))
     cfg = load_config(TrainJobConfig, "train", ["model.hidden_size=32", "model.depth=1", "model.num_heads=2",
                                                 "model.patch_size=2", "sampler.steps=3", f"run_dir={root}",
-                                                f"data.shards={shards}"])
+                                                f"data.shards={shards}", f"data.val_shards={shards}"])
     info = DataInfo(kind="latents", field="latent.npy", channels=4, size=4, num_classes=10, num_samples=100,
                     latent_scale=0.5, vae=str(vae) if vae else None)
     torch.manual_seed(0)
@@ -53,7 +55,7 @@ def latent_checkpoint(root: Path, vae: Path | None) -> Path:
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     ckpt = root / "checkpoint_000001"
-    ckpt.mkdir()
+    ckpt.mkdir(parents=True)
     save_file(model.state_dict(), str(ckpt / EMA_FILE))
     (ckpt / META).write_text(json.dumps({"format": "flowrail-checkpoint/1", "step": 5, "epoch": 0,
                                          "config": cfg.model_dump(mode="json"), "data": info.to_dict()}))

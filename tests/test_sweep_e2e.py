@@ -51,7 +51,7 @@ def _sweep_yaml(tmp_path, shards, uri, name, worse=False) -> str:
                   "transport.prediction": {"grid": ["velocity", "score"]}},
         "tune": {"metric": "fd_pixels", "mode": "min", "max_concurrent": 1,
                  "asha": {"grace_period": 10, "reduction_factor": 2}},
-        "eval": {"metrics": ["fd_pixels"], "num_samples": 64},
+        "eval": {"metrics": ["fd_pixels"], "num_samples": 256},  # > 192 decoded dimensions: a full-rank covariance
         "sampling": {"top_k": 1, "searcher": "optuna", "num_samples": 3,
                      "configs": [{"name": "euler4", "sampler": {"method": "ode", "solver": "euler", "steps": 4}}],
                      "space": {"sampler.method": {"choice": ["ode", "sde"]},
