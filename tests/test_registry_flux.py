@@ -54,6 +54,7 @@ def test_flux_lora_registered_generates_in_fresh_process_and_loads_into_diffuser
     cfg = load_config(TrainJobConfig, "train", [f"{k}={'null' if v is None else v}" for k, v in overrides.items()])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg.tracking.tracking_uri = uri
+    MlflowClient(uri).create_experiment("flux-reg", artifact_location=str(tmp_path / "artifacts"))  # not ./mlruns
     result = fit(cfg, make_grid=False)
     reg = register(result.checkpoint, "flux-lora", uri, run_id=result.run_id, aliases=["champion"])
     c = MlflowClient(uri)

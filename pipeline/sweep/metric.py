@@ -74,4 +74,7 @@ def with_sampler(trained: Any, sampler: Any, guidance: Any) -> Any:
     from pipeline.objective import build_objective
 
     cfg = trained.config.model_copy(update={"sampler": sampler, "guidance": guidance}, deep=True)
-    return replace(trained, config=cfg, objective=build_objective(cfg, trained.num_classes))
+    objective = build_objective(cfg, trained.num_classes)
+    if hasattr(trained.objective, "captions"):  # a FLUX caption view: keep its prompts, swap the inner objective
+        objective = replace(trained.objective, objective=objective)
+    return replace(trained, config=cfg, objective=objective)
