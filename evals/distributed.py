@@ -75,7 +75,7 @@ def generate_and_tally(source: Any, labels: torch.Tensor, seed: int, plan: EvalP
     from pipeline.sampling import sample_classes
 
     start = time.time()
-    trained = _materialise(source)
+    trained = materialise(source)
     classifier = inception = None
     if plan.want_digits:
         from evals.digits_classifier import load_digits_classifier
@@ -105,7 +105,8 @@ def generate_and_tally(source: Any, labels: torch.Tensor, seed: int, plan: EvalP
     return result
 
 
-def _materialise(source: Any) -> Any:
+def materialise(source: Any) -> Any:
+    """A :class:`Trained` from ``source`` (loaded when it is ``(path, cfg)``), its model on the GPU when there is one."""
     if isinstance(source, tuple):
         from pipeline.train.checkpoint import load_trained
 
@@ -144,7 +145,7 @@ def run_workers(trained: Any, cfg: Any, plan: EvalPlan) -> WorkerResult:
 
     import ray
 
-    from pipeline.train.trainer import init_ray
+    from pipeline.cluster import init_ray
 
     init_ray()
     source: Any = (str(trained.path), cfg) if _checkpoint_matches(trained) else ray.put(trained)

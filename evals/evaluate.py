@@ -58,8 +58,8 @@ def _fid_reference(trained: Any, cfg: Any) -> tuple[np.ndarray, np.ndarray]:
 
     if cfg.eval.reference_stats:
         return load_stats(cfg.eval.reference_stats)
-    if getattr(trained.data, "kind", "pixels") != "pixels":
-        raise ValueError("eval.metrics=fid on latent data needs eval.reference_stats (an npz with mu and sigma "
+    if getattr(trained.data, "kind", "pixels") not in ("pixels", "latents"):
+        raise ValueError("eval.metrics=fid on this data needs eval.reference_stats (an npz with mu and sigma "
                          "of the real images' Inception features)")
     from evals.inception import FEATURE_DIM, InceptionFeatures
     from evals.reference import reference_stats

@@ -26,7 +26,11 @@ def default_cache_dir() -> Path:
 
 def iter_real_batches(shards: str | Path, image_size: int | None, batch_size: int = 256,
                       max_samples: int | None = None, job: str = "evaluate") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(images (B, C, H, W) in [-1, 1], labels (B,))`` from a local shard set, with the training decode/resize."""
+    """``(images (B, C, H, W) in [-1, 1], labels (B,))`` from a local shard set, with the training decode/resize.
+
+    A latent shard set is decoded through its own autoencoder (the manifest's ``vae``), so real and generated
+    images (which ``sample_classes`` decodes the same way) are compared in pixel space.
+    """
     from pipeline.data.shards import iter_samples
     from pipeline.data.streaming import Decode, describe
 
@@ -36,7 +40,13 @@ def iter_real_batches(shards: str | Path, image_size: int | None, batch_size: in
 
     def emit(arrays: list, labels: list, keys: list) -> tuple[torch.Tensor, torch.Tensor]:
         out = decode({info.field: arrays, "cls": np.asarray(labels), "__key__": np.asarray(keys)})
-        return torch.from_numpy(np.ascontiguousarray(out["image"])), torch.from_numpy(out["label"])
+        x = torch.from_numpy(np.ascontiguousarray(out["image"]))
+        if info.kind == "latents":
+            from pipeline.data.encode import decode_latents_from_info
+
+            with torch.no_grad():
+                x = decode_latents_from_info(x.float(), info)
+        return x, torch.from_numpy(out["label"])
 
     arrays, labels, keys = [], [], []
     for key, sample in iter_samples(shards):

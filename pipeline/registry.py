@@ -1,20 +1,31 @@
-"""MLflow Model Registry handoff: a flowrail checkpoint as a pyfunc image generator, registered under aliases.
+"""MLflow Model Registry handoff: a flowrail checkpoint as a self-contained pyfunc image generator.
 
-The pyfunc model's artifacts are the checkpoint's ``flowrail.json`` (config, data info, step) and
-``ema.safetensors`` (the EMA weights used for sampling); the flowrail ``pipeline`` package travels as code, so
-``mlflow.pyfunc.load_model("models:/NAME@champion")`` works in a fresh process with only the pinned requirements.
+A registered version carries everything ``mlflow.pyfunc.load_model("models:/NAME@champion")`` needs in a fresh
+process, for every model family:
 
-``predict`` takes a DataFrame with one row per image: ``label`` (class), and optionally ``seed``, ``steps``,
-``method``, ``solver``, ``diffusion``, ``diffusion_norm``, ``guidance`` (missing values fall back to the sampler
-settings the model was registered with). Rows that share seed and sampler settings are drawn as one batch from one
-generator seeded with ``seed``. It returns an ``(N, H, W, C)`` uint8 array in the rows' order.
+- ``checkpoint``: ``flowrail.json`` (config without tracking URI or credentials, data info, step) and
+  ``ema.safetensors`` (the EMA weights used for sampling; for a FLUX LoRA fine-tune, the adapter only);
+- ``autoencoder`` (latent SiT/DFM and FLUX): the diffusers ``AutoencoderKL`` folder that decodes samples to RGB;
+- FLUX: ``prompts`` (the caption embeddings that labels select), ``flux_lora`` (the adapter in diffusers' LoRA format,
+  for ``FluxPipeline.load_lora_weights``) and ``base.json``, a reference to the base weights (path and fingerprint)
+  that the loader checks, overridable with ``$FLOWRAIL_FLUX_BASE``;
+- the flowrail ``pipeline`` package as code, and requirements pinned to the versions it was logged with
+  (diffusers/transformers/peft where the family needs them).
+
+``predict`` takes a DataFrame with one row per image: ``label`` (class, or caption index for FLUX), and optionally
+``seed``, ``steps``, ``method``, ``solver``, ``diffusion``, ``diffusion_norm``, ``guidance`` (missing values fall
+back to the sampler settings the model was registered with). Rows that share seed and sampler settings are drawn as
+one batch from one generator seeded with ``seed``. It returns ``(N, H, W, C)`` uint8 RGB (or grey) images: decoded
+images for latent models, which is the shape the signature declares.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -30,6 +41,10 @@ SAMPLER_COLUMNS = {"seed": "long", "steps": "long", "method": "string", "solver"
 # what the model needs at load time, pinned to the versions it was logged with
 REQUIREMENTS = ("torch", "numpy", "pandas", "safetensors", "pydantic", "pyyaml", "pillow", "scipy", "torchdiffeq",
                 "mlflow")
+LATENT_REQUIREMENTS = ("diffusers", "huggingface_hub", "accelerate")  # AutoencoderKL decodes the samples
+FLUX_REQUIREMENTS = ("diffusers", "huggingface_hub", "accelerate", "transformers", "peft", "tokenizers",
+                     "sentencepiece", "protobuf")
+BASE_ENV = "FLOWRAIL_FLUX_BASE"  # where a loader finds the FLUX base weights when not at the recorded path
 
 
 class FlowrailImageModel(mlflow.pyfunc.PythonModel):
@@ -41,9 +56,7 @@ class FlowrailImageModel(mlflow.pyfunc.PythonModel):
         self.trained = None
 
     def load_context(self, context: Any) -> None:
-        from pipeline.train.checkpoint import load_trained
-
-        self.trained = load_trained(context.artifacts["checkpoint"])
+        self.trained = load_bundle(context.artifacts)
 
     def _settings(self, row: dict[str, Any]) -> tuple[Any, Any, int]:
         from pipeline.config import GuidanceConfig, SamplerConfig
@@ -106,6 +119,165 @@ def _present(value: Any) -> bool:
     return value is not None and not (isinstance(value, float) and np.isnan(value))
 
 
+def family(cfg: dict[str, Any], data: dict[str, Any]) -> str:
+    """``flux`` | ``latent`` (SiT/DFM on autoencoder latents) | ``pixel``."""
+    if str(cfg["model"]["name"]).lower() == "flux":
+        return "flux"
+    return "latent" if data.get("kind") == "latents" else "pixel"
+
+
+def autoencoder_dir(cfg: dict[str, Any], data: dict[str, Any]) -> Path:
+    """The local AutoencoderKL folder that decodes this model's samples, or a one-line FlowrailError."""
+    folder = cfg.get("flux", {}).get("autoencoder") or data.get("vae")
+    if not folder or not (Path(folder) / "config.json").is_file():
+        raise FlowrailError(f"cannot register: the autoencoder that decodes this model's latents is not found "
+                            f"({folder or 'no vae in the shard manifest'}; expected a diffusers AutoencoderKL folder)")
+    return Path(folder)
+
+
+def decoded_shape(latent_shape: tuple[int, int, int], vae_dir: Path) -> tuple[int, int, int]:
+    """``(C, H, W)`` of decoded images: the autoencoder upsamples by ``2 ** (len(block_out_channels) - 1)``."""
+    config = json.loads((vae_dir / "config.json").read_text())
+    factor = 2 ** (len(config.get("block_out_channels", [0])) - 1)
+    return int(config.get("out_channels", 3)), latent_shape[1] * factor, latent_shape[2] * factor
+
+
+def base_fingerprint(path: Path) -> str:
+    """SHA-256 over the FLUX base's transformer config and its weight files' names and sizes (hashing tens of GB of
+    weights at every load would take minutes; a swapped or re-downloaded different model changes this)."""
+    folder = path / "transformer" if (path / "transformer" / "config.json").is_file() else path
+    h = hashlib.sha256()
+    if folder.is_file():
+        h.update(f"{folder.name}:{folder.stat().st_size}".encode())
+        return h.hexdigest()
+    if (folder / "config.json").is_file():
+        h.update((folder / "config.json").read_bytes())
+    for f in sorted(folder.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+def flux_base_reference(cfg: dict[str, Any]) -> dict[str, str]:
+    weights = cfg["flux"].get("weights")
+    if not weights or not Path(weights).exists():
+        raise FlowrailError(f"cannot register: the FLUX base weights are not found (flux.weights={weights})")
+    return {"path": str(Path(weights).resolve()), "sha256": base_fingerprint(Path(weights))}
+
+
+def check_flux_base(reference: dict[str, str]) -> Path:
+    """The base weights a FLUX model was fine-tuned from: ``$FLOWRAIL_FLUX_BASE`` or the recorded path, checked
+    against the recorded fingerprint."""
+    path = Path(os.environ.get(BASE_ENV) or reference["path"])
+    if not path.exists():
+        raise FlowrailError(f"FLUX base weights not found at {path}: set {BASE_ENV} to a local copy of "
+                            f"the base this model was fine-tuned from")
+    if base_fingerprint(path) != reference["sha256"]:
+        raise FlowrailError(f"FLUX base weights at {path} are not the ones this model was fine-tuned from "
+                            f"(fingerprint differs); set {BASE_ENV} to the right base")
+    return path
+
+
+def write_prompts(cfg: dict[str, Any], data: dict[str, Any], out: Path) -> Path:
+    """The caption embeddings FLUX labels select (``prompts.safetensors`` + ``prompts.json``: captions, shift,
+    scale), from the run's shard set as :func:`pipeline.flux.evaluation.flux_eval_view` takes them."""
+    from safetensors.torch import save_file
+
+    from pipeline.data.shards import read_manifest
+    from pipeline.flux.evaluation import _autoencoder_factors, eval_prompts
+
+    shards = cfg["data"].get("val_shards") or cfg["data"].get("shards")
+    try:
+        t5, pooled, captions = eval_prompts(shards)
+        manifest = read_manifest(shards)
+    except (OSError, ValueError, FlowrailError) as exc:
+        raise FlowrailError(f"cannot register the FLUX model: its caption embeddings are not readable "
+                            f"({str(exc).splitlines()[0]})") from None
+    vae_shift, vae_scale = _autoencoder_factors(cfg["flux"].get("autoencoder") or data.get("vae"))
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"t5": t5.contiguous(), "clip_pooled": pooled.contiguous()}, str(out / "prompts.safetensors"))
+    (out / "prompts.json").write_text(json.dumps({
+        "captions": captions, "shift": float(manifest.get("shift_factor", vae_shift) or 0.0),
+        "scale": float(data.get("latent_scale") or manifest.get("latent_scale") or vae_scale or 1.0)}))
+    return out
+
+
+def load_bundle(artifacts: dict[str, str]) -> Any:
+    """A :class:`pipeline.train.checkpoint.Trained` from a registered model's artifacts only (plus the checked FLUX
+    base): the decoding autoencoder and the FLUX prompts come from the artifacts, not from paths of the machine
+    that trained it."""
+    from pipeline.config import TrainJobConfig
+    from pipeline.train.checkpoint import load_trained, read_meta
+
+    ckpt = Path(artifacts["checkpoint"])
+    meta = read_meta(ckpt)
+    vae = artifacts.get("autoencoder")
+    if str(meta["config"]["model"]["name"]).lower() != "flux":
+        trained = load_trained(ckpt)
+        return replace(trained, data=replace(trained.data, vae=vae)) if vae else trained
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.data.streaming import DataInfo
+    from pipeline.flux.evaluation import PromptSampler
+    from pipeline.flux.export import load_finetuned_from_checkpoint
+    from pipeline.objective import build_objective
+    from pipeline.train.checkpoint import Trained
+
+    base = check_flux_base(json.loads(Path(artifacts["flux_base"]).read_text()))
+    cfg = TrainJobConfig.model_validate(meta["config"])
+    cfg.flux.weights, cfg.flux.autoencoder = str(base), vae
+    cfg.init_from = None  # its weights are part of the EMA tensors of a full fine-tune; a LoRA's base is flux.weights
+    model, cfg = load_finetuned_from_checkpoint(ckpt, cfg)
+    prompts = Path(artifacts["prompts"])
+    tensors = load_file(str(prompts / "prompts.safetensors"))
+    info = json.loads((prompts / "prompts.json").read_text())
+    data = DataInfo(**meta["data"])
+    sampler = PromptSampler(objective=build_objective(cfg, data.num_classes), t5=tensors["t5"].float(),
+                            clip_pooled=tensors["clip_pooled"].float(), captions=info["captions"],
+                            shift=info["shift"], scale=info["scale"])
+    data = replace(data, num_classes=len(info["captions"]), vae=vae, latent_scale=info["scale"])
+    torch.set_grad_enabled(False)
+    return Trained(config=cfg, model=model.requires_grad_(False), objective=sampler, data=data,
+                   step=int(meta["step"]), path=ckpt, run_id=meta.get("mlflow_run_id"))
+
+
+def write_checkpoint_artifact(ckpt: Path, out: Path) -> Path:
+    """``flowrail.json`` (config made shareable: no tracking URI, no credentials) and ``ema.safetensors``."""
+    from pipeline.tracking import shareable_config
+    from pipeline.train.checkpoint import EMA_FILE, META, read_meta
+
+    out.mkdir(parents=True)
+    meta = read_meta(ckpt)
+    meta["config"] = shareable_config(meta["config"])
+    (out / META).write_text(json.dumps(meta, indent=2))
+    shutil.copy2(ckpt / EMA_FILE, out / EMA_FILE)
+    return out
+
+
+def prepare_artifacts(ckpt: Path, meta: dict[str, Any], tmp: Path) -> tuple[dict[str, str], tuple[int, int, int], str]:
+    """``(artifacts, output image shape (C, H, W), family)`` of a checkpoint; refuses (one line) a model whose
+    autoencoder or FLUX base cannot be found."""
+    cfg, data = meta["config"], meta["data"]
+    kind = family(cfg, data)
+    artifacts = {"checkpoint": str(write_checkpoint_artifact(ckpt, tmp / "checkpoint"))}
+    shape = (int(data["channels"]), int(data["size"]), int(data["size"]))
+    if kind == "flux":
+        (tmp / "flux_base.json").write_text(json.dumps(flux_base_reference(cfg)))
+        artifacts["flux_base"] = str(tmp / "flux_base.json")
+    if kind in ("latent", "flux"):
+        vae = autoencoder_dir(cfg, data)
+        shutil.copytree(vae, tmp / "autoencoder")
+        artifacts["autoencoder"] = str(tmp / "autoencoder")
+        shape = decoded_shape(shape, vae)
+    if kind == "flux":
+        artifacts["prompts"] = str(write_prompts(cfg, data, tmp / "prompts"))
+        if cfg["flux"].get("mode") == "lora":
+            from pipeline.flux.export import export_finetuned
+
+            artifacts["flux_lora"] = str(export_finetuned(ckpt, tmp / "flux_lora"))
+    return artifacts, shape, kind
+
+
 def signature(image_shape: tuple[int, int, int]):  # noqa: ANN201
     """Input: label (required) + optional sampler columns; output: (N, H, W, C) uint8 images."""
     from mlflow.models import ModelSignature
@@ -128,9 +300,11 @@ def input_example(num_classes: int, sampler: dict[str, Any], guidance: float) ->
                          "guidance": [float(guidance)] * len(labels)})
 
 
-def pinned_requirements() -> list[str]:
+def pinned_requirements(kind: str = "pixel") -> list[str]:
+    """The model's requirements, pinned to the installed versions (what the family needs to load and sample)."""
+    extra = {"latent": LATENT_REQUIREMENTS, "flux": FLUX_REQUIREMENTS}.get(kind, ())
     out = []
-    for name in REQUIREMENTS:
+    for name in dict.fromkeys((*REQUIREMENTS, *extra)):
         try:
             v = version(name)
         except PackageNotFoundError:
@@ -165,14 +339,42 @@ class Registered:
     model_uri: str
     run_id: str
     aliases: list[str]
+    reason: str = ""
+
+
+def accept_checkpoint(ckpt: Path, meta: dict[str, Any]) -> None:
+    """The one place where a checkpoint is accepted (or refused, with a one-line FlowrailError) before anything is
+    logged or registered; every path to the registry (``flowrail register``, the sweep) passes here.
+
+    Checks that belong to a stage (e.g. the privacy stage's audit gate) are added here.
+    """
+    if "config" not in meta or "data" not in meta:
+        raise CheckpointError(f"checkpoint {ckpt} has no config/data in its metadata: not a flowrail training checkpoint")
+
+
+def data_reference(cfg: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """The training shard set: path, kind, sample count and the SHA-256 of its manifest (which lists every shard's
+    own sha256), so the version names exactly the data it was trained on."""
+    from pipeline.data.shards import MANIFEST
+
+    path = Path(cfg["data"]["shards"])
+    manifest = path / MANIFEST
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else ""
+    return {"path": str(path), "kind": data.get("kind"), "num_samples": data.get("num_samples"), "sha256": digest,
+            "manifest": str(manifest) if manifest.is_file() else None}
 
 
 def register(checkpoint: str | Path, name: str, tracking_uri: str, *, run_id: str | None = None,
              experiment: str = "flowrail", aliases: list[str] | tuple[str, ...] = (),
              sampler: dict[str, Any] | None = None, guidance: dict[str, Any] | None = None,
-             tags: dict[str, Any] | None = None) -> Registered:
-    """Log ``checkpoint`` as a pyfunc model (into ``run_id``, else a new run), register a new version of ``name``,
-    point ``aliases`` at it and tag the version with ``tags`` and the sampler settings."""
+             tags: dict[str, Any] | None = None, score: Any = None, gate: tuple[str, str] | None = None
+             ) -> Registered:
+    """Log ``checkpoint`` as a self-contained pyfunc model (into ``run_id``, else a new run), register a new version
+    of ``name`` with its model card, metric and training data, and point aliases at it.
+
+    ``gate=(champion_alias, challenger_alias)``: the promotion gate (:mod:`pipeline.promotion`) picks the alias from
+    ``score`` (a :class:`pipeline.promotion.Score`) and the current champion's; ``aliases`` are set as well.
+    """
     import mlflow
 
     from pipeline.config import GuidanceConfig, SamplerConfig
@@ -180,20 +382,23 @@ def register(checkpoint: str | Path, name: str, tracking_uri: str, *, run_id: st
 
     ckpt = find_latest(checkpoint)
     meta = read_meta(ckpt)
+    accept_checkpoint(ckpt, meta)
     cfg = meta["config"]
     sampler = _validated(SamplerConfig, {**cfg["sampler"], **(sampler or {})}, "sampler")
     guidance = _validated(GuidanceConfig, {**cfg["guidance"], **(guidance or {})}, "guidance")
-    data = meta["data"]
-    image_shape = (int(data["channels"]), int(data["size"]), int(data["size"]))
-    mlflow.set_tracking_uri(tracking_uri)  # the fluent log_model below writes to the current tracking URI
-    return _log_and_register(ckpt, meta, name, tracking_uri, experiment, run_id, sampler, guidance, data,
-                             image_shape, aliases, tags)
+    with tempfile.TemporaryDirectory(prefix="flowrail-register-") as tmp:
+        artifacts, shape, kind = prepare_artifacts(ckpt, meta, Path(tmp))  # refuses before anything is logged
+        mlflow.set_tracking_uri(tracking_uri)  # the fluent log_model below writes to the current tracking URI
+        return _log_and_register(ckpt, meta, name, tracking_uri, experiment, run_id, sampler, guidance, artifacts,
+                                 shape, kind, list(aliases), tags, score, gate)
 
 
-def _log_and_register(ckpt, meta, name, tracking_uri, experiment, run_id, sampler, guidance, data,  # noqa: ANN001, ANN202
-                      image_shape, aliases, tags):
+def _log_and_register(ckpt, meta, name, tracking_uri, experiment, run_id, sampler, guidance, artifacts,  # noqa: ANN001, ANN202
+                      shape, kind, aliases, tags, score, gate):
+    import mlflow
+
+    from pipeline.promotion import current_champion, decide, model_card
     from pipeline.tracking import client, ensure_experiment
-    from pipeline.train.checkpoint import EMA_FILE, META
 
     c = client(tracking_uri)
     if run_id is None:
@@ -203,27 +408,52 @@ def _log_and_register(ckpt, meta, name, tracking_uri, experiment, run_id, sample
         status_after = "FINISHED"
     else:
         status_after = c.get_run(run_id).info.status
-    with tempfile.TemporaryDirectory(prefix="flowrail-register-") as tmp:
-        art = Path(tmp) / "checkpoint"
-        art.mkdir()
-        for f in (META, EMA_FILE):
-            shutil.copy2(ckpt / f, art / f)
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=FlowrailImageModel(sampler, guidance),
-                artifacts={"checkpoint": str(art)}, code_paths=[str(PACKAGE_DIR)],
-                signature=signature(image_shape),
-                input_example=input_example(int(data.get("num_classes") or 0), sampler, guidance["scale"]),
-                pip_requirements=pinned_requirements(), registered_model_name=name)
+    data_ref = data_reference(meta["config"], meta["data"])
+    with mlflow.start_run(run_id=run_id):
+        _log_training_data(data_ref)
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=FlowrailImageModel(sampler, guidance), artifacts=artifacts,
+            code_paths=[str(PACKAGE_DIR)], signature=signature(shape),
+            input_example=input_example(int(meta["data"].get("num_classes") or 0), sampler, guidance["scale"]),
+            pip_requirements=pinned_requirements(kind), registered_model_name=name)
     if status_after != "RUNNING":
         c.set_terminated(run_id, status=status_after)
     ver = str(info.registered_model_version)
-    version_tags = {"flowrail.checkpoint": str(ckpt), "flowrail.step": meta["step"],
+    decision = None
+    if gate is not None:
+        champion = current_champion(c, name, gate[0])
+        decision = decide(score, dict(champion.tags) if champion is not None else None, *gate)
+        aliases = [decision.alias, *[a for a in aliases if a != decision.alias]]
+    version_tags = {"flowrail.checkpoint": str(ckpt), "flowrail.step": meta["step"], "flowrail.family": kind,
+                    "flowrail.data": data_ref["path"], "flowrail.data_sha256": data_ref["sha256"],
+                    "flowrail.training_run": run_id,
                     **{f"sampler.{k}": v for k, v in sampler.items()},
-                    **{f"guidance.{k}": v for k, v in guidance.items()}, **(tags or {})}
+                    **{f"guidance.{k}": v for k, v in guidance.items()}, **(score.tags() if score else {}),
+                    **(tags or {})}
+    if decision is not None:
+        version_tags.update({"flowrail.promotion": decision.alias, "flowrail.promotion_reason": decision.reason,
+                             "flowrail.champion_metric_value": "none" if decision.champion_value is None
+                             else repr(decision.champion_value)})
     for k, v in version_tags.items():
         c.set_model_version_tag(name, ver, k, str(v))
+    c.update_model_version(name, ver, description=model_card(
+        name=name, family=kind, meta=meta, data_ref=data_ref, sampler=sampler, guidance=guidance, score=score,
+        run_id=run_id, decision=decision))
     for alias in aliases:
         c.set_registered_model_alias(name, alias, ver)
     return Registered(name=name, version=ver, model_uri=f"models:/{name}/{ver}", run_id=run_id,
-                      aliases=list(aliases))
+                      aliases=list(aliases), reason=decision.reason if decision else "")
+
+
+def _log_training_data(data_ref: dict[str, Any]) -> None:
+    """The training shard set as an MLflow dataset input of the run (source path, digest = manifest hash), and its
+    manifest as an artifact."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    dataset = MetaDataset(resolve_dataset_source(data_ref["path"]), name=Path(data_ref["path"]).name or "shards",
+                          digest=data_ref["sha256"][:32] or None)
+    mlflow.log_input(dataset, context="training")
+    if data_ref["manifest"]:
+        mlflow.log_artifact(data_ref["manifest"], artifact_path="training_data")

@@ -25,12 +25,39 @@ def redact(value: str) -> str:
     return _USERINFO.sub(r"\g<scheme>***@", value)
 
 
+def uri_fingerprint(uri: str) -> str:
+    """SHA-256 of a tracking URI: lets a file recognise the same store without holding its credentials."""
+    import hashlib
+
+    return hashlib.sha256(uri.encode()).hexdigest()
+
+
+def shareable_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A dumped config safe to write into checkpoints, artifacts and exported YAML: no tracking URI (the store comes
+    from the environment where the file is used), no values under credential-like keys, URL userinfo redacted."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if any(marker in str(key).lower() for marker in SECRET_MARKERS):
+            continue
+        if isinstance(value, dict):
+            value = shareable_config(value)
+        elif isinstance(value, str):
+            value = redact(value)
+        out[key] = value
+    if isinstance(out.get("tracking"), dict) and "tracking_uri" in out["tracking"]:
+        out["tracking"]["tracking_uri"] = None
+    return out
+
+
 class TrackingError(FlowrailError):
     """The tracking server cannot be reached."""
 
 
 def client(uri: str):  # noqa: ANN201
     from mlflow.tracking import MlflowClient
+
+    if redact(uri) != uri:  # MLflow prints each ended run's URL, userinfo included, unless told not to
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
     return MlflowClient(tracking_uri=uri)
 
@@ -74,7 +101,7 @@ def start_or_resume_run(cfg: TrainJobConfig, tags: dict[str, str] | None = None)
     record = run_record(cfg)
     if record.is_file():
         saved = json.loads(record.read_text())
-        if saved.get("tracking_uri") == uri:
+        if saved.get("tracking_uri_sha256") == uri_fingerprint(uri) or saved.get("tracking_uri") == uri:
             try:
                 client(uri).update_run(saved["run_id"], status="RUNNING")
                 return saved["run_id"], True
@@ -88,7 +115,8 @@ def start_or_resume_run(cfg: TrainJobConfig, tags: dict[str, str] | None = None)
         c.log_batch(run.info.run_id, params=params[i:i + 90])
     c.log_batch(run.info.run_id, tags=[RunTag("mlflow.note.content", f"flowrail run {cfg.run_name}")])
     record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}))
+    record.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": redact(uri),
+                                  "tracking_uri_sha256": uri_fingerprint(uri)}))
     return run.info.run_id, False
 
 
@@ -141,4 +169,4 @@ class MetricLogger:
 def mlflow_ui_hint(uri: str) -> str:
     if uri.startswith("sqlite:") or uri.startswith("file:"):
         return f"mlflow ui --backend-store-uri {uri}"
-    return f"open {uri}"
+    return f"open {redact(uri)}"

@@ -53,6 +53,7 @@ class EvalSettings(Section):
     metrics: list[str] = ["fd_pixels"]
     num_samples: int = Field(default=256, ge=8)
     seed: int = 1234
+    cpus: float = Field(default=0.5, gt=0)  # CPUs of the Ray task that scores a checkpoint (plus 1 GPU on GPU runs)
 
 
 class SamplingVariant(Section):
@@ -72,6 +73,16 @@ class SamplingVariant(Section):
                                                                                   f"sampling variant {self.label}:"))
         return sampler, guidance
 
+    def resolve_dicts(self, sampler: dict[str, Any], guidance: dict[str, Any]) -> tuple[dict, dict]:
+        """Like :meth:`resolve`, on dumped settings (a checkpoint's ``config.sampler``/``config.guidance``)."""
+        try:
+            s = SamplerConfig.model_validate({**sampler, **self.sampler}).model_dump()
+            g = GuidanceConfig.model_validate({**guidance, **self.guidance}).model_dump()
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, SamplerConfig).replace("config error:",
+                                                                                  f"sampling variant {self.label}:"))
+        return s, g
+
     @property
     def label(self) -> str:
         if self.name:
@@ -81,8 +92,29 @@ class SamplingVariant(Section):
 
 
 class SamplingSweep(Section):
+    """A search over evaluation-time sampling choices on the checkpoints of the ``top_k`` best trials.
+
+    ``configs`` are evaluated as given; ``space`` (dotted ``sampler.*`` / ``guidance.*`` keys, the distributions of
+    ``space`` above) is then searched with ``searcher`` for ``num_samples`` more configurations per checkpoint:
+    Optuna's TPE, or random sampling. Each evaluated configuration is a nested MLflow run.
+    """
+
     top_k: int = Field(default=2, ge=1)  # best trials whose checkpoints get the sampling sweep
     configs: list[SamplingVariant] = []
+    space: dict[str, dict[str, Any]] = {}
+    searcher: Literal["optuna", "random"] = "optuna"
+    num_samples: int = Field(default=8, ge=0)  # searched configurations per checkpoint (besides ``configs``)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sampler_keys(self) -> "SamplingSweep":
+        for key, spec in self.space.items():
+            section, _, field = key.partition(".")
+            schema = {"sampler": SamplerConfig, "guidance": GuidanceConfig}.get(section)
+            if schema is None or field not in schema.model_fields:
+                raise ValueError(f"unknown key 'sampling.space.{key}' (sampler.<field> or guidance.<field>)")
+            check_distribution(f"sampling.space.{key}", spec, grid_ok=False)
+        return self
 
 
 class RegisterSettings(Section):
@@ -105,18 +137,29 @@ class SweepConfig(Section):
     @model_validator(mode="after")
     def _space_entries(self) -> "SweepConfig":
         for key, spec in self.space.items():
-            if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-                raise ValueError(f"space.{key} must be one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {spec}")
-            kind, values = next(iter(spec.items()))
-            if not isinstance(values, list) or not values:
-                raise ValueError(f"space.{key}.{kind} must be a non-empty list")
-            if kind in ("loguniform", "uniform", "randint") and len(values) != 2:
-                raise ValueError(f"space.{key}.{kind} takes [low, high], got {values}")
-            if kind == "grid" and self.tune.searcher == "optuna":
-                raise ValueError(f"space.{key}: grid is not supported with tune.searcher=optuna (use choice)")
+            check_distribution(f"space.{key}", spec, grid_ok=self.tune.searcher != "optuna")
         if self.tune.metric not in self.eval.metrics:
             raise ValueError(f"tune.metric={self.tune.metric} must be one of eval.metrics={self.eval.metrics}")
         return self
+
+
+def check_distribution(where: str, spec: Any, grid_ok: bool = True) -> None:
+    """One ``{kind: values}`` entry of a search space: a known kind, a non-empty list, ``[low, high]`` with
+    ``low < high`` for ranges (``randint`` draws from ``[low, high)``)."""
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+        raise ValueError(f"{where} must be one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {spec}")
+    kind, values = next(iter(spec.items()))
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"{where}.{kind} must be a non-empty list")
+    if kind in ("loguniform", "uniform", "randint"):
+        if len(values) != 2:
+            raise ValueError(f"{where}.{kind} takes [low, high], got {values}")
+        if not all(isinstance(v, (int, float)) for v in values) or not values[0] < values[1]:
+            raise ValueError(f"{where}.{kind}: empty range {values} (needs numbers with low < high)")
+        if kind == "loguniform" and values[0] <= 0:
+            raise ValueError(f"{where}.loguniform: low must be > 0, got {values[0]}")
+    if kind == "grid" and not grid_ok:
+        raise ValueError(f"{where}: grid is not supported with the optuna searcher (use choice)")
 
 
 def nest(dotted: dict[str, Any]) -> dict[str, Any]:

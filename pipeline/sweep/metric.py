@@ -28,7 +28,11 @@ def _real_pixel_stats(shards: str, image_size: int | None) -> tuple[np.ndarray, 
 
 
 def fd_pixels(trained: Any, num_samples: int, seed: int) -> tuple[float, int]:
-    """Pixel-space Fréchet distance of ``num_samples`` class-balanced samples to the validation shards; and NFE."""
+    """Pixel-space Fréchet distance of ``num_samples`` class-balanced samples to the validation shards; and NFE.
+
+    For a latent shard set both sides are images decoded by the set's autoencoder (``sample_classes`` decodes the
+    samples, ``load_real`` the validation latents), so the distance is taken between like and like.
+    """
     from evals.frechet import frechet_distance
     from pipeline.sampling import sample_classes
 
@@ -37,7 +41,7 @@ def fd_pixels(trained: Any, num_samples: int, seed: int) -> tuple[float, int]:
     mu_r, sigma_r = _real_pixel_stats(str(shards), data.image_size)
     labels = torch.arange(num_samples) % max(trained.num_classes, 1)
     out = sample_classes(trained, labels, seed)
-    feats = out.x.clamp(-1, 1).flatten(1).double().numpy()
+    feats = out.x.detach().float().cpu().clamp(-1, 1).flatten(1).double().numpy()
     return frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), mu_r, sigma_r), int(out.nfe)
 
 
@@ -70,4 +74,7 @@ def with_sampler(trained: Any, sampler: Any, guidance: Any) -> Any:
     from pipeline.objective import build_objective
 
     cfg = trained.config.model_copy(update={"sampler": sampler, "guidance": guidance}, deep=True)
-    return replace(trained, config=cfg, objective=build_objective(cfg, trained.num_classes))
+    objective = build_objective(cfg, trained.num_classes)
+    if hasattr(trained.objective, "captions"):  # a FLUX caption view: keep its prompts, swap the inner objective
+        objective = replace(trained.objective, objective=objective)
+    return replace(trained, config=cfg, objective=objective)

@@ -2,7 +2,6 @@
 optional registration of the best (checkpoint, sampler) as ``champion`` and the runner-up as ``challenger``."""
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +10,10 @@ from typing import Any
 from pipeline.config import TrainJobConfig, tracking_uri
 from pipeline.errors import FlowrailError
 from pipeline.sweep.config import SweepConfig, base_train_config
+from pipeline.sweep.sampling import sampling_search, write_best_config
+from pipeline.sweep.state import SweepState, check_same_store, save_state
 from pipeline.sweep.summary import Row, rank_rows, write_summary
+from pipeline.tracking import redact
 
 
 @dataclass
@@ -35,18 +37,32 @@ class SweepResult:
     registered: list[Any] = field(default_factory=list)
 
 
-def run_sweep(cfg: SweepConfig) -> SweepResult:
+def run_sweep(cfg: SweepConfig, resume: SweepState | None = None) -> SweepResult:
+    """Run the sweep ``cfg`` (or continue the interrupted one ``resume``: Tune restores its experiment, finished
+    trials keep their results and are not run again, unfinished ones continue from their last checkpoint)."""
     base = base_train_config(cfg)
     uri = tracking_uri(base)
-    base.tracking.tracking_uri = uri  # trials run in other processes: pin the store they write to
+    # trials run in other processes: the store travels to them through Ray's object store (tune.with_parameters),
+    # never inside their config, which lands in checkpoints, Tune's experiment files and registered artifacts
+    base.tracking.tracking_uri = None
     out_dir = Path(base.run_dir) / "sweeps" / cfg.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    parent = _start_parent(cfg, base, uri)
-    print(f"[flowrail] sweep {cfg.name}: parent MLflow run {parent} at {uri}", flush=True)
+    if resume is not None:
+        check_same_store(resume, uri)
+        parent, tune_dir = resume.parent_run_id, Path(resume.tune_dir)
+        from pipeline.tracking import client
+
+        client(uri).update_run(parent, status="RUNNING")
+    else:
+        parent = _start_parent(cfg, base, uri)
+        tune_dir = Path(base.run_dir) / "ray" / "tune" / f"{cfg.name}-{parent[:8]}"
+        save_state(base.run_dir, cfg, parent, tune_dir, uri)
+    print(f"[flowrail] sweep {cfg.name}: {'resumed' if resume else 'parent'} MLflow run {parent} at {redact(uri)}",
+          flush=True)
     try:
-        trials = _run_trials(cfg, base, parent, uri)
+        trials = _run_trials(cfg, base, parent, uri, tune_dir, resume is not None)
         rows = [Row.from_trial(t, cfg.tune.metric) for t in trials]
-        rows += _sampling_sweep(cfg, trials, parent, uri, out_dir)
+        rows += sampling_search(cfg, trials, parent, uri, out_dir, gpus=1 if base.train.use_gpu else 0)
         rows = rank_rows(rows, cfg.tune.metric, cfg.tune.mode)
         csv = write_summary(rows, out_dir / "summary.csv", cfg.tune.metric)
         from pipeline.tracking import client
@@ -57,6 +73,10 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         if ranked:
             c.log_metric(parent, f"best_{cfg.tune.metric}", ranked[0].metric)
             c.set_tag(parent, "flowrail.best_run", ranked[0].run_id)
+            best_yaml = write_best_config(cfg, ranked[0], out_dir / "best_config.yaml")
+            c.log_artifact(parent, str(best_yaml), artifact_path="best")
+            print(f"[flowrail] best config ({cfg.tune.metric}={ranked[0].metric:.5g}, {ranked[0].sampler}): "
+                  f"{best_yaml}", flush=True)
         c.log_metric(parent, "trials_stopped", sum(t.status == "stopped" for t in trials))
         c.log_metric(parent, "trials_completed", sum(t.status == "completed" for t in trials))
         result = SweepResult(parent, uri, trials, rows, csv)
@@ -84,30 +104,37 @@ def _start_parent(cfg: SweepConfig, base: TrainJobConfig, uri: str) -> str:
     params.update({f"eval.{k}": str(v) for k, v in cfg.eval.model_dump().items()})
     params["sampling.top_k"] = str(cfg.sampling.top_k)
     params["sampling.configs"] = str([v.label for v in cfg.sampling.configs])[:500]
+    params.update({f"sampling.space.{k}": str(v)[:500] for k, v in cfg.sampling.space.items()})
+    params.update({"sampling.searcher": cfg.sampling.searcher, "sampling.num_samples": str(cfg.sampling.num_samples)})
     c.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
     return run.info.run_id
 
 
-def _run_trials(cfg: SweepConfig, base: TrainJobConfig, parent: str, uri: str) -> list[TrialOutcome]:
+def _run_trials(cfg: SweepConfig, base: TrainJobConfig, parent: str, uri: str, tune_dir: Path,
+                resume: bool) -> list[TrialOutcome]:
     from ray import tune
 
     from pipeline.sweep.space import scheduler, searcher, tune_space
     from pipeline.sweep.trainable import run_trial
-    from pipeline.train.trainer import init_ray
+    from pipeline.cluster import init_ray
 
     init_ray()
     # a trial's last result ("done") carries no metric, and a checkpoint whose evaluation failed neither
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     sweep = {"name": cfg.name, "parent_run_id": parent, "metrics": cfg.eval.metrics,
-             "num_samples": cfg.eval.num_samples, "seed": cfg.eval.seed}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.model_dump(mode="json"), sweep=sweep),
+             "num_samples": cfg.eval.num_samples, "seed": cfg.eval.seed, "eval_cpus": cfg.eval.cpus}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.model_dump(mode="json"), sweep=sweep,
+                                                         store={"uri": uri}),
                                     {"CPU": cfg.tune.trial_cpus})
+    if resume:
+        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
+        return [_outcome(res, base, uri, cfg) for res in tuner.fit()]
     tuner = tune.Tuner(
         trainable, param_space=tune_space(cfg.space),
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
                                     max_concurrent_trials=cfg.tune.max_concurrent, search_alg=searcher(cfg),
                                     scheduler=scheduler(cfg, base.train.steps)),
-        run_config=tune.RunConfig(name=f"{cfg.name}-{parent[:8]}", storage_path=str(Path(base.run_dir) / "ray" / "tune"),
+        run_config=tune.RunConfig(name=tune_dir.name, storage_path=str(tune_dir.parent),
                                   verbose=1),
     )
     grid = tuner.fit()
@@ -151,81 +178,24 @@ def _outcome(res: Any, base: TrainJobConfig, uri: str, cfg: SweepConfig) -> Tria
     return TrialOutcome(trial_id, params, run_id, Path(ckpt) if ckpt else None, step, metrics, status)
 
 
-def _sampling_sweep(cfg: SweepConfig, trials: list[TrialOutcome], parent: str, uri: str,
-                    out_dir: Path) -> list[Row]:
-    """Every sampler configuration on the checkpoints of the ``top_k`` best completed trials (nested runs)."""
-    import torch
-    from mlflow.entities import Metric, Param
-
-    from pipeline.sampling import class_grid
-    from pipeline.sweep.metric import evaluate, with_sampler
-    from pipeline.tracking import client
-    from pipeline.train.checkpoint import load_trained
-
-    if not cfg.sampling.configs:
-        return []
-    done = [t for t in trials if t.status == "completed" and t.checkpoint and cfg.tune.metric in t.metrics]
-    sign = 1 if cfg.tune.mode == "min" else -1
-    best = sorted(done, key=lambda t: sign * t.metrics[cfg.tune.metric])[:cfg.sampling.top_k]
-    c = client(uri)
-    exp = c.get_run(parent).info.experiment_id
-    rows = []
-    for trial in best:
-        trained = load_trained(trial.checkpoint)
-        for variant in cfg.sampling.configs:
-            sampler, guidance = variant.resolve(trained.config)
-            model = with_sampler(trained, sampler, guidance)
-            with torch.no_grad():
-                metrics = evaluate(model, cfg.eval.metrics, cfg.eval.num_samples, cfg.eval.seed)
-            run = c.create_run(exp, run_name=f"{trial.trial_id}:{variant.label}", tags={
-                "mlflow.parentRunId": trial.run_id or parent, "flowrail.job": "sweep_sampling",
-                "flowrail.sweep": cfg.name, "flowrail.sweep_parent": parent, "flowrail.trial_id": trial.trial_id,
-                "flowrail.checkpoint": str(trial.checkpoint)})
-            rid = run.info.run_id
-            params = {f"sampler.{k}": str(v) for k, v in sampler.model_dump().items()}
-            params.update({f"guidance.{k}": str(v) for k, v in guidance.model_dump().items()})
-            params.update({f"trial.{k}": str(v) for k, v in trial.params.items()})
-            c.log_batch(rid, params=[Param(k, v) for k, v in params.items()],
-                        metrics=[Metric(k, float(v), 0, trained.step) for k, v in metrics.items()])
-            grid, _ = class_grid(model, out_dir / "samples" / f"{trial.trial_id}-{_slug(variant.label)}.png",
-                                 trained.config.samples.per_class, trained.config.samples.seed)
-            c.log_artifact(rid, str(grid), artifact_path="samples")
-            c.set_terminated(rid, status="FINISHED")
-            print(f"[flowrail] sampling {trial.trial_id} {variant.label}: {metrics}", flush=True)
-            rows.append(Row(kind="sampling", trial_id=trial.trial_id, run_id=rid, params=trial.params,
-                            sampler=variant.label, sampler_settings=sampler.model_dump(),
-                            guidance_settings=guidance.model_dump(), metric=metrics.get(cfg.tune.metric, math.nan),
-                            nfe=metrics.get("nfe"), step=trained.step, status="completed",
-                            checkpoint=trial.checkpoint, trial_run_id=trial.run_id))
-    return rows
-
-
-def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_=." else "_" for ch in text)[:80]
-
-
 def register_best(cfg: SweepConfig, rows: list[Row], uri: str, parent: str) -> list[Any]:
-    """Register the best ranked row as ``champion`` and the best row of another trial (or sampler) as
-    ``challenger``; each version is tagged with its metric, sampler settings and training choices."""
+    """Register the best ranked (checkpoint, sampler) row; the promotion gate makes it ``champion`` only if it beats
+    the current champion on the same metric and protocol, else ``challenger``."""
+    from pipeline.promotion import Score
     from pipeline.registry import register
+    from pipeline.sweep.sampling import protocol
+    from pipeline.train.checkpoint import read_meta
 
     ranked = [r for r in rows if r.rank is not None and r.checkpoint is not None]
     if not ranked:
         raise FlowrailError(f"sweep {cfg.name}: no completed trial to register")
-    picks = [(ranked[0], cfg.registry.champion_alias)]
-    if cfg.registry.challenger_alias:
-        other = next((r for r in ranked[1:] if r.trial_id != ranked[0].trial_id), None) or \
-            (ranked[1] if len(ranked) > 1 else None)
-        if other is not None:
-            picks.append((other, cfg.registry.challenger_alias))
-    out = []
-    for row, alias in picks:
-        tags = {"flowrail.metric": cfg.tune.metric, cfg.tune.metric: row.metric, "flowrail.sweep": cfg.name,
-                "flowrail.sweep_parent": parent, "flowrail.rank": row.rank, "flowrail.sampler": row.sampler,
-                **{f"trial.{k}": v for k, v in row.params.items()}}
-        reg = register(row.checkpoint, cfg.registry.name, uri, run_id=row.run_id, aliases=[alias],
-                       sampler=row.sampler_settings, guidance=row.guidance_settings, tags=tags)
-        print(f"[flowrail] registered {reg.name} v{reg.version} as @{alias} "
-              f"({cfg.tune.metric}={row.metric:.4g}, {row.sampler})", flush=True)
-        out.append(reg)
-    return out
+    best = ranked[0]
+    score = Score(cfg.tune.metric, best.metric, cfg.tune.mode, protocol(cfg, read_meta(best.checkpoint)["config"]))
+    tags = {"flowrail.sweep": cfg.name, "flowrail.sweep_parent": parent, "flowrail.sampler": best.sampler,
+            **{f"trial.{k}": v for k, v in best.params.items()}}
+    reg = register(best.checkpoint, cfg.registry.name, uri, run_id=best.trial_run_id or best.run_id,
+                   sampler=best.sampler_settings, guidance=best.guidance_settings, tags=tags, score=score,
+                   gate=(cfg.registry.champion_alias, cfg.registry.challenger_alias or "challenger"))
+    print(f"[flowrail] registered {reg.name} v{reg.version} as @{reg.aliases[0]} ({reg.reason}; {best.sampler})",
+          flush=True)
+    return [reg]

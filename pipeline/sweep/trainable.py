@@ -1,5 +1,5 @@
 """One Tune trial = one Ray Train run (the Train V2 way): a function trainable that calls ``fit()`` with a
-report callback, which scores every checkpoint and forwards rank 0's metrics to Tune (and so to ASHA)."""
+report callback, which has every checkpoint scored by a Ray task and forwards rank 0's metrics to Tune (ASHA)."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,37 +10,37 @@ from ray.tune.integration.ray_train import TuneReportCallback
 class EvalReportCallback(TuneReportCallback):
     """Forward each checkpoint report to Tune with evaluation metrics added (``fd_pixels``, ...).
 
-    Only checkpoint reports are forwarded, so every Tune result carries the metric ASHA ranks on; the loss curve
-    between checkpoints goes to MLflow from the worker.
+    The callback runs inside Ray Train V2's controller actor (no CPU, no GPU): the scoring itself is a separate Ray
+    task (:func:`pipeline.sweep.evaluation.score_remotely`) asking for ``cpus`` and ``gpus``. Only checkpoint
+    reports are forwarded, so every Tune result carries the metric ASHA ranks on; the loss curve between
+    checkpoints goes to MLflow from the worker.
     """
 
-    def __init__(self, metrics: list[str], num_samples: int, seed: int) -> None:
+    def __init__(self, metrics: list[str], num_samples: int, seed: int, cpus: float = 0.5, gpus: float = 0) -> None:
         super().__init__()
         self.metrics, self.num_samples, self.seed = list(metrics), num_samples, seed
+        self.cpus, self.gpus = cpus, gpus
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if checkpoint is None:
             return
-        import torch
-
-        from pipeline.sweep.metric import evaluate
-        from pipeline.train.checkpoint import load_trained
+        from pipeline.sweep.evaluation import score_remotely
 
         out = dict(metrics[0])
         try:
-            with checkpoint.as_directory() as ckpt_dir:
-                trained = load_trained(ckpt_dir)
-                with torch.no_grad():
-                    out.update(evaluate(trained, self.metrics, self.num_samples, self.seed))
-            out["mlflow_run_id"] = trained.run_id or ""
+            scored = score_remotely(checkpoint, self.metrics, self.num_samples, self.seed, cpus=self.cpus,
+                                    gpus=self.gpus)
+            scored.pop("step", None)
+            out.update(scored)
         except Exception as exc:  # noqa: BLE001 - Ray swallows callback errors: say it, forward the rest
-            print(f"[flowrail] evaluation of checkpoint {checkpoint.path} failed: {type(exc).__name__}: {exc}",
-                  flush=True)
+            print(f"[flowrail] evaluation of checkpoint {checkpoint.path} failed: {type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0] if str(exc) else ''}", flush=True)
         super().after_report(run_context, [out], checkpoint)
 
 
-def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep: dict[str, Any]) -> None:
-    """Tune function trainable: ``params`` are the sampled dotted training keys."""
+def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep: dict[str, Any], store: dict[str, str]) -> None:
+    """Tune function trainable: ``params`` are the sampled dotted training keys; ``store["uri"]`` the MLflow store
+    (set on the in-memory config only: checkpoints write configs without it)."""
     import ray.tune
 
     from pipeline.config import TrainJobConfig
@@ -49,8 +49,10 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep: dict[str, 
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(TrainJobConfig.model_validate(base), params, run_name=f"{sweep['name']}-{trial_id}")
+    cfg.tracking.tracking_uri = store["uri"]
     tags = {"mlflow.parentRunId": sweep["parent_run_id"], "flowrail.job": "sweep_trial",
             "flowrail.sweep": sweep["name"], "flowrail.sweep_parent": sweep["parent_run_id"],
             "flowrail.trial_id": trial_id}
-    callback = EvalReportCallback(sweep["metrics"], sweep["num_samples"], sweep["seed"])
+    callback = EvalReportCallback(sweep["metrics"], sweep["num_samples"], sweep["seed"], cpus=sweep["eval_cpus"],
+                                  gpus=1 if cfg.train.use_gpu else 0)
     fit(cfg, tags=tags, make_grid=True, callbacks=[callback])

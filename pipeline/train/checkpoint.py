@@ -34,6 +34,7 @@ from torch import nn
 from pipeline.config import TrainJobConfig
 from pipeline.data.streaming import DataInfo
 from pipeline.errors import CheckpointError, FlowrailError, first_line
+from pipeline.tracking import shareable_config
 
 META = "flowrail.json"
 EMA_FILE = "ema.safetensors"
@@ -81,7 +82,7 @@ def save(local_dir: Path, *, engine: Any, ema: Any, state: TrainState, cfg: Trai
             meta = {"format": "flowrail-checkpoint/1", "step": state.step, "epoch": state.epoch,
                     "batch_in_epoch": state.batch_in_epoch, "world_size": world,
                     "bad_steps": state.bad_steps, "skipped_samples": state.skipped_samples,
-                    "config": cfg.model_dump(mode="json"), "data": info.to_dict(), **(extra or {})}
+                    "config": shareable_config(cfg.model_dump(mode="json")), "data": info.to_dict(), **(extra or {})}
             tmp = local_dir / f".{META}.tmp"
             tmp.write_text(json.dumps(meta, indent=2))
             os.replace(tmp, local_dir / META)

@@ -1,0 +1,57 @@
+"""Scoring a checkpoint as its own Ray task, with its own resources (a GPU when the trial trains on GPUs).
+
+Ray Train V2's controller actor (where Tune's report callback runs) has no CPU or GPU of its own: sampling a SiT-XL
+or FLUX model there would hold the controller for minutes on whatever CPU its node has. The callback therefore only
+submits :func:`score_checkpoint` and waits for the numbers; the sampling sweep uses the same task.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+def score_checkpoint(checkpoint: Any, metrics: list[str], num_samples: int, seed: int,
+                     sampler: dict[str, Any] | None = None, guidance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Metrics (plus ``nfe``, ``step``, ``mlflow_run_id``) of a checkpoint (a ``ray.train.Checkpoint`` or a local
+    path), sampled with its own sampler settings or with ``sampler``/``guidance`` replacing some of them."""
+    import torch
+
+    from pipeline.sweep.metric import evaluate, with_sampler
+
+    with _local_dir(checkpoint) as ckpt_dir:
+        from evals.distributed import materialise
+        from pipeline.train.checkpoint import load_trained
+
+        trained = materialise(load_trained(ckpt_dir))
+        if sampler or guidance:
+            from pipeline.config import GuidanceConfig, SamplerConfig
+
+            trained = with_sampler(
+                trained, SamplerConfig.model_validate({**trained.config.sampler.model_dump(), **(sampler or {})}),
+                GuidanceConfig.model_validate({**trained.config.guidance.model_dump(), **(guidance or {})}))
+        with torch.no_grad():
+            out: dict[str, Any] = dict(evaluate(trained, metrics, num_samples, seed))
+    out.update(step=int(trained.step), mlflow_run_id=trained.run_id or "")
+    return out
+
+
+def _local_dir(checkpoint: Any):  # noqa: ANN202 - a context manager yielding a local directory
+    from contextlib import nullcontext
+
+    return checkpoint.as_directory() if hasattr(checkpoint, "as_directory") else nullcontext(str(checkpoint))
+
+
+def score_remotely(checkpoint: Any, metrics: list[str], num_samples: int, seed: int, *, cpus: float, gpus: float,
+                   sampler: dict[str, Any] | None = None, guidance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`score_checkpoint` as a Ray task asking for ``cpus``/``gpus``; returns its result (errors re-raised)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from pipeline.cluster import init_ray
+
+    init_ray()
+    # outside the caller's placement group: a Tune trial's group holds only the trial driver's own tiny bundle, and
+    # tasks started inside a trial would otherwise be captured into it (and never fit)
+    task = ray.remote(score_checkpoint).options(
+        num_cpus=cpus, num_gpus=gpus, max_retries=0, name="flowrail-score-checkpoint",
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+    return ray.get(task.remote(checkpoint, list(metrics), num_samples, seed, sampler, guidance))

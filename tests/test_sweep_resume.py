@@ -1,0 +1,106 @@
+"""End to end: a sweep tracked at a credentialed MLflow URI is killed after its first trial finishes, resumed with
+``flowrail sweep --resume NAME``, ends with all trials (the finished one run once), and the password appears in no
+file it wrote (checkpoints, Tune's experiment, sweep state, summary, best config), no MLflow artifact, param or tag,
+and no printed line."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+PASSWORD = "Pw-9f3kZq-never-print-me"
+
+
+def _config(tmp_path: Path, shards: Path) -> Path:
+    cfg = {
+        "name": "resumable",
+        "base": "train",
+        "overrides": {
+            "run_dir": str(tmp_path / "runs"), "data.shards": str(shards / "train"),
+            "data.val_shards": str(shards / "val"), "data.image_size": 8, "data.batch_size": 32,
+            "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2, "train.num_workers": 1,
+            "train.cpus_per_worker": 0.5, "train.steps": 20, "train.log_every": 5, "train.checkpoint_every": 10,
+            "train.keep_checkpoints": 1, "train.lr": 3e-3, "sampler.steps": 4, "samples.per_class": 1,
+            "tracking.experiment": "sweep-resume",
+        },
+        "space": {"transport.path": {"grid": ["linear", "gvp"]}},
+        "tune": {"metric": "fd_pixels", "mode": "min", "max_concurrent": 1, "asha": {"enabled": False}},
+        "eval": {"metrics": ["fd_pixels"], "num_samples": 32},
+        "sampling": {"top_k": 1, "num_samples": 1, "configs": [{"name": "heun2", "sampler": {"solver": "heun", "steps": 2}}],
+                     "space": {"sampler.steps": {"randint": [2, 5]}}},
+        "registry": {"enabled": True, "name": "flowrail-resume"},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True, cwd=Path(__file__).resolve().parents[1])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)  # two sweep processes, each starting its own local Ray
+def test_killed_sweep_resumes_and_never_leaks_the_tracking_password(digits_shards, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    secret_uri = mlflow_server.replace("http://", f"http://flowrail:{PASSWORD}@")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": secret_uri, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("RAY_ADDRESS", None)
+    cfg = _config(tmp_path, digits_shards)
+    c = MlflowClient(mlflow_server)
+
+    first = _spawn(["sweep", str(cfg)], env, tmp_path / "first.log")
+    deadline = time.time() + 900
+    finished = []
+    while time.time() < deadline and first.poll() is None:
+        exp = c.get_experiment_by_name("sweep-resume")
+        if exp is not None:
+            finished = c.search_runs([exp.experiment_id], "tags.`flowrail.job` = 'sweep_trial' and "
+                                                          "attributes.status = 'FINISHED'")
+            if finished:
+                break
+        time.sleep(2)
+    assert finished, (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(first.pid, signal.SIGKILL)  # the driver, its local Ray and the running second trial
+    first.wait()
+    done_run = finished[0].info.run_id
+    time.sleep(5)
+
+    second = _spawn(["sweep", "--resume", "resumable", "--run-dir", str(tmp_path / "runs")], env,
+                    tmp_path / "second.log")
+    assert second.wait(timeout=900) == 0, (tmp_path / "second.log").read_text()[-3000:]
+
+    exp = c.get_experiment_by_name("sweep-resume")
+    trials = c.search_runs([exp.experiment_id], "tags.`flowrail.job` = 'sweep_trial'")
+    assert sorted(t.data.params["transport.path"] for t in trials) == ["gvp", "linear"]  # one run per trial
+    assert all(t.info.status == "FINISHED" for t in trials)
+    history = [m.step for m in c.get_metric_history(done_run, "loss")]
+    assert len(history) == len(set(history)) == 4, history  # steps 5..20 logged once: it did not train again
+    parents = c.search_runs([exp.experiment_id], "tags.`flowrail.job` = 'sweep'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert c.get_model_version_by_alias("flowrail-resume", "champion")
+    assert (tmp_path / "runs" / "sweeps" / "resumable" / "best_config.yaml").is_file()
+
+    # the password: in no file, artifact, param, tag or printed line
+    hits = [str(p) for p in tmp_path.rglob("*") if p.is_file() and PASSWORD.encode() in p.read_bytes()]
+    assert not hits, hits
+    downloaded = tmp_path.parent / f"{tmp_path.name}-artifacts"
+    for run in c.search_runs([exp.experiment_id]):
+        for key, value in {**run.data.params, **run.data.tags}.items():
+            assert PASSWORD not in value, (run.info.run_id, key)
+        if c.list_artifacts(run.info.run_id):
+            target = downloaded / run.info.run_id
+            target.mkdir(parents=True)
+            c.download_artifacts(run.info.run_id, "", str(target))
+    hits = [str(p) for p in downloaded.rglob("*") if p.is_file() and PASSWORD.encode() in p.read_bytes()]
+    assert not hits, hits
+    for version in c.search_model_versions("name='flowrail-resume'"):
+        assert all(PASSWORD not in str(v) for v in version.tags.values()) and PASSWORD not in (version.description or "")
