@@ -103,8 +103,15 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's entry point: :func:`_train_loop`, then wait for metrics still being logged, also on failure."""
-    with ExitStack() as cleanups:  # background threads the loop started, stopped in reverse order
-        _train_loop(loop_config, cleanups)
+    from pipeline.train import user_errors
+
+    user_errors.replay(loop_config.get("user_error_marker"))  # a restarted group: fail as the first attempt did
+    try:
+        with ExitStack() as cleanups:  # background threads the loop started, stopped in reverse order
+            _train_loop(loop_config, cleanups)
+    except FlowrailError as exc:
+        user_errors.record(loop_config.get("user_error_marker"), exc)
+        raise
 
 
 class EpochPrefetch:
@@ -148,6 +155,18 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
     paths: list[str] = loop_config["paths"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    verbose = bool(loop_config.get("verbose"))
+    if not verbose:
+        from pipeline.console import quiet_ray_logs
+
+        quiet_ray_logs()
+    if ctx.get_local_rank() == 0 and loop_config.get("run_id") and cfg.log.system_metrics:
+        from pipeline.system_metrics import start_system_metrics
+
+        monitor = start_system_metrics(loop_config["tracking_uri"], loop_config["run_id"], ctx.get_node_rank(),
+                                       cfg.log.system_metrics_interval_s)
+        if monitor is not None:
+            cleanups.callback(monitor.finish)
     tcfg = cfg.train
     faults = FaultInjection(loop_config.get("fault_injection"), loop_config.get("fault_marker_dir"),
                             loop_config.get("fault_run_storage"))
@@ -163,10 +182,13 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
         torch.manual_seed(cfg.seed * 1009 + rank)  # per-rank noise/time draws
 
     logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"], cfg.tracking.on_unreachable,
-                          grace_s=cfg.tracking.buffer_grace_s) \
+                          grace_s=cfg.tracking.buffer_grace_s, spool=loop_config.get("metric_spool")) \
         if rank == 0 and loop_config.get("run_id") else None
+    if logger is not None and logger.recovered:
+        print(f"[flowrail] {logger.recovered} metric values a previous attempt had not logged: sending them",
+              flush=True)
     if logger is not None and setup.resumed:
-        logger.log({"resumed_from_step": state.step}, step=state.step)
+        logger.record({"resumed_from_step": state.step}, step=state.step)  # sent with the first window's metrics
     window = {"loss": 0.0, "n": 0, "samples": 0, "skipped": 0, "t0": time.perf_counter(), "wait": 0.0}
 
     def checkpoint_and_report(metrics: dict[str, float]) -> None:
@@ -274,15 +296,19 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
                 if rank == 0 and periodic_eval.due(state.step, tcfg.eval_every, last):
                     metrics.update(periodic_eval.evaluate_ema(cfg, ema.model, objective, info, state.step))
                 if logger is not None and log_thread is not None:
-                    if logged is not None:
-                        logged.result()  # the previous window's logging: surfaces a TrackingError here
-                    logged = log_thread.submit(logger.log, {k: v for k, v in metrics.items() if k != "step"},
-                                               state.step)
-                    done = state.step - start_step
-                    eta = elapsed / max(window["n"], 1) * (tcfg.steps - state.step)
-                    print(f"[flowrail] step {state.step}/{tcfg.steps}  loss {metrics['loss']:.4f}  "
-                          f"{metrics['samples_per_s']:.0f} samples/s  eta {eta:.0f}s  ({done} this attempt)",
-                          flush=True)
+                    # recorded (memory + the run's spool file) now; sent on the background thread, which may be
+                    # waiting out MLflow's retries: training does not wait for it, the next send takes all pending
+                    logger.record({k: v for k, v in metrics.items() if k != "step"}, state.step)
+                    if logged is None or logged.done():
+                        if logged is not None:
+                            logged.result()  # the previous send: surfaces a TrackingError (on_unreachable=fail)
+                        logged = log_thread.submit(logger.flush)
+                    if verbose:  # the driver's progress bar shows the same, from this report
+                        done = state.step - start_step
+                        eta = elapsed / max(window["n"], 1) * (tcfg.steps - state.step)
+                        print(f"[flowrail] step {state.step}/{tcfg.steps}  loss {metrics['loss']:.4f}  "
+                              f"{metrics['samples_per_s']:.0f} samples/s  eta {eta:.0f}s  ({done} this attempt)",
+                              flush=True)
                 window.update(loss=0.0, n=0, samples=0, skipped=0, t0=time.perf_counter(), wait=0.0)
                 if state.step % tcfg.checkpoint_every == 0 or last:
                     checkpoint_and_report(metrics)
