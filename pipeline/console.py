@@ -77,6 +77,22 @@ def quiet_ray_logs() -> None:
     _add_once(train_context.__file__, _DropReportLines)
 
 
+def restore_ray_logs() -> None:
+    """Undo :func:`quiet_ray_logs` in this process (tests; a verbose job in a long-lived process)."""
+    names = [_RAY_DATA_EXECUTOR_LOGGER, "ray.data._internal.progress"]
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        names.append(train_context.__file__)
+    except ImportError:
+        pass
+    for name in names:
+        logger = logging.getLogger(name)
+        for f in [f for f in logger.filters if isinstance(f, (_HideInfo, _HideProgressBarNotice, _DropReportLines))]:
+            logger.removeFilter(f)
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.NOTSET)
+
+
 def train_logging_config(verbose: bool) -> Any:
     """Ray Train's console level for its own ``ray.train`` logs: INFO when verbose, else WARNING."""
     import ray.train

@@ -100,7 +100,7 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
     if os.environ.get("FLOWRAIL_FAULT_INJECT"):  # reliability tests only: see worker.FaultInjection
         loop_config.update(fault_injection=os.environ["FLOWRAIL_FAULT_INJECT"],
                            fault_marker_dir=str(Path(cfg.run_dir) / "faults" / cfg.run_name),
-                           fault_run_storage=str(Path(storage) / cfg.run_name))
+                           fault_run_storage=str(Path(storage) / cfg.run_name), fault_driver_pid=os.getpid())
     # the progress bar only where a person watches: the driver (a Tune trial's fit runs in a Ray worker)
     progress = DriverProgress(tcfg.steps, cfg.run_name, enabled=on_driver())
     progress.__enter__()

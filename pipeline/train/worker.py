@@ -58,14 +58,17 @@ class FaultInjection:
     stops the restarted worker from doing it again). Before killing it waits until Ray Train has registered the
     last checkpoint (``checkpoint_manager_snapshot.json`` in ``run_storage``): the controller collects reports by
     polling, and a checkpoint reported moments before a crash may never be registered (the restart then resumes
-    from the one before). ``nan@R:B``: rank R's loss is NaN on its B-th batch (counted as steps + skipped steps,
-    so it fires once). Comma-separated for several.
+    from the one before). ``killdriver@R:S``: the same, but rank R SIGKILLs the driver process (a re-run must pick
+    the run up). ``nan@R:B``: rank R's loss is NaN on its B-th batch (counted as steps + skipped steps, so it fires
+    once). Comma-separated for several.
     """
 
-    def __init__(self, spec: str | None, marker_dir: str | None, run_storage: str | None = None) -> None:
+    def __init__(self, spec: str | None, marker_dir: str | None, run_storage: str | None = None,
+                 driver_pid: int | None = None) -> None:
         self.faults: list[tuple[str, int, int]] = []
         self.marker_dir = Path(marker_dir) if marker_dir else None
         self.run_storage = Path(run_storage) if run_storage else None
+        self.driver_pid = driver_pid  # ``killdriver@R:S``: rank R SIGKILLs the driver instead of itself
         for part in filter(None, (spec or "").split(",")):
             kind, _, where = part.strip().partition("@")
             rank, _, index = where.partition(":")
@@ -83,18 +86,24 @@ class FaultInjection:
         return max(steps, default=-1)
 
     def maybe_kill(self, rank: int, step: int, last_checkpoint_step: int) -> None:
-        if ("kill", rank, step) not in self.faults or self.marker_dir is None:
-            return
-        marker = self.marker_dir / f".fault-kill-r{rank}-s{step}"
+        if ("killdriver", rank, step) in self.faults and self.driver_pid and self.marker_dir is not None:
+            self._kill("killdriver", rank, step, last_checkpoint_step, self.driver_pid)
+        if ("kill", rank, step) in self.faults and self.marker_dir is not None:
+            self._kill("kill", rank, step, last_checkpoint_step, os.getpid())
+
+    def _kill(self, kind: str, rank: int, step: int, last_checkpoint_step: int, pid: int) -> None:
+        assert self.marker_dir is not None
+        marker = self.marker_dir / f".fault-{kind}-r{rank}-s{step}"
         if marker.exists():
             return
         deadline = time.monotonic() + 300
         while self._registered_step() < last_checkpoint_step and time.monotonic() < deadline:
             time.sleep(0.5)
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(str(os.getpid()))
-        print(f"[flowrail] fault injection: SIGKILL rank {rank} (pid {os.getpid()}) after step {step}", flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
+        marker.write_text(str(pid))
+        who = "the driver" if kind == "killdriver" else f"rank {rank}"
+        print(f"[flowrail] fault injection: SIGKILL {who} (pid {pid}) after step {step}", flush=True)
+        os.kill(pid, signal.SIGKILL)
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -169,7 +178,7 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
             cleanups.callback(monitor.finish)
     tcfg = cfg.train
     faults = FaultInjection(loop_config.get("fault_injection"), loop_config.get("fault_marker_dir"),
-                            loop_config.get("fault_run_storage"))
+                            loop_config.get("fault_run_storage"), loop_config.get("fault_driver_pid"))
 
     setup = set_up_worker(cfg, info, micro_batch=cfg.data.batch_size, world=world, rank=rank)
     engine, ema, objective, device, autocast, state = (setup.engine, setup.ema, setup.objective, setup.device,
