@@ -33,6 +33,7 @@ def _train(overrides: list[str], env: dict[str, str]) -> subprocess.CompletedPro
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the baseline fixture plus two training runs: over 600 s on a loaded 2-core machine
 def test_driver_sigkill_then_rerun_matches_uninterrupted_run(trained_digits, digits_shards, tmp_path):
     base_cfg, baseline = trained_digits  # 30 steps, checkpoints at 15 and 30
     overrides = tiny_train_overrides(digits_shards, tmp_path, run_name="driverkill", **{"train.eval_every": 15})

@@ -95,7 +95,8 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
         quiet_ray_logs()
     loop_config = {"cfg": cfg.model_dump(mode="json"), "data": info.to_dict(), "paths": paths, "run_id": run_id,
                    "tracking_uri": uri, "metric_spool": str(metric_spool(cfg)), "verbose": verbose,
-                   "user_error_marker": str(metric_spool(cfg).parent / "user_error.json")}
+                   "user_error_marker": str(metric_spool(cfg).parent / "user_error.json"),
+                   "checkpoint_storage": f"{storage.rstrip('/')}/{cfg.run_name}"}
     user_errors.clear(loop_config["user_error_marker"])
     if os.environ.get("FLOWRAIL_FAULT_INJECT"):  # reliability tests only: see worker.FaultInjection
         loop_config.update(fault_injection=os.environ["FLOWRAIL_FAULT_INJECT"],

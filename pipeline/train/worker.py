@@ -205,7 +205,15 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
         try:
             ckpt_io.save(tmp, engine=engine, ema=ema, state=state, cfg=cfg, info=info, rank=rank, world=world,
                          extra={"mlflow_run_id": loop_config.get("run_id")})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+            try:
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+            except Exception as exc:  # noqa: BLE001 - Ray's upload to the run's storage; a full one is a user error
+                full = ckpt_io.disk_full_error(exc)
+                if full is None:
+                    raise
+                raise CheckpointError(f"could not store the checkpoint of step {state.step} in "
+                                      f"{loop_config.get('checkpoint_storage', 'the run storage')}: no space left on "
+                                      f"device; the previous checkpoint is kept") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
