@@ -65,9 +65,9 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         c.set_terminated(parent, status="FINISHED")
         return result
     except BaseException:
-        from pipeline.tracking import client
+        from pipeline.tracking import mark_terminated
 
-        client(uri).set_terminated(parent, status="FAILED")
+        mark_terminated(uri, parent, "FAILED")  # guarded: a server that is gone too must not hide the error
         raise
 
 
