@@ -58,6 +58,14 @@ class _HideProgressBarNotice(logging.Filter):
         return True
 
 
+class _DropHttpRetries(logging.Filter):
+    """Drops urllib3's "Retrying (Retry(total=N ...)) after connection broken ..." warnings: MLflow's retries during a
+    tracking outage print one per attempt on every process that logs; flowrail prints one line once they are spent."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Retrying (")
+
+
 def _add_once(logger_name: str, filter_type: type[logging.Filter]) -> None:
     logger = logging.getLogger(logger_name)
     if not any(isinstance(f, filter_type) for f in logger.filters):
@@ -69,6 +77,7 @@ def quiet_ray_logs() -> None:
     INFO lines and Ray Train's per-report lines from the console. Idempotent; warnings are untouched."""
     _add_once(_RAY_DATA_EXECUTOR_LOGGER, _HideInfo)
     _add_once("ray.data._internal.progress", _HideProgressBarNotice)
+    _add_once("urllib3.connectionpool", _DropHttpRetries)
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # "Started monitoring ..." per node
     try:  # Ray Train V2 names this logger after its file path, not "ray.train..."
         from ray.train.v2._internal.execution import context as train_context
@@ -79,7 +88,7 @@ def quiet_ray_logs() -> None:
 
 def restore_ray_logs() -> None:
     """Undo :func:`quiet_ray_logs` in this process (tests; a verbose job in a long-lived process)."""
-    names = [_RAY_DATA_EXECUTOR_LOGGER, "ray.data._internal.progress"]
+    names = [_RAY_DATA_EXECUTOR_LOGGER, "ray.data._internal.progress", "urllib3.connectionpool"]
     try:
         from ray.train.v2._internal.execution import context as train_context
 
@@ -88,7 +97,8 @@ def restore_ray_logs() -> None:
         pass
     for name in names:
         logger = logging.getLogger(name)
-        for f in [f for f in logger.filters if isinstance(f, (_HideInfo, _HideProgressBarNotice, _DropReportLines))]:
+        quiet = (_HideInfo, _HideProgressBarNotice, _DropReportLines, _DropHttpRetries)
+        for f in [f for f in logger.filters if isinstance(f, quiet)]:
             logger.removeFilter(f)
     logging.getLogger("mlflow.system_metrics").setLevel(logging.NOTSET)
 

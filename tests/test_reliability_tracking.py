@@ -53,6 +53,7 @@ class Server:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # three MLflow server starts and a run: over 600 s on a loaded 2-core machine
 def test_default_run_survives_tracking_server_down_10s(ray_local, digits_shards, tmp_path):
     from pipeline.config import TrainJobConfig, load_config
     from pipeline.train.trainer import fit
