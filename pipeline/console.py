@@ -8,7 +8,7 @@ Quiet by default, everything back with ``log.verbose=true`` or ``flowrail --verb
 - Ray Train logs ``Reporting training result N: TrainingReport(...)`` on every rank at every report; hidden at
   INFO. Ray Train's own ``ray.train`` INFO logs go through its ``LoggingConfig`` (WARNING unless verbose).
 - The driver draws one tqdm bar (step, loss, samples/s, data wait, ETA) from the reports the workers send to
-  Ray Train: a :class:`ReportForwarder` callback on the Train controller passes rank 0's report to a queue that a
+  Ray Train: a callback on the Train controller (:func:`progress_callback`) passes rank 0's report to a queue that a
   driver thread reads.
 """
 from __future__ import annotations
@@ -158,15 +158,12 @@ class StepBar:
         self.bar.close()
 
 
-class ReportForwarder:
-    """A Ray Train ``UserCallback`` (runs on the Train controller): rank 0's report of every ``ray.train.report``
-    goes to the driver's queue. Built by :func:`progress_callback` so Ray is imported only when needed."""
-
-
 def progress_callback(queue: Any) -> Any:
+    """A Ray Train ``UserCallback`` (it runs on the Train controller) that puts rank 0's report of every
+    ``ray.train.report`` on the driver's ``queue``; defined here so that Ray is imported only when needed."""
     from ray.train import UserCallback
 
-    class _Forwarder(UserCallback, ReportForwarder):
+    class _Forwarder(UserCallback):
         def __init__(self, q: Any) -> None:
             self.queue = q
 
