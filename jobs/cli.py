@@ -6,6 +6,7 @@ one line and exit with code 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -32,6 +33,14 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if "--verbose" in argv:  # any command: Ray's per-dataset and per-report console lines too (pipeline.console)
+        from pipeline.console import VERBOSE_ENV
+
+        argv = [a for a in argv if a != "--verbose"]
+        os.environ[VERBOSE_ENV] = "1"
+    if not argv:
         print(usage())
         return 0
     command, rest = argv[0], argv[1:]

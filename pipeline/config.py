@@ -132,7 +132,7 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(default=2, ge=1)
     eval_every: int = Field(default=0, ge=0)  # evaluate the EMA every K steps and at the end; 0: never
     max_bad_steps: int = Field(default=10, ge=0)  # NaN/Inf losses skipped before the run aborts
-    max_failures: int = Field(default=0, ge=-1)  # Ray Train FailureConfig; -1 retries forever
+    max_failures: int = Field(default=3, ge=-1)  # Ray Train FailureConfig: worker-group restarts; -1 retries forever
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # Ray placement of the workers
     storage_path: str | None = None  # Ray checkpoint storage: a shared dir or a pyarrow URL (s3://, gs://); None: run_dir/ray
 
@@ -158,8 +158,16 @@ class EvalConfig(Section):
 class TrackingConfig(Section):
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under run_dir
     experiment: str = "flowrail"
-    on_unreachable: Literal["fail", "buffer"] = "fail"  # buffer: train on, log when the server returns
+    on_unreachable: Literal["fail", "buffer"] = "buffer"  # buffer: train on, log when the server returns
     buffer_grace_s: float = Field(default=60.0, ge=0)  # buffer: at the end, wait this long for the server to return
+
+
+class LogConfig(Section):
+    """What the console shows; ``--verbose`` on the command line sets ``verbose`` too."""
+
+    verbose: bool = False  # also Ray Data's per-dataset execution logs and Ray Train's per-rank report lines
+    system_metrics: bool = True  # MLflow system/ metrics (CPU, memory; GPU with nvidia-ml-py) for training runs
+    system_metrics_interval_s: float = Field(default=10.0, gt=0)  # one sample per node every this many seconds
 
 
 class FluxConfig(Section):
@@ -195,6 +203,7 @@ class TrainJobConfig(Section):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     flux: FluxConfig = FluxConfig()
+    log: LogConfig = LogConfig()
 
     def resolve_paths(self, base: Path | None = None) -> TrainJobConfig:
         """Make run_dir and relative data paths absolute (Ray changes each worker's working directory)."""

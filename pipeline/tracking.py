@@ -1,15 +1,20 @@
 """MLflow tracking: one run per training run (created by the driver, written to by rank 0).
 
 The run id is kept beside the Ray run so that re-running the same ``run_name`` resumes the same MLflow run.
-Metrics go through :class:`MetricLogger`, which either fails fast when the server is unreachable or buffers the
-metrics and flushes them when it returns (``tracking.on_unreachable``).
+Metrics go through :class:`MetricLogger`, which either fails when the server stays unreachable or buffers the
+metrics (default) and flushes them when it returns (``tracking.on_unreachable``). MLflow's own HTTP retries (7, with
+exponential backoff) stay on; only the reachability probe before a run starts is quick, so an unreachable server
+fails a run at once instead of after minutes of retries.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,21 +67,63 @@ def client(uri: str):  # noqa: ANN201
     return MlflowClient(tracking_uri=uri)
 
 
-def _quiet_mlflow_http() -> None:
-    # fail fast on an unreachable server instead of retrying for minutes
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+def _unreachable(uri: str, exc: BaseException | str) -> TrackingError:
+    why = exc if isinstance(exc, str) else type(exc).__name__
+    return TrackingError(f"MLflow tracking server {redact(uri)} is unreachable ({why}); "
+                         f"start it or fix tracking.tracking_uri / $MLFLOW_TRACKING_URI")
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """One quick ``GET /health`` of an http(s) server, without MLflow's minutes of retries; raises TrackingError.
+
+    Other stores (sqlite, file, databricks) are not probed here."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+    except requests.RequestException as exc:
+        raise _unreachable(uri, exc) from None
+
+
+@contextmanager
+def few_retries(retries: int = 1, timeout_s: int = 10) -> Iterator[None]:
+    """MLflow calls inside use at most ``retries`` HTTP retries: for the calls made after something already failed
+    (a run's FAILED status), which must not keep the user waiting for minutes. Process-wide while it lasts."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES=str(retries), MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout_s))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def mark_terminated(uri: str, run_id: str, status: str) -> bool:
+    """Set a run's final status after a failure, guarded: a server that is gone too gives one printed line, never
+    MLflow's traceback in place of the error that matters. True when the status was set."""
+    try:
+        with few_retries():
+            client(uri).set_terminated(run_id, status=status)
+        return True
+    except Exception as exc:  # noqa: BLE001 - any MLflow/requests error: the original failure is what we report
+        print(f"[flowrail] could not mark MLflow run {run_id} {status} at {redact(uri)} ({type(exc).__name__}); "
+              f"a re-run of the same run_name resumes it", flush=True)
+        return False
 
 
 def ensure_experiment(uri: str, name: str) -> str:
-    _quiet_mlflow_http()
+    check_reachable(uri)
     c = client(uri)
     try:
         exp = c.get_experiment_by_name(name)
         return exp.experiment_id if exp else c.create_experiment(name)
     except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds for an unreachable server
-        raise TrackingError(f"MLflow tracking server {redact(uri)} is unreachable ({type(exc).__name__}); "
-                            f"start it or fix tracking.tracking_uri / $MLFLOW_TRACKING_URI") from None
+        raise _unreachable(uri, exc) from None
 
 
 def loggable_params(cfg: TrainJobConfig) -> dict[str, str]:
@@ -102,6 +149,7 @@ def start_or_resume_run(cfg: TrainJobConfig, tags: dict[str, str] | None = None)
     if record.is_file():
         saved = json.loads(record.read_text())
         if saved.get("tracking_uri_sha256") == uri_fingerprint(uri) or saved.get("tracking_uri") == uri:
+            check_reachable(uri)
             try:
                 client(uri).update_run(saved["run_id"], status="RUNNING")
                 return saved["run_id"], True
@@ -120,33 +168,74 @@ def start_or_resume_run(cfg: TrainJobConfig, tags: dict[str, str] | None = None)
     return run.info.run_id, False
 
 
+def metric_spool(cfg: TrainJobConfig) -> Path:
+    """Where rank 0 keeps metrics not yet accepted by the server: beside the run record, in the run's storage."""
+    return run_record(cfg).parent / "pending_metrics.jsonl"
+
+
 class MetricLogger:
     """Log metric dicts to one run; on an unreachable server either raise (``fail``) or buffer and retry (``buffer``).
 
-    Buffered metrics keep their original step and timestamp; every later ``log`` retries them, and the final
-    ``flush(final=True)`` waits up to ``grace_s`` seconds for the server to return.
+    Each metric gets its step and wall-clock timestamp when it is recorded; those are what the server receives,
+    however late. With a ``spool`` file the pending metrics also live on disk (one JSON line each), so a restarted
+    worker group or a re-run of the run sends what a killed rank 0 had not sent yet. A metric re-sent after a crash
+    between "sent" and "spool rewritten" is the same (key, step, timestamp, value): MLflow's SQL store ignores it.
+    ``record`` is cheap (memory + one appended line) and safe to call from the training loop; ``flush`` does the
+    network I/O and may block for MLflow's retries, so the loop runs it on a background thread.
     """
 
-    def __init__(self, uri: str, run_id: str, policy: str = "fail", grace_s: float = 60.0) -> None:
-        _quiet_mlflow_http()
+    def __init__(self, uri: str, run_id: str, policy: str = "buffer", grace_s: float = 60.0,
+                 spool: Path | str | None = None) -> None:
         self.uri, self.run_id, self.policy, self.grace_s = uri, run_id, policy, grace_s
+        self.spool = Path(spool) if spool else None
         self.pending: list[Any] = []
         self.failures = 0
+        self.recovered = 0
+        self._lock = threading.Lock()
+        if self.spool is not None and self.spool.is_file():
+            self.pending = [_metric(json.loads(line)) for line in self.spool.read_text().splitlines() if line.strip()]
+            self.recovered = len(self.pending)
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
+    def record(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        new = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        with self._lock:
+            self.pending.extend(new)
+            if self.spool is not None:
+                self.spool.parent.mkdir(parents=True, exist_ok=True)
+                with self.spool.open("a") as f:
+                    f.writelines(json.dumps(_as_dict(m)) + "\n" for m in new)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.record(metrics, step)
         self.flush()
 
     def _send(self) -> None:
         c = client(self.uri)
-        while self.pending:
-            c.log_batch(self.run_id, metrics=self.pending[:900])
-            self.pending = self.pending[900:]
+        while True:
+            with self._lock:
+                batch = self.pending[:900]
+            if not batch:
+                return
+            c.log_batch(self.run_id, metrics=batch)
+            with self._lock:
+                del self.pending[:len(batch)]
+                self._rewrite_spool()
+
+    def _rewrite_spool(self) -> None:
+        if self.spool is None:
+            return
+        if not self.pending:
+            self.spool.unlink(missing_ok=True)
+            return
+        tmp = self.spool.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(_as_dict(m)) + "\n" for m in self.pending))
+        os.replace(tmp, self.spool)
 
     def flush(self, final: bool = False) -> bool:
+        """Send what is pending; False if some is still pending (``buffer``: after ``grace_s`` when ``final``)."""
         deadline = time.monotonic() + (self.grace_s if final and self.policy == "buffer" else 0.0)
         while self.pending:
             try:
@@ -159,11 +248,21 @@ class MetricLogger:
                         from None
                 if self.failures == 1 or final:
                     print(f"[flowrail] tracking server {redact(self.uri)} unreachable: {len(self.pending)} metric "
-                          f"values buffered", flush=True)
+                          f"values buffered" + (f" in {self.spool}" if self.spool else ""), flush=True)
                 if time.monotonic() >= deadline:
                     return False
                 time.sleep(1.0)
         return True
+
+
+def _as_dict(m: Any) -> dict[str, Any]:
+    return {"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
+
+
+def _metric(d: dict[str, Any]) -> Any:
+    from mlflow.entities import Metric
+
+    return Metric(d["key"], float(d["value"]), int(d["timestamp"]), int(d["step"]))
 
 
 def mlflow_ui_hint(uri: str) -> str:

@@ -53,6 +53,10 @@ def privacy_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     cfg = PrivacyTrainConfig.model_validate(loop_config["cfg"])
     base = cfg.base()
+    if not loop_config.get("verbose"):
+        from pipeline.console import quiet_ray_logs
+
+        quiet_ray_logs()
     info = DataInfo(**loop_config["data"])
     s = float(loop_config["noise_std"])
     ctx = ray.train.get_context()
@@ -245,27 +249,37 @@ def fit_privacy(cfg: PrivacyTrainConfig, *, make_grid: bool = True):  # noqa: AN
         client(uri).log_batch(run_id, params=params)
     print(f"[flowrail privacy] {cfg.privacy.method}: MLflow run {run_id} at {uri}", flush=True)
     tcfg = cfg.train
+    from pipeline.console import DriverProgress, is_verbose, on_driver, quiet_ray_logs, train_logging_config
+    from pipeline.tracking import mark_terminated
+
+    verbose = is_verbose(cfg)
+    if not verbose:
+        quiet_ray_logs()
+    progress = DriverProgress(tcfg.steps, f"{cfg.run_name} ({cfg.privacy.method})", enabled=on_driver()).__enter__()
     trainer = TorchTrainer(
         privacy_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "data": info.to_dict(), "run_id": run_id,
-                           "tracking_uri": uri, "noise_std": s},
+                           "tracking_uri": uri, "noise_std": s, "verbose": verbose},
         scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                                resources_per_worker={"CPU": tcfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=cfg.run_name, storage_path=str(Path(cfg.run_dir) / "ray"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
+            callbacks=progress.callbacks, logging_config=train_logging_config(verbose)),
         datasets=datasets,
         torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
     )
     try:
         result = trainer.fit()
     except Exception as exc:  # noqa: BLE001
+        progress.__exit__(None, None, None)
         user_error = _unwrap(exc)
-        client(uri).set_terminated(run_id, status="FAILED")
+        mark_terminated(uri, run_id, "FAILED")  # guarded: a server that is gone too must not hide the error
         if user_error is not None:
             raise user_error from None
         raise
+    progress.__exit__(None, None, None)
     if result.checkpoint is None:
         raise FlowrailError(f"privacy run {cfg.run_name} finished without a checkpoint")
     out = TrainResult(run_id=run_id, checkpoint=Path(result.checkpoint.path), metrics=dict(result.metrics or {}),

@@ -266,6 +266,53 @@ def test_rayjob_entrypoint_is_a_valid_flowrail_train_command() -> None:
     assert cfg.train.num_workers * cfg.train.cpus_per_worker < cpus, "leave CPUs for Ray Data"
 
 
+def resume_problems(job: dict[str, Any]) -> list[str]:
+    """Why a failed RayJob would not resume by itself: KubeRay retries a failed job on a new cluster
+    (``backoffLimit`` > 0) with the same entrypoint; that resumes only if the run's name is fixed and everything a
+    re-run reads (checkpoints, MLflow run record, metric spool under ``run_dir/ray/<run_name>``) is on the PVC
+    mounted on the head, where the driver runs (or checkpoints in an object store)."""
+    from jobs.train import parse
+    from pipeline.tracking import metric_spool, run_record
+
+    spec, problems = job["spec"], []
+    if spec.get("backoffLimit", 0) < 1:
+        problems.append("backoffLimit < 1: no retry")
+    if spec.get("shutdownAfterJobFinishes") is not True:
+        problems.append("shutdownAfterJobFinishes is not true: a failed cluster is kept instead of replaced")
+    argv = spec["entrypoint"].split()
+    if not any(a.startswith("run_name=") for a in argv):
+        problems.append("no run_name=: a retry would not name the same run")
+    cfg = parse(argv[2:])
+    if cfg.train.max_failures < 1:
+        problems.append("train.max_failures < 1")
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    claims = {v["name"] for v in head["volumes"] if "persistentVolumeClaim" in v}
+    mounts = [m["mountPath"].rstrip("/") + "/" for m in head["containers"][0]["volumeMounts"] if m["name"] in claims]
+    for path in (cfg.run_dir + "/", cfg.train.storage_path or cfg.run_dir + "/", str(run_record(cfg)),
+                 str(metric_spool(cfg))):
+        if "://" not in path and not any(path.startswith(m) for m in mounts):
+            problems.append(f"{path} is not on the head's PVC")
+    return problems
+
+
+def test_rayjob_resumes_by_itself_after_a_driver_or_head_failure() -> None:
+    (job,) = docs("kuberay/rayjob.yaml")
+    assert resume_problems(job) == []
+
+
+@pytest.mark.parametrize("mutate,what", [
+    (lambda j: j["spec"].update(backoffLimit=0), "backoffLimit"),
+    (lambda j: j["spec"].update(entrypoint=j["spec"]["entrypoint"].replace("run_dir=/mnt/flowrail/runs",
+                                                                            "run_dir=/tmp/runs")), "/tmp/runs"),
+    (lambda j: j["spec"].update(entrypoint=re.sub(r"run_name=\S+", "", j["spec"]["entrypoint"])), "run_name"),
+    (lambda j: j["spec"].update(entrypoint=j["spec"]["entrypoint"] + " train.max_failures=0"), "max_failures"),
+])
+def test_rayjob_that_would_not_resume_is_caught(mutate, what: str) -> None:
+    (job,) = docs("kuberay/rayjob.yaml")
+    mutate(job)
+    assert any(what in p for p in resume_problems(job)), resume_problems(job)
+
+
 def test_rayjob_entrypoint_typo_is_rejected() -> None:
     from jobs.train import parse
 

@@ -40,7 +40,8 @@ def test_sigkilled_worker_resumes_and_matches_uninterrupted_run(trained_digits, 
     cfg = load_config(TrainJobConfig, "train", tiny_train_overrides(
         digits_shards, tmp_path, run_name="killed", **{"train.max_failures": 1, "train.eval_every": 15}))
     same = cfg.model_copy(deep=True)
-    same.run_name, same.run_dir, same.train.max_failures = base_cfg.run_name, base_cfg.run_dir, 0
+    same.run_name, same.run_dir = base_cfg.run_name, base_cfg.run_dir
+    same.train.max_failures = base_cfg.train.max_failures
     assert same == base_cfg  # identical training settings and seed
     result = fit(cfg, make_grid=False)
 

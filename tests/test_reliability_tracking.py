@@ -1,5 +1,6 @@
-"""An MLflow server that goes away mid-run (stopped, then restarted on the same port): with
-``tracking.on_unreachable=buffer`` training goes on and every metric is logged once the server is back."""
+"""An MLflow server that goes away mid-run (stopped, then restarted on the same port): with the default settings
+(``tracking.on_unreachable=buffer``, MLflow's own retries on) training goes on and every metric is logged once the
+server is back; buffered metrics outlive a restarted rank 0 through the run's spool file."""
 from __future__ import annotations
 
 import subprocess
@@ -52,7 +53,8 @@ class Server:
 
 
 @pytest.mark.slow
-def test_metrics_buffered_while_server_is_down(ray_local, digits_shards, tmp_path):
+@pytest.mark.timeout(1200)  # three MLflow server starts and a run: over 600 s on a loaded 2-core machine
+def test_default_run_survives_tracking_server_down_10s(ray_local, digits_shards, tmp_path):
     from pipeline.config import TrainJobConfig, load_config
     from pipeline.train.trainer import fit
 
@@ -60,8 +62,7 @@ def test_metrics_buffered_while_server_is_down(ray_local, digits_shards, tmp_pat
     server = Server(tmp_path / "server")
     server.start()
     cfg = load_config(TrainJobConfig, "train", tiny_train_overrides(digits_shards, tmp_path, run_name="buffered", **{
-        "tracking.tracking_uri": server.uri, "tracking.on_unreachable": "buffer", "tracking.buffer_grace_s": 300,
-        "train.steps": 20}))
+        "tracking.tracking_uri": server.uri, "train.steps": 20}))  # tracking.* and train.max_failures: defaults
     events: dict[str, object] = {}
 
     def outage() -> None:
@@ -79,7 +80,7 @@ def test_metrics_buffered_while_server_is_down(ray_local, digits_shards, tmp_pat
             time.sleep(0.2)
         server.stop()
         events["stopped"] = time.time()
-        time.sleep(8)
+        time.sleep(10)
         events["restarting"] = time.time()
         server.start()
         events["restarted"] = time.time()
@@ -123,3 +124,60 @@ def test_server_gone_after_training_is_one_line_naming_it(tmp_path, monkeypatch,
     assert "\n" not in message and "secret" not in message and "127.0.0.1" in message
     assert str(result.checkpoint) in message and result.checkpoint.is_dir()
     assert out.grid is None  # the grid was drawn locally, but never reported as logged
+
+
+def test_buffered_metrics_survive_a_restart_through_the_runs_spool(tmp_path, capsys):
+    """Rank 0 records metrics while the server is unreachable, then dies: a new rank 0 (restarted worker group or
+    re-run) reads the spool from the run's storage and sends them with their original steps and timestamps."""
+    from pipeline.tracking import MetricLogger, few_retries
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = MlflowClient(store).create_run(MlflowClient(store).create_experiment("spool")).info.run_id
+    spool = tmp_path / "ray" / "run" / "pending_metrics.jsonl"
+    dead = f"http://127.0.0.1:{_free_port()}"
+    first = MetricLogger(dead, run_id, "buffer", grace_s=0, spool=spool)
+    with few_retries(retries=0, timeout_s=2):
+        first.log({"loss": 0.5, "samples_per_s": 10.0}, step=5)
+        first.log({"loss": 0.25}, step=10)
+    assert len(first.pending) == 3 and len(spool.read_text().splitlines()) == 3
+    buffered = [ln for ln in capsys.readouterr().out.splitlines() if "buffered" in ln]
+    assert len(buffered) == 1 and str(spool) in buffered[0], buffered  # one line, at the first failure only
+    stamps = {(m.key, m.step): m.timestamp for m in first.pending}
+    del first  # the process is gone; only the spool remains
+
+    time.sleep(0.05)
+    second = MetricLogger(store, run_id, "buffer", grace_s=0, spool=spool)
+    assert second.recovered == 3
+    second.log({"loss": 0.125}, step=15)
+    assert not spool.exists() and second.pending == []
+    history = MlflowClient(store).get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == [5, 10, 15]
+    assert {(m.key, m.step): m.timestamp for m in history if m.step < 15} == \
+        {k: v for k, v in stamps.items() if k[0] == "loss"}
+    # sending the same metric twice (a crash between "sent" and "spool rewritten") leaves one value per step
+    again = MetricLogger(store, run_id, "buffer")
+    again.pending = list(MlflowClient(store).get_metric_history(run_id, "loss"))
+    assert again.flush()
+    assert sorted(m.step for m in MlflowClient(store).get_metric_history(run_id, "loss")) == [5, 10, 15]
+
+
+def test_failed_run_status_against_a_dead_server_is_one_line(capsys):
+    """After a training failure the driver marks the run FAILED; if the server is gone too, one printed line and
+    no MLflow traceback, and the process-wide MLflow retry setting is left as it was."""
+    import os
+
+    from pipeline.tracking import mark_terminated
+
+    before = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    assert mark_terminated(f"http://user:pw@127.0.0.1:{_free_port()}", "abc123", "FAILED") is False
+    out = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert len(out) == 1 and "could not mark MLflow run abc123 FAILED" in out[0] and "pw@" not in out[0], out
+    assert os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") == before
+
+
+def test_safe_defaults():
+    """A default run buffers metrics through a tracking outage and restarts its workers up to 3 times."""
+    from pipeline.config import TrainJobConfig
+
+    cfg = TrainJobConfig()
+    assert (cfg.tracking.on_unreachable, cfg.train.max_failures) == ("buffer", 3)

@@ -3,8 +3,9 @@
 - Every pair: the objective the Ray Train worker builds (``build_objective``) trains a tiny real SiT on a real
   digits batch (read through the spine's Ray Data pipeline) for a few AdamW steps and samples from it.
 - ``flowrail train`` end to end (1 worker, 4 steps, one shared Ray), one test per pair: the two stiffest pairs run
-  in the default tier, the other 13 in the slow tier (``make test-all``); each run costs ~20 s on an idle 2-core
-  machine, a minute or more on a loaded one.
+  in the default tier, the other 13 are marked ``slow`` and ``exhaustive`` (``make test-all``; CI's end-to-end tier
+  leaves them out: the objective of every pair is already trained above, and the spine around it is the same);
+  each run costs ~20 s on an idle 2-core machine, a minute or more on a loaded one.
 """
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def test_objective_trains_sit_on_digits(digits_batch, digits_shards, tmp_path, p
     assert out.nfe == 4  # 3 Euler-Maruyama steps + the mean last step
 
 
-@pytest.mark.parametrize("path,prediction", [pytest.param(p, q, marks=() if (p, q) in DEFAULT_E2E else pytest.mark.slow)
+@pytest.mark.parametrize("path,prediction", [pytest.param(p, q, marks=() if (p, q) in DEFAULT_E2E else
+                                                          (pytest.mark.slow, pytest.mark.exhaustive))
                                              for p, q in PAIRS])
 def test_flowrail_train(ray_local, digits_shards, tmp_path, path, prediction):
     from jobs.cli import main

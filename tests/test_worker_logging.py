@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 
 def test_ray_workers_run_without_ray_trains_print_patch(ray_local):
@@ -56,3 +57,74 @@ def test_deepspeeds_torch_deprecations_are_not_printed_at_every_step():
         assert shown == 6  # Ray Data's conversion resets the registry: both shown again at every step
         quiet_deepspeed_deprecations()
         assert _zero_collective_deprecations(3) == 0
+
+
+def test_ray_data_execution_logs_and_report_lines_are_quiet_but_warnings_show(capfd):
+    """Ray Data's per-dataset INFO lines leave its console handler (its log file keeps them); its warnings do not.
+    Ray Train's ``Reporting training result`` lines are dropped."""
+    import logging
+
+    import ray.data  # noqa: F401 - configures Ray Data's logging (console handler with its `hide` filter)
+    from ray.train.v2._internal.execution import context as train_context
+
+    from pipeline.console import quiet_ray_logs, restore_ray_logs
+
+    executor = logging.getLogger("ray.data._internal.execution.streaming_executor")
+    reporter = logging.getLogger(train_context.__file__)
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    keep = Keep(level=logging.INFO)
+    reporter.addHandler(keep)
+    reporter.setLevel(logging.INFO)
+    try:
+        executor.info("Execution plan of Dataset before_0: InputDataBuffer")
+        assert "Execution plan of Dataset before_0" in capfd.readouterr().err  # Ray Data's console shows it
+        quiet_ray_logs()
+        quiet_ray_logs()  # idempotent
+        executor.info("Execution plan of Dataset quiet_1: InputDataBuffer")
+        executor.info("Starting execution of Dataset quiet_1.")
+        executor.warning("Dataset quiet_1 is slow: a warning that matters")
+        reporter.info("Reporting training result 1: TrainingReport(...) from rank 0")
+        logging.getLogger("urllib3.connectionpool").warning("Retrying (Retry(total=6)) after connection broken")
+        reporter.warning("a Ray Train warning")
+        err = capfd.readouterr().err
+    finally:
+        reporter.removeHandler(keep)
+        restore_ray_logs()  # process-wide logging state must not leak into other tests
+    assert "quiet_1: InputDataBuffer" not in err and "Starting execution" not in err and "Retrying (" not in err
+    assert "a warning that matters" in err
+    assert seen == ["a Ray Train warning"]
+
+
+def test_step_bar_shows_step_loss_throughput_data_wait_and_eta():
+    import io
+    import time
+
+    from pipeline.console import StepBar
+
+    out = io.StringIO()
+    bar = StepBar(40, "digits", file=out)
+    for step in (20, 25, 30):  # a resumed run: its first report is past its checkpoint's step
+        bar.update({"step": step, "loss": 0.12345, "samples_per_s": 640.2, "data_wait_fraction": 0.031})
+        time.sleep(0.6)
+    bar.bar.refresh()
+    last = out.getvalue().split("\r")[-1]
+    assert "step 30/40" in last and "loss=0.1235" in last and "samples/s=640" in last and "data wait=3%" in last
+    assert re.search(r"\[\d\d:\d\d<00:\d\d, ", last), last  # an ETA from the rate since the first report
+    bar.close()
+
+
+def test_verbose_flag_reaches_workers(monkeypatch):
+    from pipeline.console import VERBOSE_ENV, is_verbose
+    from pipeline.config import TrainJobConfig
+    from pipeline.train.trainer import worker_env
+
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    assert not is_verbose(TrainJobConfig()) and VERBOSE_ENV not in worker_env()
+    assert is_verbose(TrainJobConfig.model_validate({"log": {"verbose": True}}))
+    monkeypatch.setenv(VERBOSE_ENV, "1")
+    assert is_verbose(TrainJobConfig()) and worker_env()[VERBOSE_ENV] == "1"

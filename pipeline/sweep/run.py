@@ -85,9 +85,9 @@ def run_sweep(cfg: SweepConfig, resume: SweepState | None = None) -> SweepResult
         c.set_terminated(parent, status="FINISHED")
         return result
     except BaseException:
-        from pipeline.tracking import client
+        from pipeline.tracking import mark_terminated
 
-        client(uri).set_terminated(parent, status="FAILED")
+        mark_terminated(uri, parent, "FAILED")  # guarded: a server that is gone too must not hide the error
         raise
 
 

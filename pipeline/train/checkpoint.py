@@ -66,6 +66,16 @@ def _write_failure(local_dir: Path, exc: BaseException) -> str:
     return first_line(exc)
 
 
+def disk_full_error(exc: BaseException) -> OSError | None:
+    """The "no space left on device" error in ``exc``'s cause chain (pyarrow's copy to storage keeps only its text)."""
+    from pipeline.errors import find_in_chain
+
+    found = find_in_chain(exc, OSError)
+    if found is not None and (found.errno == errno.ENOSPC or "No space left on device" in str(found)):
+        return found
+    return None
+
+
 def save(local_dir: Path, *, engine: Any, ema: Any, state: TrainState, cfg: TrainJobConfig, info: DataInfo,
          rank: int, world: int = 1, extra: dict[str, Any] | None = None) -> Path:
     """Write this rank's part of a checkpoint into ``local_dir`` (collective: every rank calls it).

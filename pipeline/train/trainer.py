@@ -34,10 +34,12 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.console import DriverProgress, is_verbose, on_driver, quiet_ray_logs, train_logging_config
     from pipeline.data.shards import verify_shards
     from pipeline.data.streaming import describe
     from pipeline.errors import CheckpointError
-    from pipeline.tracking import client, redact, start_or_resume_run
+    from pipeline.tracking import mark_terminated, metric_spool, redact, start_or_resume_run
+    from pipeline.train import user_errors
     from pipeline.train.worker import train_loop_per_worker
 
     paths, info = describe(cfg.data.shards, cfg.data.image_size, job="train")
@@ -51,12 +53,21 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
     init_ray()
     tcfg = cfg.train
     storage = tcfg.storage_path or str(Path(cfg.run_dir) / "ray")
+    verbose = is_verbose(cfg)
+    if not verbose:
+        quiet_ray_logs()
     loop_config = {"cfg": cfg.model_dump(mode="json"), "data": info.to_dict(), "paths": paths, "run_id": run_id,
-                   "tracking_uri": uri}
+                   "tracking_uri": uri, "metric_spool": str(metric_spool(cfg)), "verbose": verbose,
+                   "user_error_marker": str(metric_spool(cfg).parent / "user_error.json"),
+                   "checkpoint_storage": f"{storage.rstrip('/')}/{cfg.run_name}"}
+    user_errors.clear(loop_config["user_error_marker"])
     if os.environ.get("FLOWRAIL_FAULT_INJECT"):  # reliability tests only: see worker.FaultInjection
         loop_config.update(fault_injection=os.environ["FLOWRAIL_FAULT_INJECT"],
                            fault_marker_dir=str(Path(cfg.run_dir) / "faults" / cfg.run_name),
-                           fault_run_storage=str(Path(storage) / cfg.run_name))
+                           fault_run_storage=str(Path(storage) / cfg.run_name), fault_driver_pid=os.getpid())
+    # the progress bar only where a person watches: the driver (a Tune trial's fit runs in a Ray worker)
+    progress = DriverProgress(tcfg.steps, cfg.run_name, enabled=on_driver())
+    progress.__enter__()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -67,17 +78,19 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
             name=cfg.run_name, storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
-            callbacks=list(callbacks or [])),
+            callbacks=[*(callbacks or []), *progress.callbacks], logging_config=train_logging_config(verbose)),
         torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
     )
     try:
         result = trainer.fit()
     except Exception as exc:  # noqa: BLE001
+        progress.__exit__(None, None, None)
         user_error = _unwrap(exc)
-        client(uri).set_terminated(run_id, status="FAILED")
+        mark_terminated(uri, run_id, "FAILED")  # guarded: a server that is gone too must not hide the error
         if user_error is not None:
             raise user_error from None
         raise
+    progress.__exit__(None, None, None)
     if result.checkpoint is None:
         raise FlowrailError(f"run {cfg.run_name} finished without a checkpoint")
     checkpoint = local_checkpoint(result.checkpoint, Path(cfg.run_dir) / "checkpoints" / cfg.run_name)

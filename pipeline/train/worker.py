@@ -58,14 +58,17 @@ class FaultInjection:
     stops the restarted worker from doing it again). Before killing it waits until Ray Train has registered the
     last checkpoint (``checkpoint_manager_snapshot.json`` in ``run_storage``): the controller collects reports by
     polling, and a checkpoint reported moments before a crash may never be registered (the restart then resumes
-    from the one before). ``nan@R:B``: rank R's loss is NaN on its B-th batch (counted as steps + skipped steps,
-    so it fires once). Comma-separated for several.
+    from the one before). ``killdriver@R:S``: the same, but rank R SIGKILLs the driver process (a re-run must pick
+    the run up). ``nan@R:B``: rank R's loss is NaN on its B-th batch (counted as steps + skipped steps, so it fires
+    once). Comma-separated for several.
     """
 
-    def __init__(self, spec: str | None, marker_dir: str | None, run_storage: str | None = None) -> None:
+    def __init__(self, spec: str | None, marker_dir: str | None, run_storage: str | None = None,
+                 driver_pid: int | None = None) -> None:
         self.faults: list[tuple[str, int, int]] = []
         self.marker_dir = Path(marker_dir) if marker_dir else None
         self.run_storage = Path(run_storage) if run_storage else None
+        self.driver_pid = driver_pid  # ``killdriver@R:S``: rank R SIGKILLs the driver instead of itself
         for part in filter(None, (spec or "").split(",")):
             kind, _, where = part.strip().partition("@")
             rank, _, index = where.partition(":")
@@ -83,18 +86,24 @@ class FaultInjection:
         return max(steps, default=-1)
 
     def maybe_kill(self, rank: int, step: int, last_checkpoint_step: int) -> None:
-        if ("kill", rank, step) not in self.faults or self.marker_dir is None:
-            return
-        marker = self.marker_dir / f".fault-kill-r{rank}-s{step}"
+        if ("killdriver", rank, step) in self.faults and self.driver_pid and self.marker_dir is not None:
+            self._kill("killdriver", rank, step, last_checkpoint_step, self.driver_pid)
+        if ("kill", rank, step) in self.faults and self.marker_dir is not None:
+            self._kill("kill", rank, step, last_checkpoint_step, os.getpid())
+
+    def _kill(self, kind: str, rank: int, step: int, last_checkpoint_step: int, pid: int) -> None:
+        assert self.marker_dir is not None
+        marker = self.marker_dir / f".fault-{kind}-r{rank}-s{step}"
         if marker.exists():
             return
         deadline = time.monotonic() + 300
         while self._registered_step() < last_checkpoint_step and time.monotonic() < deadline:
             time.sleep(0.5)
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(str(os.getpid()))
-        print(f"[flowrail] fault injection: SIGKILL rank {rank} (pid {os.getpid()}) after step {step}", flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
+        marker.write_text(str(pid))
+        who = "the driver" if kind == "killdriver" else f"rank {rank}"
+        print(f"[flowrail] fault injection: SIGKILL {who} (pid {pid}) after step {step}", flush=True)
+        os.kill(pid, signal.SIGKILL)
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -103,8 +112,15 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's entry point: :func:`_train_loop`, then wait for metrics still being logged, also on failure."""
-    with ExitStack() as cleanups:  # background threads the loop started, stopped in reverse order
-        _train_loop(loop_config, cleanups)
+    from pipeline.train import user_errors
+
+    user_errors.replay(loop_config.get("user_error_marker"))  # a restarted group: fail as the first attempt did
+    try:
+        with ExitStack() as cleanups:  # background threads the loop started, stopped in reverse order
+            _train_loop(loop_config, cleanups)
+    except FlowrailError as exc:
+        user_errors.record(loop_config.get("user_error_marker"), exc)
+        raise
 
 
 class EpochPrefetch:
@@ -148,9 +164,21 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
     paths: list[str] = loop_config["paths"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    verbose = bool(loop_config.get("verbose"))
+    if not verbose:
+        from pipeline.console import quiet_ray_logs
+
+        quiet_ray_logs()
+    if ctx.get_local_rank() == 0 and loop_config.get("run_id") and cfg.log.system_metrics:
+        from pipeline.system_metrics import start_system_metrics
+
+        monitor = start_system_metrics(loop_config["tracking_uri"], loop_config["run_id"], ctx.get_node_rank(),
+                                       cfg.log.system_metrics_interval_s)
+        if monitor is not None:
+            cleanups.callback(monitor.finish)
     tcfg = cfg.train
     faults = FaultInjection(loop_config.get("fault_injection"), loop_config.get("fault_marker_dir"),
-                            loop_config.get("fault_run_storage"))
+                            loop_config.get("fault_run_storage"), loop_config.get("fault_driver_pid"))
 
     setup = set_up_worker(cfg, info, micro_batch=cfg.data.batch_size, world=world, rank=rank)
     engine, ema, objective, device, autocast, state = (setup.engine, setup.ema, setup.objective, setup.device,
@@ -163,10 +191,13 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
         torch.manual_seed(cfg.seed * 1009 + rank)  # per-rank noise/time draws
 
     logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"], cfg.tracking.on_unreachable,
-                          grace_s=cfg.tracking.buffer_grace_s) \
+                          grace_s=cfg.tracking.buffer_grace_s, spool=loop_config.get("metric_spool")) \
         if rank == 0 and loop_config.get("run_id") else None
+    if logger is not None and logger.recovered:
+        print(f"[flowrail] {logger.recovered} metric values a previous attempt had not logged: sending them",
+              flush=True)
     if logger is not None and setup.resumed:
-        logger.log({"resumed_from_step": state.step}, step=state.step)
+        logger.record({"resumed_from_step": state.step}, step=state.step)  # sent with the first window's metrics
     window = {"loss": 0.0, "n": 0, "samples": 0, "skipped": 0, "t0": time.perf_counter(), "wait": 0.0}
 
     def checkpoint_and_report(metrics: dict[str, float]) -> None:
@@ -174,7 +205,15 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
         try:
             ckpt_io.save(tmp, engine=engine, ema=ema, state=state, cfg=cfg, info=info, rank=rank, world=world,
                          extra={"mlflow_run_id": loop_config.get("run_id")})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+            try:
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+            except Exception as exc:  # noqa: BLE001 - Ray's upload to the run's storage; a full one is a user error
+                full = ckpt_io.disk_full_error(exc)
+                if full is None:
+                    raise
+                raise CheckpointError(f"could not store the checkpoint of step {state.step} in "
+                                      f"{loop_config.get('checkpoint_storage', 'the run storage')}: no space left on "
+                                      f"device; the previous checkpoint is kept") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -274,15 +313,19 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
                 if rank == 0 and periodic_eval.due(state.step, tcfg.eval_every, last):
                     metrics.update(periodic_eval.evaluate_ema(cfg, ema.model, objective, info, state.step))
                 if logger is not None and log_thread is not None:
-                    if logged is not None:
-                        logged.result()  # the previous window's logging: surfaces a TrackingError here
-                    logged = log_thread.submit(logger.log, {k: v for k, v in metrics.items() if k != "step"},
-                                               state.step)
-                    done = state.step - start_step
-                    eta = elapsed / max(window["n"], 1) * (tcfg.steps - state.step)
-                    print(f"[flowrail] step {state.step}/{tcfg.steps}  loss {metrics['loss']:.4f}  "
-                          f"{metrics['samples_per_s']:.0f} samples/s  eta {eta:.0f}s  ({done} this attempt)",
-                          flush=True)
+                    # recorded (memory + the run's spool file) now; sent on the background thread, which may be
+                    # waiting out MLflow's retries: training does not wait for it, the next send takes all pending
+                    logger.record({k: v for k, v in metrics.items() if k != "step"}, state.step)
+                    if logged is None or logged.done():
+                        if logged is not None:
+                            logged.result()  # the previous send: surfaces a TrackingError (on_unreachable=fail)
+                        logged = log_thread.submit(logger.flush)
+                    if verbose:  # the driver's progress bar shows the same, from this report
+                        done = state.step - start_step
+                        eta = elapsed / max(window["n"], 1) * (tcfg.steps - state.step)
+                        print(f"[flowrail] step {state.step}/{tcfg.steps}  loss {metrics['loss']:.4f}  "
+                              f"{metrics['samples_per_s']:.0f} samples/s  eta {eta:.0f}s  ({done} this attempt)",
+                              flush=True)
                 window.update(loss=0.0, n=0, samples=0, skipped=0, t0=time.perf_counter(), wait=0.0)
                 if state.step % tcfg.checkpoint_every == 0 or last:
                     checkpoint_and_report(metrics)
