@@ -266,8 +266,10 @@ class TrainJobConfig(Section):
         base = base or Path.cwd()
         root = Path(self.run_dir)
         self.run_dir = str(root if root.is_absolute() else (base / root).resolve())
-        if self.flow_map.teacher and "://" not in self.flow_map.teacher and not Path(self.flow_map.teacher).is_absolute():
-            self.flow_map.teacher = str((base / self.flow_map.teacher).resolve())
+        for holder, field in ((self.flow_map, "teacher"), (self, "init_from")):  # read again inside Ray workers
+            value = getattr(holder, field)
+            if value and "://" not in value and not Path(value).is_absolute():
+                setattr(holder, field, str((base / value).resolve()))
         for field in ("shards", "val_shards"):
             value = getattr(self.data, field)
             if value and "://" not in value and not Path(value).is_absolute():
