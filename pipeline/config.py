@@ -209,6 +209,9 @@ def flow_map_refusal(cfg: TrainJobConfig) -> str | None:
         if cfg.sampler.method == "flow_map":
             return ("sampler.method=flow_map needs a flow-map model (objective.name=flow_map); this one was trained "
                     f"with objective.name={cfg.objective.name}")
+        changed = [k for k, v in fm.model_dump().items() if v != FlowMapConfig.model_fields[k].default]
+        if changed:
+            return f"flow_map.{changed[0]} is set but objective.name={cfg.objective.name} (flow_map.* needs objective.name=flow_map)"
         return None
     from pipeline.models.sit import parse_named_config  # lazy: only torch/numpy below it
 

@@ -210,6 +210,8 @@ def test_objective_loss_trains_and_samples_in_k_calls() -> None:
     (["model.grad_checkpointing=true"], "flow_map.jvp=func cannot run through activation checkpointing"),
     (["flow_map.target=teacher"], "flow_map.target=teacher needs a teacher"),
     (["flow_map.jvp=forward"], "flow_map.jvp"),
+    (["objective.name=family", "sampler.method=ode", "flow_map.ratio=0.5"],
+     "flow_map.ratio is set but objective.name=family"),
 ])
 def test_bad_flow_map_settings_are_one_line_config_errors(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
