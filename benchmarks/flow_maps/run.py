@@ -47,7 +47,7 @@ def training_cost(trained: Any) -> tuple[int, float | None]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", required=True)
-    parser.add_argument("--student", required=True)
+    parser.add_argument("--student", default=None, help="the flow map (omit to evaluate the teacher alone)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--num-samples", type=int, default=500)
     parser.add_argument("--cache-dir", default=None)
@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     rows: list[dict[str, Any]] = []
-    for label, source, method, step_list in (("teacher", args.teacher, "ode", TEACHER_STEPS),
-                                             ("flow map", args.student, "flow_map", FLOW_MAP_STEPS)):
+    models = [("teacher", args.teacher, "ode", TEACHER_STEPS)]
+    models += [("flow map", args.student, "flow_map", FLOW_MAP_STEPS)] if args.student else []
+    for label, source, method, step_list in models:
         trained = load_trained(source)
         steps_trained, wall = training_cost(trained)
         for steps in step_list:
