@@ -1,6 +1,6 @@
 """Flow-map benchmark on digits: the teacher at 1/2/4/8/32 Euler steps vs its flow map at 1/2/4 steps.
 
-    python -m benchmarks.flow_maps.run --teacher RUN_OR_CKPT --student RUN_OR_CKPT [--seeds 0 1 2] [--out DIR]
+    python -m benchmarks.flow_maps.run --teacher RUN_OR_CKPT --student RUN_OR_CKPT [RUN_OR_CKPT ...] [--seeds 0 1 2]
 
 Each row is evaluated with flowrail's own evaluation (``evals.evaluate.run_evaluation``: fd_digits and
 classifier_accuracy on ``--num-samples`` class-balanced samples) once per evaluation seed; the table gives the
@@ -46,13 +46,16 @@ def training_cost(trained: Any) -> tuple[int, float | None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", required=True)
-    parser.add_argument("--student", default=None, help="the flow map (omit to evaluate the teacher alone)")
+    parser.add_argument("--teacher", default=None, help="the flow model (a checkpoint or run directory)")
+    parser.add_argument("--student", nargs="*", default=[], help="flow-map checkpoints or run dirs (none: teacher only)")
+    parser.add_argument("--no-teacher", action="store_true", help="evaluate the students only")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--num-samples", type=int, default=500)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out", default="benchmarks/flow_maps")
     args = parser.parse_args(argv)
+    if args.teacher is None and not args.no_teacher:
+        parser.error("--teacher is required unless --no-teacher")
 
     import torch
 
@@ -60,10 +63,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     rows: list[dict[str, Any]] = []
-    models = [("teacher", args.teacher, "ode", TEACHER_STEPS)]
-    models += [("flow map", args.student, "flow_map", FLOW_MAP_STEPS)] if args.student else []
+    models = [] if args.no_teacher else [("teacher", args.teacher, "ode", TEACHER_STEPS)]
+    models += [(None, student, "flow_map", FLOW_MAP_STEPS) for student in args.student]
     for label, source, method, step_list in models:
         trained = load_trained(source)
+        label = label or f"flow map ({trained.config.run_name})"
         steps_trained, wall = training_cost(trained)
         for steps in step_list:
             per_seed = [evaluate(trained, method, steps, seed, args.num_samples, args.cache_dir) for seed in args.seeds]
@@ -76,9 +80,11 @@ def main(argv: list[str] | None = None) -> int:
                 row[m] = statistics.fmean(vals)
                 row[f"{m}_min"], row[f"{m}_max"] = min(vals), max(vals)
             rows.append(row)
-            print(f"{label:9s} {method:8s} steps={steps:2d}  fd_digits={row['fd_digits']:.3f} "
+            print(f"{label} {method:8s} steps={steps:2d}  fd_digits={row['fd_digits']:.3f} "
                   f"[{row['fd_digits_min']:.3f}, {row['fd_digits_max']:.3f}]  acc={row['classifier_accuracy']:.3f}",
                   flush=True)
+    if not rows:
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="") as fh:
