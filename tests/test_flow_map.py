@@ -16,6 +16,15 @@ from pipeline.flow_map.times import sample_pairs, sampling_grid
 from pipeline.models.sit import build_sit
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests run many tiny ops: one intra-op thread is several times faster on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def small_sit(depth: int = 3, seed: int = 0) -> nn.Module:
     """A SiT whose zero-initialised layers are randomised, so every block and the time embedding matter."""
     torch.manual_seed(seed)
