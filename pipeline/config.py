@@ -82,7 +82,7 @@ class TransportConfig(Section):
 class SamplerConfig(Section):
     """Evaluation-time sampling choices, applicable to any checkpoint (REFERENCE.md 3)."""
 
-    method: Literal["ode", "sde"] = "ode"
+    method: Literal["ode", "sde", "flow_map"] = "ode"  # flow_map: few-step jumps of a flow-map model (objective.name=flow_map)
     solver: Literal["euler", "heun", "midpoint", "rk4", "pseudo_corrector", "dopri5"] = "euler"
     steps: int = Field(default=32, ge=1)
     atol: float = Field(default=1e-6, gt=0)
@@ -186,6 +186,65 @@ class FluxConfig(Section):
     dfm: bool = False
 
 
+class ObjectiveConfig(Section):
+    """``family``: the model family's own objective (SiT transport, DFM, FLUX); ``flow_map``: a SiT trained as a
+    flow map (MeanFlow identity, Decoupled MeanFlow conditioning; settings in ``flow_map.*``)."""
+
+    name: Literal["family", "flow_map"] = "family"
+
+
+class FlowMapConfig(Section):
+    """Flow-map training and sampling (REFERENCE.md section 11); used when ``objective.name=flow_map``."""
+
+    decoupled_blocks: int = Field(default=1, ge=1)  # k: the last k blocks (and the final layer) see the target time
+    jvp: Literal["func", "finite_difference"] = "func"  # d/ds u by torch.func.jvp, or a central finite difference
+    fd_eps: float = Field(default=1e-3, gt=0, lt=0.1)  # finite-difference step along (v, 1, 0)
+    target: Literal["data", "teacher"] = "data"  # v_s: x1 - x0 of the pair, or the teacher's velocity (distillation)
+    teacher: str | None = None  # teacher checkpoint for target=teacher; None: init_from
+    teacher_guidance: float = Field(default=1.0, ge=0)  # CFG scale folded into the teacher's velocity
+    ratio: float = Field(default=0.25, ge=0, le=1)  # fraction of pairs with s != t (the rest: s = t, flow matching)
+    time_sampler: Literal["uniform", "logit_normal"] = "uniform"  # law of the two times drawn per pair
+    logit_mean: float = -0.4
+    logit_std: float = Field(default=1.0, gt=0)
+    weight_power: float = Field(default=1.0, ge=0)  # adaptive weight w = 1 / (||delta||^2 + c)^p, stop-gradient
+    weight_eps: float = Field(default=1e-3, gt=0)  # c
+
+
+def flow_map_refusal(cfg: TrainJobConfig) -> str | None:
+    """Why ``cfg`` cannot run as (or sample as) a flow map, in one line; None if it can."""
+    fm, name = cfg.flow_map, cfg.model.name.strip()
+    if cfg.objective.name != "flow_map":
+        if cfg.sampler.method == "flow_map":
+            return ("sampler.method=flow_map needs a flow-map model (objective.name=flow_map); this one was trained "
+                    f"with objective.name={cfg.objective.name}")
+        changed = [k for k, v in fm.model_dump().items() if v != FlowMapConfig.model_fields[k].default]
+        if changed:
+            return f"flow_map.{changed[0]} is set but objective.name={cfg.objective.name} (flow_map.* needs objective.name=flow_map)"
+        return None
+    from pipeline.models.sit import parse_named_config  # lazy: only torch/numpy below it
+
+    named = parse_named_config(name) if name.lower() != "sit" else None
+    if name.lower() != "sit" and named is None:
+        return f"objective.name=flow_map needs a SiT model (model.name=sit or SiT-*), not model.name={name}"
+    depth = named[0].depth if named else cfg.model.depth
+    if fm.decoupled_blocks > depth:
+        return f"flow_map.decoupled_blocks={fm.decoupled_blocks} is larger than the model depth ({depth} blocks)"
+    if cfg.transport.path != "linear" or cfg.transport.prediction != "velocity":
+        return ("objective.name=flow_map needs transport.path=linear and transport.prediction=velocity "
+                f"(got {cfg.transport.path}/{cfg.transport.prediction})")
+    if fm.jvp == "func" and cfg.train.zero_stage == 3:
+        return ("flow_map.jvp=func cannot run on ZeRO-3 partitioned weights (train.zero_stage=3): "
+                "use flow_map.jvp=finite_difference")
+    if fm.jvp == "func" and cfg.model.grad_checkpointing:
+        return "flow_map.jvp=func cannot run through activation checkpointing (model.grad_checkpointing=true): " \
+               "use flow_map.jvp=finite_difference"
+    if fm.target == "teacher" and not (fm.teacher or cfg.init_from):
+        return "flow_map.target=teacher needs a teacher: set flow_map.teacher or init_from"
+    if fm.target == "data" and fm.teacher_guidance != 1.0:
+        return "flow_map.teacher_guidance needs flow_map.target=teacher (the data target has no teacher)"
+    return None
+
+
 class TrainJobConfig(Section):
     """Everything ``flowrail train`` (and ``flowrail run``) needs."""
 
@@ -204,12 +263,25 @@ class TrainJobConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
     flux: FluxConfig = FluxConfig()
     log: LogConfig = LogConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    flow_map: FlowMapConfig = FlowMapConfig()
+
+    @model_validator(mode="after")
+    def _flow_map_settings(self) -> TrainJobConfig:
+        refusal = flow_map_refusal(self)
+        if refusal:
+            raise ValueError(refusal)
+        return self
 
     def resolve_paths(self, base: Path | None = None) -> TrainJobConfig:
         """Make run_dir and relative data paths absolute (Ray changes each worker's working directory)."""
         base = base or Path.cwd()
         root = Path(self.run_dir)
         self.run_dir = str(root if root.is_absolute() else (base / root).resolve())
+        for holder, field in ((self.flow_map, "teacher"), (self, "init_from")):  # read again inside Ray workers
+            value = getattr(holder, field)
+            if value and "://" not in value and not Path(value).is_absolute():
+                setattr(holder, field, str((base / value).resolve()))
         for field in ("shards", "val_shards"):
             value = getattr(self.data, field)
             if value and "://" not in value and not Path(value).is_absolute():

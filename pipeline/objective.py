@@ -7,6 +7,7 @@ plug in side by side:
 - ``sit`` / ``SiT-*``: :class:`pipeline.transport.TransportObjective` (interpolant + prediction + sampler)
 - ``dfm``: :class:`pipeline.transport.multiscale.DFMObjective`
 - ``flux``: :class:`pipeline.flux.objective.FluxObjective`
+- ``objective.name=flow_map`` (SiT only): :class:`pipeline.flow_map.objective.FlowMapObjective`
 """
 from __future__ import annotations
 
@@ -35,7 +36,11 @@ class Objective(Protocol):
 
 
 def build_objective(cfg: TrainJobConfig, num_classes: int) -> Objective:
-    """Pick the objective that matches ``cfg.model.name``."""
+    """Pick the objective that matches ``cfg.model.name`` (``objective.name=flow_map``: a SiT flow map)."""
+    if cfg.objective.name == "flow_map":
+        from pipeline.flow_map.objective import FlowMapObjective
+
+        return FlowMapObjective.from_config(cfg, num_classes)
     name = cfg.model.name.lower()
     if name == "dfm":
         from pipeline.transport.multiscale import DFMObjective

@@ -271,31 +271,57 @@ class SiT(nn.Module):
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
         self.final_layer.zero_()
 
-    def label_embedding(self, y: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
-        """``y_emb(y)`` with label dropout in training mode; ``y=None`` means unconditional (null label)."""
+    def label_embedding(self, y: torch.Tensor | None, batch: int, device: torch.device,
+                        dropout: bool | None = None) -> torch.Tensor:
+        """``y_emb(y)`` with label dropout (default: in training mode); ``y=None`` means unconditional (null label)."""
         if y is None:
             y = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
-        return self.y_embedder(y, self.training)
+        return self.y_embedder(y, self.training if dropout is None else dropout)
 
     def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """``c = t_emb(t) + y_emb(y)``."""
         return self.t_embedder(t) + self.label_embedding(y, t.shape[0], t.device)
 
-    def run_blocks(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
+    def run_blocks(self, tokens: torch.Tensor, c: torch.Tensor, blocks: nn.ModuleList | None = None) -> torch.Tensor:
+        for block in self.blocks if blocks is None else blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, c, use_reentrant=False)
             else:
                 tokens = block(tokens, c)
         return tokens
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                target_time: torch.Tensor | None = None, decoupled_blocks: int = 0,
+                label_dropout: bool | None = None) -> torch.Tensor:
+        """The velocity ``v(x, t | y)``; with ``target_time`` the Decoupled MeanFlow average velocity ``u(x, t, r)``.
+
+        Decoupled conditioning (no new layers): the first ``depth - k`` blocks see ``c = t_emb(t) + y_emb`` (the
+        current time), the last ``k = decoupled_blocks`` blocks and the final layer see ``c_r = t_emb(r) + y_emb``
+        (``r = target_time``), one label embedding (one dropout draw) shared by both. With ``r = t`` this is
+        exactly the plain forward pass, i.e. the pretrained flow model. ``label_dropout``: None drops labels in
+        training mode (``class_dropout_prob``); False never (callers that drop labels themselves, e.g. the flow-map
+        objective, whose finite-difference passes must see the same labels).
+        """
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)
-        c = self.condition(t, y)
-        tokens = self.run_blocks(tokens, c)
-        out = unpatchify(self.final_layer(tokens, c), self.patch_size, self.out_channels, self.grid_size)
+        y_emb = self.label_embedding(y, x.shape[0], x.device, label_dropout)
+        c = self.t_embedder(t) + y_emb
+        split = self.depth
+        c_out = c
+        if target_time is not None:
+            if not 1 <= decoupled_blocks <= self.depth:
+                raise ValueError(f"decoupled_blocks={decoupled_blocks} must be in 1..{self.depth} (the model depth)")
+            r = torch.as_tensor(target_time, dtype=t.dtype, device=t.device)
+            r = r.expand(x.shape[0]) if r.dim() == 0 else r
+            split = self.depth - decoupled_blocks
+            c_out = self.t_embedder(r) + y_emb
+        if split == self.depth:
+            tokens = self.run_blocks(tokens, c)
+        else:
+            tokens = self.run_blocks(tokens, c, self.blocks[:split])
+            tokens = self.run_blocks(tokens, c_out, self.blocks[split:])
+        out = unpatchify(self.final_layer(tokens, c_out), self.patch_size, self.out_channels, self.grid_size)
         if self.learn_sigma:
             out = out[:, : self.in_channels]
         return out

@@ -25,4 +25,6 @@ def build_sampler(transport: Transport, cfg: SamplerConfig) -> Sampler:
     if cfg.method == "sde":
         return SDESampler(transport, cfg.solver, cfg.steps, cfg.diffusion, cfg.diffusion_norm, cfg.last_step,
                           cfg.last_step_size, cfg.time_shift)
-    raise ValueError(f"sampler.method={cfg.method!r} is unknown (allowed: ode, sde)")
+    if cfg.method == "flow_map":
+        raise ValueError("sampler.method=flow_map needs a flow-map model (objective.name=flow_map)")
+    raise ValueError(f"sampler.method={cfg.method!r} is unknown (allowed: ode, sde, flow_map)")
