@@ -69,7 +69,9 @@ class TransportConfig(Section):
     loss_weight: Literal["none", "velocity", "likelihood"] = "none"
     train_eps: float | None = Field(default=None, ge=0, lt=0.5)  # None: the SiT default for path x prediction
     sample_eps: float | None = Field(default=None, ge=0, lt=0.5)
-    time_sampler: Literal["uniform", "logit_normal", "mode"] = "uniform"
+    # auto: the family's default (uniform for SiT and FLUX; DFM: logit-normal(logit_mean, logit_std) for the chosen
+    # stage, as in the paper)
+    time_sampler: Literal["auto", "uniform", "logit_normal", "mode"] = "auto"
     logit_mean: float = 0.0
     logit_std: float = Field(default=1.0, gt=0)
     mode_scale: float = 1.29
@@ -87,7 +89,9 @@ class SamplerConfig(Section):
     steps: int = Field(default=32, ge=1)
     atol: float = Field(default=1e-6, gt=0)
     rtol: float = Field(default=1e-3, gt=0)
-    time_shift: float = Field(default=1.0, gt=0)  # 1 = uniform grid; FLUX-style shift otherwise
+    # sampling-grid shift t / (t + shift (1 - t)): a number = that shift (1 = none, a uniform grid); "auto" = the
+    # FLUX resolution shift exp(mu(image tokens)); None = the family's default (1 for SiT/DFM, auto for FLUX)
+    time_shift: float | Literal["auto"] | None = None
     diffusion: Literal["constant", "sbdm", "sigma", "linear", "decreasing", "increasing_decreasing"] = "sigma"
     diffusion_norm: float = Field(default=1.0, ge=0)
     last_step: Literal["none", "mean", "tweedie", "euler"] = "mean"
@@ -95,6 +99,8 @@ class SamplerConfig(Section):
 
     @model_validator(mode="after")
     def _sde_solvers(self) -> SamplerConfig:
+        if isinstance(self.time_shift, float) and not self.time_shift > 0:
+            raise ValueError(f"sampler.time_shift={self.time_shift} must be > 0, 'auto' or null")
         if self.method == "sde" and self.solver not in ("euler", "heun"):
             raise ValueError(f"sampler.solver={self.solver} is not an SDE solver (allowed with sampler.method=sde: euler, heun)")
         return self

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.objective import SampleOutput
+from pipeline.families import SampleOutput
 
 MAX_PROMPTS = 8  # grid rows; evaluation cycles through them
 SCAN_RECORDS = 1024  # how far into the shard set distinct captions are looked for

@@ -22,7 +22,7 @@ ARTIFACT = {"lora": "flux_lora", "full": "flux_transformer"}
 
 def load_finetuned_from_checkpoint(checkpoint: str | Path, cfg: TrainJobConfig | None = None):
     """``(model, cfg)``: the EMA FLUX transformer of a flowrail checkpoint (LoRA adapter attached in LoRA mode)."""
-    from pipeline.train.checkpoint import EMA_FILE, find_latest, read_meta
+    from pipeline.train.checkpoint_read import EMA_FILE, find_latest, read_meta
     from pipeline.train.ema import load_ema_weights
 
     ckpt = find_latest(checkpoint)

@@ -18,7 +18,7 @@ def initialise_from(model: nn.Module, path: str) -> str:
     """Load weights into ``model`` in place; returns a one-line description of what was loaded."""
     from safetensors.torch import load_file
 
-    from pipeline.train.checkpoint import EMA_FILE, META, find_latest
+    from pipeline.train.checkpoint_read import EMA_FILE, META, find_latest
     from pipeline.train.ema import load_ema_weights
 
     source = Path(path)

@@ -72,6 +72,9 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
     from pipeline.tracking import client, redact, start_or_resume_run
     from pipeline.train.worker import train_loop_per_worker
 
+    from pipeline.objective import validate_settings
+
+    validate_settings(cfg)  # a setting the model family would ignore is refused here, before anything starts
     paths, info = describe(cfg.data.shards, cfg.data.image_size, job="train")
     if cfg.data.verify_checksums:
         verify_shards(cfg.data.shards)

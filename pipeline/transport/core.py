@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import TransportConfig
-from pipeline.transport import predictions as P
+import pipeline.transport.predictions as P
 from pipeline.transport.paths import GVPPath, LinearPath, Path, PolynomialPath, VPPath, build_path
-from pipeline.transport.timesteps import sample_train_times
+from pipeline.transport.timesteps import image_tokens, resolve_time_shift, sample_train_times
 
 ModelFn = Callable[..., torch.Tensor]
 
@@ -119,9 +119,12 @@ class Transport:
     # ------------------------------------------------------------------ training
 
     def num_tokens(self, x1: torch.Tensor) -> int:
-        """Image tokens per sample (spatial size / patch^2), for the FLUX resolution shift."""
-        spatial = x1.shape[2:] if x1.dim() > 2 else x1.shape[1:]
-        return max(1, int(torch.tensor(spatial).prod()) // (self.patch_size ** len(spatial)))
+        """Image tokens per sample (spatial size / patch^2 of the model's patch size), for the resolution shift."""
+        return image_tokens(x1.shape[2:] if x1.dim() > 2 else x1.shape[1:], self.patch_size)
+
+    def grid_shift(self, time_shift: float | str | None, x: torch.Tensor) -> float:
+        """``sampler.time_shift`` as a number for samples shaped like ``x`` (``None``: 1, a uniform grid)."""
+        return resolve_time_shift(time_shift, self.num_tokens(x), default=1.0)
 
     def sample_t(self, n: int, x1: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return sample_train_times(self.time_cfg, n, self.train_eps, num_tokens=self.num_tokens(x1),

@@ -16,7 +16,7 @@ from itertools import pairwise
 
 import torch
 
-from pipeline.objective import SampleOutput
+from pipeline.families import SampleOutput
 from pipeline.transport.core import ModelFn, Transport
 from pipeline.transport.timesteps import time_grid
 
@@ -46,7 +46,7 @@ class SDESampler:
 
     def __init__(self, transport: Transport, solver: str = "euler", steps: int = 32, diffusion: str = "sigma",
                  diffusion_norm: float = 1.0, last_step: str = "mean", last_step_size: float = 0.04,
-                 time_shift: float = 1.0):
+                 time_shift: float | str | None = 1.0):
         if solver not in ("euler", "heun"):
             raise ValueError(f"sampler.solver={solver!r} is not an SDE solver (allowed: euler, heun)")
         if diffusion not in DIFFUSIONS:
@@ -79,7 +79,8 @@ class SDESampler:
         t0, t_end = self.interval()
         if t_start is not None:
             t0 = float(t_start)
-        grid = time_grid(t0, t_end, self.steps, self.time_shift, dtype=x0.dtype, device=x0.device)
+        shift = self.transport.grid_shift(self.time_shift, x0)
+        grid = time_grid(t0, t_end, self.steps, shift, dtype=x0.dtype, device=x0.device)
         tr, nfe = self.transport, 0
 
         def drift(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
