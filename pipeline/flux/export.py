@@ -33,7 +33,7 @@ def load_finetuned_from_checkpoint(checkpoint: str | Path, cfg: TrainJobConfig |
     if cfg.init_from:  # the frozen weights are the ones training started from
         from pipeline.train.init_from import initialise_from
 
-        initialise_from(model, cfg.init_from)
+        initialise_from(model, cfg.init_from, override=cfg.init_from_override)
     model = prepare_for_training(model, cfg.flux.model_copy(update={"grad_checkpointing": False}))
     missing, unexpected = load_ema_weights(model, load_file(str(ckpt / EMA_FILE)))
     if missing or unexpected:

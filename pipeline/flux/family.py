@@ -72,12 +72,14 @@ NOT_FLUX = {
        for k in ("model.hidden_size", "model.depth", "model.num_heads", "model.patch_size", "model.mlp_ratio")},
     **{f"sampler.{k}": "FLUX sampling is the deterministic ODE"
        for k in ("diffusion", "diffusion_norm", "last_step", "last_step_size")},
+    "sampler.preset": "the presets reproduce SiT's samplers",
+    "guidance.channels": "FLUX guidance acts on the whole velocity",
 }
 
 FLUX_HONOURS = (frozenset(f"transport.{k}" for k in ("time_sampler", "logit_mean", "logit_std", "mode_scale",
                                                      "resolution_shift", "train_eps"))
                 | frozenset(f"sampler.{k}" for k in ("method", "solver", "steps", "atol", "rtol", "time_shift"))
-                | frozenset(section_fields("guidance")) | frozenset(section_fields("flux"))
+                | (frozenset(section_fields("guidance")) - {"guidance.channels"}) | frozenset(section_fields("flux"))
                 | frozenset(f"model.{k}" for k in ("dfm_stages", "dfm_stage_probs", "dfm_threshold", "dfm_stage_steps")))
 
 register_family(FamilySpec(name="flux", matches=lambda name: name.lower() == "flux", build=build_flux_objective,

@@ -81,10 +81,16 @@ class Transport:
 
     # ------------------------------------------------------------------ intervals
 
-    def sample_interval(self, sde: bool = False) -> tuple[float, float]:
-        """(t0, t1) for sampling: ``[sample_eps, 1 - sample_eps]``; SDEs start at >= 1e-3 unless sample_eps is set."""
+    def sample_interval(self, sde: bool = False, diffusion: str | None = None) -> tuple[float, float]:
+        """(t0, t1) for sampling: ``[sample_eps, 1 - sample_eps]``.
+
+        Unless sample_eps is set, an SDE starts at >= 1e-3 where its drift diverges at t = 0, as in SiT's
+        ``check_interval``: the SBDM coefficient, a score/noise model, or a path without finite coefficients there.
+        A velocity model on Linear/GVP with any other coefficient starts at 0 (SiT's grid).
+        """
         eps0 = self.sample_eps
-        if sde and not self._sample_eps_given:
+        finite_start = self.prediction == "velocity" and isinstance(self.path, (LinearPath, GVPPath))
+        if sde and not self._sample_eps_given and (diffusion in (None, "sbdm") or not finite_start):
             eps0 = max(eps0, SDE_MIN_EPS)
         return eps0, 1.0 - self.sample_eps
 

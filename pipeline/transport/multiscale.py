@@ -301,7 +301,7 @@ DFM_SAMPLER = frozenset(f"sampler.{k}" for k in ("method", "solver", "steps", "t
 register_family(FamilySpec(
     name="dfm", matches=lambda name: name.lower() == "dfm", build=DFMObjective.from_config,
     honours=(frozenset(section_fields("model")) - {"model.learn_sigma"}) | DFM_TRANSPORT | DFM_SAMPLER
-    | frozenset(section_fields("guidance")),
+    | (frozenset(section_fields("guidance")) - {"guidance.channels"}),
     refuse=_dfm_model_refusals,
     notes={"transport.resolution_shift": "DFM draws stage times itself",
            "model.learn_sigma": "DFM stage heads predict velocity only",

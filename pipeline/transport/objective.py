@@ -51,7 +51,8 @@ class TransportObjective:
     @classmethod
     def from_config(cls, cfg: TrainJobConfig, num_classes: int) -> TransportObjective:
         transport = build_transport(cfg.transport, patch_size=model_patch_size(cfg))
-        return cls(transport, build_sampler(transport, cfg.sampler), cfg.guidance, num_classes)
+        return cls(transport, build_sampler(transport, cfg.sampler), cfg.guidance, num_classes,
+                   guided_channels=cfg.guidance.channels)
 
     def _follow_model(self, model: nn.Module) -> None:
         patch = getattr(unwrap(model), "patch_size", None)
@@ -110,7 +111,9 @@ def sampler_refusals(cfg: TrainJobConfig) -> list[Refusal]:
 def guidance_refusals(cfg: TrainJobConfig) -> list[Refusal]:
     g, d = cfg.guidance, TrainJobConfig().guidance
     out: list[Refusal] = []
-    for key in ("t_min", "t_max"):
+    for key in ("t_min", "t_max", "channels"):
+        if key == "channels" and cfg.sampler.preset is not None:
+            continue  # the preset's CFG convention, in effect whenever guidance is used
         if getattr(g, key) != getattr(d, key):
             out += unless(g.scale != 1.0, f"guidance.{key}", getattr(g, key),
                           "a guidance interval needs guidance.scale != 1")
