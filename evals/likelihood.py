@@ -3,8 +3,10 @@
 - ``bpd``: negative log-likelihood in bits per dimension through the probability-flow ODE
   (:func:`pipeline.transport.likelihood.nll`; Hutchinson's divergence estimator, exact for small data). Pixel data
   (8-bit, scaled to [-1, 1]) are uniformly dequantized: ``+ log2(128)`` bits/dim; latents are continuous.
-- ``reconstruction_mse``: mean squared error of data -> noise (reverse ODE) -> data with the configured
-  sampler's solver (dopri5 uses ``sampler.atol``/``rtol``).
+- ``reconstruction_mse``: mean squared error of data -> noise (reverse ODE) -> data.
+
+Both integrate with the ODE solver of the sampler settings (``sampler.solver``/``steps``, dopri5 with
+``sampler.atol``/``rtol``; dopri5 when the sampler is an SDE; heun for the pseudo-corrector in the NLL).
 
 Both condition a class-conditional model on the data's labels (no guidance) and use the first
 ``eval.bpd_samples`` samples. They apply to the SiT family (the transport's ODE); other families are refused.
@@ -39,17 +41,20 @@ def likelihood_metrics(trained: Any, cfg: Any, requested: list[str]) -> dict[str
     levels = 256 if getattr(trained.data, "kind", "pixels") == "pixels" else None
     shards = cfg.data.val_shards or cfg.data.shards
     generator = torch.Generator().manual_seed(cfg.eval.seed)
+    s = cfg.sampler  # the ODE solver of the sampler settings (dopri5 when sampling is an SDE)
+    solver = s.solver if s.method == "ode" else "dopri5"
+    nll_solver = solver if solver in ("euler", "heun", "midpoint", "rk4", "dopri5") else "heun"
     bits, mse, count = [], [], 0
     for images, labels in iter_real_batches(shards, trained.data.size, batch_size=cfg.eval.batch_size,
                                             max_samples=cfg.eval.bpd_samples):
         x1 = images.to(device=device, dtype=torch.float32)
         kw = {"y": labels.to(device)} if trained.num_classes else {}
         if "bpd" in wanted:
-            bits.append(nll(transport, model, x1, generator=generator, pixel_levels=levels, **kw).bits_per_dim)
+            bits.append(nll(transport, model, x1, generator=generator, pixel_levels=levels, method=nll_solver,
+                            steps=s.steps, atol=s.atol, rtol=s.rtol, **kw).bits_per_dim)
         if "reconstruction_mse" in wanted:
-            solver = cfg.sampler.solver if cfg.sampler.method == "ode" else "dopri5"
-            out = reconstruction_error(transport, model, x1, solver=solver, steps=cfg.sampler.steps,
-                                       atol=cfg.sampler.atol, rtol=cfg.sampler.rtol, **kw)
+            out = reconstruction_error(transport, model, x1, solver=solver, steps=s.steps, atol=s.atol,
+                                       rtol=s.rtol, **kw)
             mse.append(out.mse)
         count += len(x1)
     metrics: dict[str, float] = {"likelihood_samples": float(count)}

@@ -20,7 +20,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipeline.config import ConfigError, TrainJobConfig, load_config  # noqa: E402
-from pipeline.families import FAMILY_SECTIONS, family_keys, get_key  # noqa: E402
+from pipeline.families import FAMILY_SECTIONS, family_keys  # noqa: E402
 from pipeline.objective import build_objective, validate_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

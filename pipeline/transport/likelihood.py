@@ -21,7 +21,7 @@ from torchdiffeq import odeint
 from pipeline.transport.core import ModelFn, Transport
 from pipeline.transport.ode import CountedField, integrate
 
-EXACT_MAX_DIM = 64  # exact divergence up to this many dimensions per sample (auto mode)
+EXACT_MAX_DIM = 16  # exact divergence up to this many dimensions per sample (auto mode)
 
 
 @dataclass
@@ -73,6 +73,7 @@ def nll(transport: Transport, model_fn: ModelFn, x1: torch.Tensor, exact_diverge
 
     span = torch.tensor([t1, t0], dtype=x1.dtype, device=x1.device)
     l0 = torch.zeros(x1.shape[0], dtype=x1.dtype, device=x1.device)
+    method = {"heun": "heun2"}.get(method, method)  # flowrail's solver names -> torchdiffeq's
     options = None if method in ("dopri5", "dopri8", "bosh3", "adaptive_heun") else {"step_size": (t1 - t0) / steps}
     xs, ls = odeint(f, (x1, l0), span, method=method, atol=atol, rtol=rtol, options=options)
     x_t0, l_t0 = xs[-1], ls[-1]
