@@ -6,6 +6,8 @@ Metrics (``eval.metrics``):
   (:mod:`evals.digits_metrics`); they apply to 1-channel pixel data (``classifier_accuracy``: 10 classes).
 - ``fid``: standard FID (Inception-v3 pool3, 2015-12-05 weights, :mod:`evals.inception`) against
   ``eval.reference_stats`` or statistics of the training shards computed once and cached.
+- ``bpd``, ``reconstruction_mse``: NLL in bits/dim and data -> noise -> data error through the probability-flow
+  ODE on real data (:mod:`evals.likelihood`; SiT family).
 
 A FLUX fine-tune samples its shard set's first captions as the "classes" (:mod:`pipeline.flux.evaluation`:
 Euler on the FLUX shifted schedule with ``flux.guidance``, decoded by the autoencoder).
@@ -27,8 +29,9 @@ import torch
 
 from evals.digits_metrics import DIGITS_METRICS
 from evals.distributed import EvalPlan, WorkerResult, run_workers
+from evals.likelihood import LIKELIHOOD_METRICS, check_applicable, likelihood_metrics
 
-KNOWN_METRICS = (*DIGITS_METRICS, "fid")
+KNOWN_METRICS = (*DIGITS_METRICS, "fid", *LIKELIHOOD_METRICS)
 
 
 @dataclass
@@ -84,6 +87,7 @@ def run_evaluation(trained: Any, cfg: Any) -> EvalResult:
     for m in skipped:
         print(f"[flowrail] evaluate: skipping {m}: it needs 1-channel digits-like pixel data"
               f"{' with 10 classes' if m == 'classifier_accuracy' else ''}", file=sys.stderr, flush=True)
+    check_applicable(trained, requested)  # before any sampling
     want_digits = any(m in DIGITS_METRICS and m not in skipped for m in requested)
     want_fid = "fid" in requested
     fid_reference = None
@@ -120,6 +124,7 @@ def run_evaluation(trained: Any, cfg: Any) -> EvalResult:
         from evals.inception import fid_from_stats
 
         metrics["fid"] = fid_from_stats(total.inception, fid_reference)
+    metrics.update(likelihood_metrics(trained, cfg, requested))
     metrics.update(nfe=float(total.nfe), eval_samples=float(total.num_samples), eval_seconds=time.time() - start)
     return EvalResult(metrics=metrics, examples=total.examples, skipped=skipped)
 

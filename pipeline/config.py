@@ -69,7 +69,9 @@ class TransportConfig(Section):
     loss_weight: Literal["none", "velocity", "likelihood"] = "none"
     train_eps: float | None = Field(default=None, ge=0, lt=0.5)  # None: the SiT default for path x prediction
     sample_eps: float | None = Field(default=None, ge=0, lt=0.5)
-    time_sampler: Literal["uniform", "logit_normal", "mode"] = "uniform"
+    # auto: the family's default (uniform for SiT and FLUX; DFM: logit-normal(logit_mean, logit_std) for the chosen
+    # stage, as in the paper)
+    time_sampler: Literal["auto", "uniform", "logit_normal", "mode"] = "auto"
     logit_mean: float = 0.0
     logit_std: float = Field(default=1.0, gt=0)
     mode_scale: float = 1.29
@@ -87,14 +89,21 @@ class SamplerConfig(Section):
     steps: int = Field(default=32, ge=1)
     atol: float = Field(default=1e-6, gt=0)
     rtol: float = Field(default=1e-3, gt=0)
-    time_shift: float = Field(default=1.0, gt=0)  # 1 = uniform grid; FLUX-style shift otherwise
+    # sampling-grid shift t / (t + shift (1 - t)): a number = that shift (1 = none, a uniform grid); "auto" = the
+    # FLUX resolution shift exp(mu(image tokens)); None = the family's default (1 for SiT/DFM, auto for FLUX)
+    time_shift: float | Literal["auto"] | None = None
     diffusion: Literal["constant", "sbdm", "sigma", "linear", "decreasing", "increasing_decreasing"] = "sigma"
     diffusion_norm: float = Field(default=1.0, ge=0)
     last_step: Literal["none", "mean", "tweedie", "euler"] = "mean"
     last_step_size: float = Field(default=0.04, gt=0, lt=1)
+    # a named bundle of the settings above (and guidance.channels) that reproduces a paper's sampler; keys given
+    # explicitly win over the preset's (see SAMPLER_PRESETS)
+    preset: Literal["sit_sde", "sit_ode"] | None = None
 
     @model_validator(mode="after")
     def _sde_solvers(self) -> SamplerConfig:
+        if isinstance(self.time_shift, float) and not self.time_shift > 0:
+            raise ValueError(f"sampler.time_shift={self.time_shift} must be > 0, 'auto' or null")
         if self.method == "sde" and self.solver not in ("euler", "heun"):
             raise ValueError(f"sampler.solver={self.solver} is not an SDE solver (allowed with sampler.method=sde: euler, heun)")
         return self
@@ -106,6 +115,34 @@ class GuidanceConfig(Section):
     scale: float = Field(default=1.0, ge=0)
     t_min: float = Field(default=0.0, ge=0, le=1)
     t_max: float = Field(default=1.0, ge=0, le=1)
+    channels: int | None = Field(default=None, ge=1)  # guide only the first C output channels (SiT/DiT legacy: 3)
+
+
+# SiT's published samplers (REFERENCE.md sections 3, 5; SiT's sample.py / sample_ddp.py): "num-sampling-steps 250"
+# is 249 Euler-Maruyama steps on linspace(0, 0.96, 250) plus the mean last step of size 0.04 (250 NFE); the ODE is
+# dopri5 (atol 1e-6, rtol 1e-3) on [0, 1]; classifier-free guidance acts on the first 3 latent channels.
+SAMPLER_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "sit_sde": {"sampler": {"method": "sde", "solver": "euler", "steps": 249, "diffusion": "sigma",
+                            "diffusion_norm": 1.0, "last_step": "mean", "last_step_size": 0.04},
+                "guidance": {"channels": 3}},
+    "sit_ode": {"sampler": {"method": "ode", "solver": "dopri5", "atol": 1e-6, "rtol": 1e-3},
+                "guidance": {"channels": 3}},
+}
+
+
+def expand_sampler_preset(data: Any) -> Any:
+    """Fill the settings of ``sampler.preset`` that ``data`` (a raw config mapping) does not give explicitly."""
+    if not isinstance(data, dict) or not isinstance(data.get("sampler"), dict):
+        return data
+    name = data["sampler"].get("preset")
+    if name not in SAMPLER_PRESETS:
+        return data  # None, or an unknown name that validation then reports
+    out = dict(data)
+    for section, values in SAMPLER_PRESETS[name].items():
+        given = dict(out.get(section) or {}) if isinstance(out.get(section) or {}, dict) else out.get(section)
+        if isinstance(given, dict):
+            out[section] = {**values, **given}
+    return out
 
 
 class TrainConfig(Section):
@@ -152,6 +189,7 @@ class EvalConfig(Section):
     inception_weights: str | None = None  # path to weights-inception-2015-12-05-6726825d.pth for FID
     reference_stats: str | None = None  # npz with mu, sigma
     seed: int = 0  # sampling seed of the evaluation (each worker derives its own from it)
+    bpd_samples: int = Field(default=64, ge=1)  # data samples for the bpd / reconstruction_mse metrics
     cache_dir: str | None = None  # digits classifier and reference stats; None: $FLOWRAIL_CACHE or ~/.cache/flowrail
 
 
@@ -252,6 +290,9 @@ class TrainJobConfig(Section):
     seed: int = 0
     run_dir: str = "runs"  # made absolute at load time
     init_from: str | None = None  # an official SiT/DiT checkpoint or a flowrail checkpoint to fine-tune from
+    # accept an init_from checkpoint whose path / prediction / learn_sigma / class count differ from this config
+    # (the differences are then adapted and reported); false: such a mismatch is refused in one line
+    init_from_override: bool = False
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     transport: TransportConfig = TransportConfig()
@@ -272,6 +313,11 @@ class TrainJobConfig(Section):
         if refusal:
             raise ValueError(refusal)
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sampler_preset(cls, data: Any) -> Any:
+        return expand_sampler_preset(data)
 
     def resolve_paths(self, base: Path | None = None) -> TrainJobConfig:
         """Make run_dir and relative data paths absolute (Ray changes each worker's working directory)."""

@@ -2,54 +2,46 @@
 
 An objective turns a batch into a scalar loss and turns conditioning into samples. The training worker,
 evaluation and the privacy stage only talk to this interface, so SiT (transport), DFM (multiscale) and FLUX
-plug in side by side:
+plug in side by side. Each family registers a :class:`pipeline.families.FamilySpec` (objective builder + the
+settings it honours) from its own module:
 
-- ``sit`` / ``SiT-*``: :class:`pipeline.transport.TransportObjective` (interpolant + prediction + sampler)
-- ``dfm``: :class:`pipeline.transport.multiscale.DFMObjective`
-- ``flux``: :class:`pipeline.flux.objective.FluxObjective`
+- ``sit`` / ``SiT-*`` / ``DiT-*``: :mod:`pipeline.transport.objective` (interpolant + prediction + sampler)
+- ``dfm``: :mod:`pipeline.transport.multiscale`
+- ``flux``: :mod:`pipeline.flux.family` (plain or two-stage DFM FLUX objective)
 - ``objective.name=flow_map`` (SiT only): :class:`pipeline.flow_map.objective.FlowMapObjective`
+
+A new family (or objective) adds its module to :data:`FAMILY_MODULES` and calls ``register_family`` there.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
-
-import torch
-from torch import nn
+import importlib
 
 from pipeline.config import TrainJobConfig
+from pipeline.families import FamilySpec, Objective, SampleOutput, check_settings
+
+__all__ = ["FAMILY_MODULES", "Objective", "SampleOutput", "build_objective", "load_families", "validate_settings"]
+
+FAMILY_MODULES = ["pipeline.transport.objective", "pipeline.transport.multiscale", "pipeline.flux.family"]
 
 
-@dataclass
-class SampleOutput:
-    x: torch.Tensor  # samples in data space (pixels in [-1, 1], or latents)
-    nfe: int  # number of model function evaluations per sample
+def load_families() -> None:
+    """Import every family module (each registers its :class:`~pipeline.families.FamilySpec`)."""
+    for name in FAMILY_MODULES:
+        importlib.import_module(name)
 
 
-class Objective(Protocol):
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Scalar training loss for one batch (``image``/``label`` for SiT and DFM; FLUX keys for FLUX)."""
-
-    def sample(self, model: nn.Module, cond: dict[str, torch.Tensor], shape: tuple[int, ...],
-               generator: torch.Generator | None = None) -> SampleOutput:
-        """Generate ``shape`` samples given conditioning (``label`` for class-conditional models)."""
+def validate_settings(cfg: TrainJobConfig) -> FamilySpec:
+    """Refuse, in one line naming setting, value and family, any setting ``cfg``'s model family would ignore."""
+    load_families()
+    return check_settings(cfg)
 
 
 def build_objective(cfg: TrainJobConfig, num_classes: int) -> Objective:
-    """Pick the objective that matches ``cfg.model.name`` (``objective.name=flow_map``: a SiT flow map)."""
+    """The objective of ``cfg.model.name``'s family, after :func:`validate_settings` (``objective.name=flow_map``:
+    a SiT flow map built on that family's settings)."""
+    spec = validate_settings(cfg)
     if cfg.objective.name == "flow_map":
         from pipeline.flow_map.objective import FlowMapObjective
 
         return FlowMapObjective.from_config(cfg, num_classes)
-    name = cfg.model.name.lower()
-    if name == "dfm":
-        from pipeline.transport.multiscale import DFMObjective
-
-        return DFMObjective.from_config(cfg, num_classes)
-    if name == "flux":
-        from pipeline.flux.objective import FluxObjective
-
-        return FluxObjective.from_config(cfg)
-    from pipeline.transport import TransportObjective
-
-    return TransportObjective.from_config(cfg, num_classes)
+    return spec.build(cfg, num_classes)

@@ -37,7 +37,7 @@ from pipeline.config import TrainJobConfig
 from pipeline.flux.objective import batched, flux_batch, require_text, unwrap
 from pipeline.flux.packing import image_ids, pack_latents, text_ids, unpack_latents
 from pipeline.models.dfm import stage_patch_sizes
-from pipeline.objective import SampleOutput
+from pipeline.families import SampleOutput
 from pipeline.transport.multiscale import (
     DFMObjective,
     default_stage_probs,
@@ -245,8 +245,11 @@ class FluxDFMObjective:
                              "(DFM weighs its stages by model.dfm_stage_probs)")
         probs = m.dfm_stage_probs or default_stage_probs(STAGES)
         steps = m.dfm_stage_steps or default_stage_steps(cfg.sampler.steps, STAGES)
+        shift = cfg.sampler.time_shift
         dfm = DFMObjective(stages=STAGES, stage_probs=list(probs), stage_steps=list(steps), threshold=m.dfm_threshold,
-                           path=LinearPath(), logit_mean=tr.logit_mean, logit_std=tr.logit_std)
+                           path=LinearPath(), logit_mean=tr.logit_mean, logit_std=tr.logit_std, time_cfg=tr,
+                           train_eps=tr.train_eps or 0.0, solver=cfg.sampler.solver,
+                           time_shift=1.0 if shift is None else float(shift))
         return cls(dfm=dfm, guidance=cfg.flux.guidance)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -22,7 +22,7 @@ ARTIFACT = {"lora": "flux_lora", "full": "flux_transformer"}
 
 def load_finetuned_from_checkpoint(checkpoint: str | Path, cfg: TrainJobConfig | None = None):
     """``(model, cfg)``: the EMA FLUX transformer of a flowrail checkpoint (LoRA adapter attached in LoRA mode)."""
-    from pipeline.train.checkpoint import EMA_FILE, find_latest, read_meta
+    from pipeline.train.checkpoint_read import EMA_FILE, find_latest, read_meta
     from pipeline.train.ema import load_ema_weights
 
     ckpt = find_latest(checkpoint)
@@ -33,7 +33,7 @@ def load_finetuned_from_checkpoint(checkpoint: str | Path, cfg: TrainJobConfig |
     if cfg.init_from:  # the frozen weights are the ones training started from
         from pipeline.train.init_from import initialise_from
 
-        initialise_from(model, cfg.init_from)
+        initialise_from(model, cfg.init_from, override=cfg.init_from_override)
     model = prepare_for_training(model, cfg.flux.model_copy(update={"grad_checkpointing": False}))
     missing, unexpected = load_ema_weights(model, load_file(str(ckpt / EMA_FILE)))
     if missing or unexpected:

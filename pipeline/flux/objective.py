@@ -1,4 +1,4 @@
-"""Rectified-flow fine-tuning objective and Euler sampler for FLUX (REFERENCE.md sections 1, 4, 9).
+"""Rectified-flow fine-tuning objective and ODE sampler for FLUX (REFERENCE.md sections 1, 4, 9).
 
 Project convention inside: ``x_t = t x1 + (1 - t) x0`` (t = 0 noise, t = 1 data), velocity ``u = x1 - x0``.
 FLUX's convention appears only in :func:`flux_velocity`, the model boundary: noise level ``sigma = 1 - t`` is passed
@@ -10,10 +10,16 @@ logit-normal or mode; optional FLUX resolution shift) and ``w`` one of
 ``none`` (1), ``sigma_sqrt`` (``sigma^-2``) or ``cosmap`` (``2 / (pi (1 - 2 sigma + 2 sigma^2))``), as in SD3.
 Batches: ``latent`` (or ``image``; B, 16, H, W, already ``(z - shift) * scale``), ``t5`` (B, L, D_t5),
 ``clip_pooled`` (B, D_clip).
+
+Sampling: ``dx/dt = v`` from t = 0 to 1 with any :mod:`pipeline.transport.ode` solver (euler, heun, midpoint, rk4,
+pseudo_corrector on the grid shifted by ``sampler.time_shift``: ``auto`` = FLUX's resolution shift
+``exp(mu(tokens))``, a number = that shift, 1 = none; or adaptive dopri5). Guidance: ``flux.guidance`` feeds the
+guidance embedding of distilled ("dev") models; ``guidance.scale = w != 1`` is true classifier-free guidance
+``v = v_u + w (v_c - v_u)`` against the empty prompt's embeddings (``cond["t5_uncond"]``,
+``cond["clip_pooled_uncond"]``), inside ``[guidance.t_min, guidance.t_max]``.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -28,8 +34,9 @@ from pipeline.flux.packing import (
     text_ids,
     unpack_latents,
 )
-from pipeline.objective import SampleOutput
-from pipeline.transport.timesteps import flux_mu, sample_train_times, time_grid
+from pipeline.families import SampleOutput
+from pipeline.transport.ode import CountedField, integrate
+from pipeline.transport.timesteps import resolve_time_shift, sample_train_times, time_grid
 
 SIGMA_FLOOR = 1e-3  # keeps sigma^-2 finite in the sigma_sqrt weighting
 
@@ -102,24 +109,27 @@ class FluxObjective:
     """Rectified flow on FLUX latents; implements :class:`pipeline.objective.Objective`."""
 
     transport: TransportConfig
-    guidance: float = 1.0
+    guidance: float = 1.0  # the guidance-embedding value (guidance-distilled models)
     loss_weighting: str = "none"
     sample_steps: int = 28
-    sample_shift: float = 1.0  # 1: FLUX resolution shift exp(mu(tokens)); otherwise this constant shift
+    sample_shift: float | str | None = "auto"  # sampler.time_shift; None: auto (FLUX's resolution shift)
     train_eps: float = 0.0
+    solver: str = "euler"
+    atol: float = 1e-6
+    rtol: float = 1e-3
+    cfg_scale: float = 1.0  # true CFG against the empty prompt (guidance.scale)
+    cfg_t_min: float = 0.0
+    cfg_t_max: float = 1.0
 
     @classmethod
-    def from_config(cls, cfg: TrainJobConfig) -> FluxObjective | FluxDFMObjective:  # noqa: F821
-        """The FLUX objective of ``cfg``; with ``flux.dfm=true`` the two-stage DFM one
-        (:class:`pipeline.flux.dfm.FluxDFMObjective`)."""
-        if cfg.flux.dfm:
-            from pipeline.flux.dfm import FluxDFMObjective
-
-            return FluxDFMObjective.from_config(cfg)
+    def from_config(cls, cfg: TrainJobConfig) -> FluxObjective:
+        """The plain FLUX objective of ``cfg`` (settings are checked by the FLUX family, pipeline.flux.family)."""
         loss_weight(torch.zeros(1), cfg.flux.loss_weighting)  # validate early
+        s, g = cfg.sampler, cfg.guidance
         return cls(transport=cfg.transport, guidance=cfg.flux.guidance, loss_weighting=cfg.flux.loss_weighting,
-                   sample_steps=cfg.sampler.steps, sample_shift=cfg.sampler.time_shift,
-                   train_eps=cfg.transport.train_eps or 0.0)
+                   sample_steps=s.steps, sample_shift=s.time_shift, train_eps=cfg.transport.train_eps or 0.0,
+                   solver=s.solver, atol=s.atol, rtol=s.rtol, cfg_scale=g.scale, cfg_t_min=g.t_min,
+                   cfg_t_max=g.t_max)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         x1, t5, pooled = flux_batch(batch)
@@ -132,22 +142,46 @@ class FluxObjective:
         per_sample = ((v - (x1 - x0)) ** 2).mean(dim=(1, 2, 3))
         return (loss_weight(1 - t, self.loss_weighting) * per_sample).mean()
 
+    def shift(self, height: int, width: int) -> float:
+        """The numeric grid shift for (height, width) latents (``auto``: exp(mu(packed image tokens)))."""
+        return resolve_time_shift(self.sample_shift, num_image_tokens(height, width), default="auto")
+
     def schedule(self, height: int, width: int, device=None) -> torch.Tensor:
-        """``steps + 1`` times from 0 (noise) to 1 (data) on the FLUX shifted grid."""
-        shift = math.exp(flux_mu(num_image_tokens(height, width))) if self.sample_shift == 1.0 else self.sample_shift
-        return time_grid(0.0, 1.0, self.sample_steps, shift=shift, device=device)
+        """``steps + 1`` times from 0 (noise) to 1 (data) on the shifted grid."""
+        return time_grid(0.0, 1.0, self.sample_steps, shift=self.shift(height, width), device=device)
+
+    def _field(self, model: nn.Module, cond: dict[str, torch.Tensor], b: int):
+        """``f(t, x)``: the (optionally classifier-free guided) project-convention velocity."""
+        t5, pooled = batched(cond["t5"], b, "t5"), batched(cond["clip_pooled"], b, "clip_pooled")
+        if self.cfg_scale == 1.0:
+            return lambda t, x: flux_velocity(model, x, t.float().expand(b), t5, pooled, self.guidance)
+        if "t5_uncond" not in cond or "clip_pooled_uncond" not in cond:
+            raise ValueError(f"guidance.scale={self.cfg_scale} on FLUX is true CFG against the empty prompt: its "
+                             "embeddings (cond t5_uncond, clip_pooled_uncond) are needed; pre-encode a sample with "
+                             "an empty caption in the evaluation shards, or set guidance.scale=1")
+        t5_u = batched(cond["t5_uncond"], b, "t5_uncond")
+        pooled_u = batched(cond["clip_pooled_uncond"], b, "clip_pooled_uncond")
+
+        def f(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            tb = t.float().expand(b)
+            v_c = flux_velocity(model, x, tb, t5, pooled, self.guidance)
+            inside = ((tb >= self.cfg_t_min) & (tb <= self.cfg_t_max)).view(b, 1, 1, 1)
+            if not bool(inside.any()):
+                return v_c
+            v_u = flux_velocity(model, x, tb, t5_u, pooled_u, self.guidance)
+            return torch.where(inside, v_u + self.cfg_scale * (v_c - v_u), v_c)
+
+        return f
 
     @torch.no_grad()
     def sample(self, model: nn.Module, cond: dict[str, torch.Tensor], shape: tuple[int, ...],
                generator: torch.Generator | None = None) -> SampleOutput:
-        """Euler from t = 0 to 1 on :meth:`schedule`; ``cond`` holds ``t5`` and ``clip_pooled``; returns latents."""
+        """``sampler.solver`` from t = 0 to 1 on :meth:`schedule`; ``cond`` holds ``t5`` and ``clip_pooled``
+        (and the empty prompt's ``t5_uncond``/``clip_pooled_uncond`` for CFG); returns latents."""
         require_text(cond)
         b, _, h, w = shape
         device = cond["t5"].device
         x = torch.randn(shape, generator=generator, device=generator.device if generator else device).to(device)
-        t5, pooled = batched(cond["t5"], b, "t5"), batched(cond["clip_pooled"], b, "clip_pooled")
-        grid = self.schedule(h, w, device=device)
-        for t, t_next in itertools.pairwise(grid):
-            v = flux_velocity(model, x, t.float().expand(b), t5, pooled, self.guidance)
-            x = x + float(t_next - t) * v
-        return SampleOutput(x=x, nfe=self.sample_steps)
+        f = CountedField(self._field(model, cond, b))
+        x = integrate(f, x, self.solver, 0.0, 1.0, self.sample_steps, self.shift(h, w), self.atol, self.rtol)
+        return SampleOutput(x=x, nfe=f.nfe)

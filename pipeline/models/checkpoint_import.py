@@ -11,6 +11,8 @@ Mismatches that have a well-defined meaning are handled explicitly and reported 
   model without ``learn_sigma`` keeps those; the reverse zero-fills the (unused) sigma half.
 - ``num_classes``: refused by default (the label table has ``num_classes + 1`` rows, the last one the null label);
   with ``new_classes="reinit"`` the class rows keep the model's fresh initialisation and the null row is copied.
+  A checkpoint trained without class dropout has no null row (``num_classes`` rows): its class rows are copied
+  and the model's null row keeps its initialisation (classifier-free guidance then needs fine-tuning first).
 - ``pos_embed`` of another resolution: the model keeps its own fixed sin-cos table (it is not learned).
 
 Everything else that does not match (missing, unexpected or differently shaped keys) raises one
@@ -51,7 +53,12 @@ def _load_file(path: Path) -> Any:
         return load_file(str(path), device="cpu")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            try:  # memory-mapped: reading the args and a few shapes does not page in the whole file
+                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ValueError(f"checkpoint {path} cannot be loaded weights-only (refusing arbitrary pickles): "
                          f"{first_line(exc, None)}") from None
@@ -130,9 +137,13 @@ def _short(items: list[str], limit: int = 8) -> str:
 
 
 def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module, *,
-                     new_classes: Literal["error", "reinit"] = "error", source: str = "checkpoint"
-                     ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Fit ``state`` to ``model``'s keys and shapes (see the module docstring); raise on anything else."""
+                     new_classes: Literal["error", "reinit"] = "error", source: str = "checkpoint",
+                     no_null_row: bool | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Fit ``state`` to ``model``'s keys and shapes (see the module docstring); raise on anything else.
+
+    ``no_null_row``: whether the checkpoint's label table lacks the null row (from its ``args.num_classes``);
+    None: assumed when the table is exactly one row short of the model's.
+    """
     target = model.state_dict()
     optional = tuple(getattr(model, "IMPORT_OPTIONAL_PREFIXES", ()))
     p = _patch_size(model, state)
@@ -152,6 +163,14 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module, *,
                 notes.append("learn_sigma: checkpoint has the sigma half, model does not; it was dropped"
                              if c_from > c_to else "learn_sigma: model has a sigma half the checkpoint lacks; "
                              "it was zero-filled")
+        elif (key == "y_embedder.embedding_table.weight" and value.shape[1:] == want[1:]
+              and value.shape[0] == want[0] - 1 and no_null_row is not False):
+            table = target[key].clone()
+            table[: value.shape[0]] = value
+            out[key] = table
+            notes.append(f"num_classes: checkpoint table has {value.shape[0]} classes and no null-label row "
+                         "(trained without class dropout); its classes were loaded, the null row keeps its "
+                         "initialisation (fine-tune with class dropout before using guidance)")
         elif key == "y_embedder.embedding_table.weight" and value.shape[1:] == want[1:]:
             if new_classes == "reinit":
                 table = target[key].clone()
@@ -187,11 +206,22 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module, *,
     return out, notes
 
 
+def table_has_null_row(state: dict[str, torch.Tensor], args: dict[str, Any]) -> bool | None:
+    """Whether the label table holds a null row, from ``args.num_classes`` (None when the args do not say)."""
+    table = state.get("y_embedder.embedding_table.weight")
+    classes = args.get("num_classes")
+    if table is None or not isinstance(classes, int):
+        return None
+    return table.shape[0] == classes + 1
+
+
 def load_official_checkpoint(path: str | Path, model: nn.Module, use_ema: bool = True,
                              new_classes: Literal["error", "reinit"] = "error") -> ImportReport:
     """Load an official SiT/DiT checkpoint (or a safetensors export) into ``model`` in place."""
     state, report = read_state_dict(path, use_ema=use_ema)
-    adapted, notes = adapt_state_dict(state, model, new_classes=new_classes, source=f"checkpoint {path}")
+    has_null = table_has_null_row(state, report.args)
+    adapted, notes = adapt_state_dict(state, model, new_classes=new_classes, source=f"checkpoint {path}",
+                                      no_null_row=None if has_null is None else not has_null)
     model.load_state_dict(adapted, strict=True)
     report.loaded = sum(1 for k in adapted if k in state)
     report.notes = notes
@@ -200,14 +230,19 @@ def load_official_checkpoint(path: str | Path, model: nn.Module, use_ema: bool =
     return report
 
 
-def infer_sit_config(state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Architecture facts readable from a SiT state dict (heads are not; they come from the named size)."""
+def infer_sit_config(state: dict[str, torch.Tensor], args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Architecture facts readable from a SiT state dict (heads are not; they come from the named size).
+
+    ``num_classes`` is ``args["num_classes"]`` when given (a table without a null row has exactly that many
+    rows), else the table's rows minus the null row."""
     try:
         proj = state["x_embedder.proj.weight"]
         hidden, in_channels, p = proj.shape[0], proj.shape[1], proj.shape[-1]
         out_values = state["final_layer.linear.weight"].shape[0]
         tokens = state["pos_embed"].shape[1]
         num_classes = state["y_embedder.embedding_table.weight"].shape[0] - 1
+        if args and isinstance(args.get("num_classes"), int):
+            num_classes = args["num_classes"]
     except KeyError as exc:
         raise ValueError(f"state dict is not in the SiT/DiT layout (no {exc.args[0]})") from None
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})

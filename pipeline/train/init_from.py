@@ -4,27 +4,144 @@ PATH may be a flowrail checkpoint (or a run directory holding some; its EMA of t
 frozen parameters keep the values the model was built with), an official
 SiT/DiT checkpoint file (``.pt``/``.pth`` dict with model/ema/opt/args, or a bare state dict) or a
 ``.safetensors`` export.
+
+Before training, :func:`check_init_from` compares what the checkpoint was trained as (interpolant path,
+prediction, learn_sigma, number of classes: an official file's ``args`` and tensor shapes, a flowrail
+checkpoint's config) with the run's config. A difference is refused in one line unless
+``init_from_override=true``; the import notes (what was adapted) are printed and logged to the MLflow run.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
 
+from pipeline.config import TrainJobConfig
 from pipeline.errors import CheckpointError
 
+SIT_PATHS = {"linear": "linear", "gvp": "gvp", "vp": "vp"}  # SiT's args.path_type, lower-cased -> transport.path
 
-def initialise_from(model: nn.Module, path: str) -> str:
-    """Load weights into ``model`` in place; returns a one-line description of what was loaded."""
+
+@dataclass
+class CheckpointFacts:
+    """What a checkpoint was trained as (None: the checkpoint does not say)."""
+
+    source: str
+    path: str | None = None
+    prediction: str | None = None
+    learn_sigma: bool | None = None
+    num_classes: int | None = None  # real classes (the null label not counted)
+    null_row: bool | None = None  # does the label table hold a null row? (None: unknown, args absent)
+    table_rows: int | None = None
+    input_size: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _is_flowrail(source: Path) -> bool:
+    from pipeline.train.checkpoint_read import META
+
+    return source.is_dir() and ((source / META).is_file() or any(source.rglob(META)))
+
+
+def checkpoint_facts(path: str) -> CheckpointFacts:
+    """Read the training facts of a flowrail or official checkpoint (no model is built)."""
+    source = Path(path)
+    if not source.exists():
+        raise CheckpointError(f"init_from={path}: file or directory does not exist")
+    if _is_flowrail(source):
+        from pipeline.train.checkpoint_read import find_latest, read_meta
+
+        ckpt = find_latest(source)
+        meta = read_meta(ckpt)
+        conf, data = meta.get("config", {}), meta.get("data", {})
+        tr, model = conf.get("transport", {}), conf.get("model", {})
+        return CheckpointFacts(source=f"flowrail checkpoint {ckpt}", path=tr.get("path"),
+                               prediction=tr.get("prediction"), learn_sigma=model.get("learn_sigma"),
+                               num_classes=data.get("num_classes"), null_row=True, input_size=data.get("size"))
+    from pipeline.models.checkpoint_import import infer_sit_config, read_state_dict, table_has_null_row
+
+    try:
+        state, report = read_state_dict(source)
+    except (ValueError, FileNotFoundError) as exc:
+        raise CheckpointError(f"init_from={path}: {exc}") from None
+    args = report.args
+    facts = CheckpointFacts(source=f"official checkpoint {source}")
+    path_type = args.get("path_type")
+    if isinstance(path_type, str):
+        facts.path = SIT_PATHS.get(path_type.lower(), path_type.lower())
+    if isinstance(args.get("prediction"), str):
+        facts.prediction = args["prediction"].lower()
+    try:
+        arch = infer_sit_config(state, args)
+    except ValueError:
+        arch = {}
+    facts.learn_sigma = args.get("learn_sigma") if isinstance(args.get("learn_sigma"), bool) else arch.get("learn_sigma")
+    facts.null_row = table_has_null_row(state, args)
+    if "num_classes" in arch:
+        facts.table_rows = int(state["y_embedder.embedding_table.weight"].shape[0])
+        facts.num_classes = arch["num_classes"]
+        if facts.null_row is False:
+            facts.notes.append(f"label table has no null row ({facts.table_rows} classes): trained without "
+                               "class dropout; the null row keeps its initialisation")
+    facts.input_size = arch.get("input_size")
+    return facts
+
+
+def mismatches(facts: CheckpointFacts, cfg: TrainJobConfig, num_classes: int) -> list[str]:
+    """What the checkpoint was trained as that this config would use differently (empty: all agree)."""
+    out = []
+    if facts.path is not None and facts.path != cfg.transport.path:
+        out.append(f"transport.path={cfg.transport.path} but the checkpoint was trained on path {facts.path}")
+    if facts.prediction is not None and facts.prediction != cfg.transport.prediction:
+        out.append(f"transport.prediction={cfg.transport.prediction} but the checkpoint predicts {facts.prediction}")
+    if facts.learn_sigma is not None and facts.learn_sigma != cfg.model.learn_sigma:
+        out.append(f"model.learn_sigma={str(cfg.model.learn_sigma).lower()} but the checkpoint has "
+                   f"learn_sigma={str(facts.learn_sigma).lower()}")
+    if facts.null_row is None and facts.table_rows is not None:  # no args: with or without a null row
+        if num_classes not in (facts.table_rows - 1, facts.table_rows):
+            out.append(f"the data have {num_classes} classes but the checkpoint's label table has "
+                       f"{facts.table_rows} rows ({facts.table_rows - 1} classes + null)")
+    elif facts.num_classes is not None and facts.num_classes != num_classes:
+        out.append(f"the data have {num_classes} classes but the checkpoint has {facts.num_classes}")
+    return out
+
+
+def check_init_from(cfg: TrainJobConfig, num_classes: int) -> list[str]:
+    """Refuse (one line) an ``init_from`` checkpoint trained differently from ``cfg`` unless
+    ``init_from_override=true``; returns the import notes to print and log."""
+    if not cfg.init_from or "://" in cfg.init_from or cfg.model.name.lower() == "flux":
+        return []  # FLUX's path and prediction are fixed; its weights are checked when loaded
+    facts = checkpoint_facts(cfg.init_from)
+    found = mismatches(facts, cfg, num_classes)
+    if found and not cfg.init_from_override:
+        raise CheckpointError(f"init_from={cfg.init_from}: {found[0]}"
+                              + (f" (and {len(found) - 1} more differences)" if len(found) > 1 else "")
+                              + "; match the config to the checkpoint, or set init_from_override=true to adapt it")
+    notes = [f"overridden: {m}" for m in found] + facts.notes
+    if facts.learn_sigma is not None and facts.learn_sigma != cfg.model.learn_sigma:
+        notes.append("learn_sigma: the checkpoint's sigma half is dropped" if facts.learn_sigma
+                     else "learn_sigma: the model's sigma half is zero-filled")
+    if facts.input_size is not None and cfg.data.image_size and facts.input_size != cfg.data.image_size:
+        notes.append(f"pos_embed: checkpoint input {facts.input_size}, data {cfg.data.image_size}: "
+                     "the model's fixed sin-cos table is kept")
+    return notes
+
+
+def initialise_from(model: nn.Module, path: str, override: bool = False) -> str:
+    """Load weights into ``model`` in place; returns a one-line description of what was loaded (with its notes).
+
+    ``override``: a different class count re-initialises the class rows (the null row is kept) instead of failing.
+    """
     from safetensors.torch import load_file
 
-    from pipeline.train.checkpoint import EMA_FILE, META, find_latest
+    from pipeline.train.checkpoint_read import EMA_FILE, find_latest
     from pipeline.train.ema import load_ema_weights
 
     source = Path(path)
     if not source.exists():
         raise CheckpointError(f"init_from={path}: file or directory does not exist")
-    if source.is_dir() and ((source / META).is_file() or any(source.rglob(META))):
+    if _is_flowrail(source):
         ckpt = find_latest(source)
         missing, unexpected = load_ema_weights(model, load_file(str(ckpt / EMA_FILE)))
         if missing or unexpected:
@@ -34,7 +151,22 @@ def initialise_from(model: nn.Module, path: str) -> str:
     from pipeline.models.checkpoint_import import load_official_checkpoint
 
     try:
-        report = load_official_checkpoint(source, model, use_ema=True)
+        report = load_official_checkpoint(source, model, use_ema=True, new_classes="reinit" if override else "error")
     except ValueError as exc:
         raise CheckpointError(f"init_from={path}: {exc}") from None
-    return f"official checkpoint {source} ({report.loaded} tensors)"
+    notes = f"; notes: {'; '.join(report.notes)}" if report.notes else ""
+    return f"official checkpoint {source} ({report.loaded} tensors){notes}"
+
+
+
+def log_import_notes(notes: list[str], tracking_uri: str, run_id: str) -> None:
+    """Print the import notes and log them to the MLflow run (tag ``flowrail.init_from_notes`` + a text file)."""
+    if not notes:
+        return
+    from pipeline.tracking import client
+
+    for note in notes:
+        print(f"[flowrail] init_from: {note}", flush=True)
+    c = client(tracking_uri)
+    c.set_tag(run_id, "flowrail.init_from_notes", "; ".join(notes)[:5000])
+    c.log_text(run_id, "\n".join(notes) + "\n", "init_from_notes.txt")

@@ -42,14 +42,21 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
     from pipeline.train import user_errors
     from pipeline.train.worker import train_loop_per_worker
 
+    from pipeline.objective import validate_settings
+
+    validate_settings(cfg)  # a setting the model family would ignore is refused here, before anything starts
     paths, info = describe(cfg.data.shards, cfg.data.image_size, job="train")
     if cfg.data.verify_checksums:
         verify_shards(cfg.data.shards)
     if cfg.init_from and "://" not in cfg.init_from and not Path(cfg.init_from).exists():
         raise CheckpointError(f"init_from={cfg.init_from}: file or directory does not exist")
+    from pipeline.train.init_from import check_init_from, log_import_notes
+
+    import_notes = check_init_from(cfg, info.num_classes)  # a checkpoint trained differently is refused here
     uri = tracking_uri(cfg)
     run_id, resumed = start_or_resume_run(cfg, tags)  # an unreachable server fails here, before Ray starts
     print(f"[flowrail] MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {redact(uri)}", flush=True)
+    log_import_notes(import_notes, uri, run_id)
     init_ray()
     tcfg = cfg.train
     storage = tcfg.storage_path or str(Path(cfg.run_dir) / "ray")

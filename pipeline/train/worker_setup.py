@@ -40,7 +40,9 @@ def build_worker_model(cfg: TrainJobConfig, info: DataInfo) -> torch.nn.Module:
         from pipeline.train.init_from import initialise_from
 
         try:
-            initialise_from(model, cfg.init_from)
+            loaded = initialise_from(model, cfg.init_from, override=cfg.init_from_override)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"[flowrail] init_from: {loaded}", flush=True)
         except RuntimeError as exc:  # tensor shape mismatch from load_state_dict
             detail = first_line(exc, 300, prefer="size mismatch")
             raise CheckpointError(f"init_from={cfg.init_from}: checkpoint does not fit the model ({detail})") from None

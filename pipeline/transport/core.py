@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import TransportConfig
-from pipeline.transport import predictions as P
+import pipeline.transport.predictions as P
 from pipeline.transport.paths import GVPPath, LinearPath, Path, PolynomialPath, VPPath, build_path
-from pipeline.transport.timesteps import sample_train_times
+from pipeline.transport.timesteps import image_tokens, resolve_time_shift, sample_train_times
 
 ModelFn = Callable[..., torch.Tensor]
 
@@ -81,10 +81,16 @@ class Transport:
 
     # ------------------------------------------------------------------ intervals
 
-    def sample_interval(self, sde: bool = False) -> tuple[float, float]:
-        """(t0, t1) for sampling: ``[sample_eps, 1 - sample_eps]``; SDEs start at >= 1e-3 unless sample_eps is set."""
+    def sample_interval(self, sde: bool = False, diffusion: str | None = None) -> tuple[float, float]:
+        """(t0, t1) for sampling: ``[sample_eps, 1 - sample_eps]``.
+
+        Unless sample_eps is set, an SDE starts at >= 1e-3 where its drift diverges at t = 0, as in SiT's
+        ``check_interval``: the SBDM coefficient, a score/noise model, or a path without finite coefficients there.
+        A velocity model on Linear/GVP with any other coefficient starts at 0 (SiT's grid).
+        """
         eps0 = self.sample_eps
-        if sde and not self._sample_eps_given:
+        finite_start = self.prediction == "velocity" and isinstance(self.path, (LinearPath, GVPPath))
+        if sde and not self._sample_eps_given and (diffusion in (None, "sbdm") or not finite_start):
             eps0 = max(eps0, SDE_MIN_EPS)
         return eps0, 1.0 - self.sample_eps
 
@@ -119,9 +125,12 @@ class Transport:
     # ------------------------------------------------------------------ training
 
     def num_tokens(self, x1: torch.Tensor) -> int:
-        """Image tokens per sample (spatial size / patch^2), for the FLUX resolution shift."""
-        spatial = x1.shape[2:] if x1.dim() > 2 else x1.shape[1:]
-        return max(1, int(torch.tensor(spatial).prod()) // (self.patch_size ** len(spatial)))
+        """Image tokens per sample (spatial size / patch^2 of the model's patch size), for the resolution shift."""
+        return image_tokens(x1.shape[2:] if x1.dim() > 2 else x1.shape[1:], self.patch_size)
+
+    def grid_shift(self, time_shift: float | str | None, x: torch.Tensor) -> float:
+        """``sampler.time_shift`` as a number for samples shaped like ``x`` (``None``: 1, a uniform grid)."""
+        return resolve_time_shift(time_shift, self.num_tokens(x), default=1.0)
 
     def sample_t(self, n: int, x1: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return sample_train_times(self.time_cfg, n, self.train_eps, num_tokens=self.num_tokens(x1),

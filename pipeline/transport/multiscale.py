@@ -9,10 +9,16 @@ pick a stage ``q ~ p_q``; ``t_q ~ logit-normal(m, s)``; earlier stages ``t ~ log
 later stages are pure noise: their inputs are zeroed, their time is 0 and their loss is masked. The loss is the mean
 over active stages (``s <= q``) of the per-stage mean squared velocity error.
 
-Sampling: phase ``k`` starts stage ``k`` from noise and runs ``steps[k]`` Euler steps taking it from 0 to ``tau``
+Training times of the chosen stage follow ``transport.time_sampler`` (``auto``: the paper's logit-normal
+``(logit_mean, logit_std)``); active stages' times are mapped into ``[train_eps, 1 - train_eps]`` (VP / LinearVP
+get SiT's default eps, REFERENCE.md section 2).
+
+Sampling: phase ``k`` starts stage ``k`` from noise and runs ``steps[k]`` steps taking it from 0 to ``tau``
 (to 1 in the last phase) while every earlier stage ``j`` moves on to ``1 - (1 - tau)^(k - j + 1)`` (to 1 in the last
 phase); stages not yet started are zero with time 0, as in training. Two stages with steps [30, 10]: stage 0 goes
-0 -> tau alone in 30 steps, then both finish in 10 (stage 0 tau -> 1, stage 1 0 -> 1). NFE = sum(steps).
+0 -> tau alone in 30 steps, then both finish in 10 (stage 0 tau -> 1, stage 1 0 -> 1). Each phase's fraction
+``u = i / steps`` may be shifted (``sampler.time_shift``: ``u / (u + shift (1 - u))``); the step is Euler (NFE =
+sum(steps)), Heun or midpoint (2 NFE per step). Stage times ``u`` in [0, 1] map to ``[sample_eps, 1 - sample_eps]``.
 """
 from __future__ import annotations
 
@@ -24,9 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import GuidanceConfig, TrainJobConfig
-from pipeline.objective import SampleOutput
+from pipeline.config import GuidanceConfig, TrainJobConfig, TransportConfig
+from pipeline.families import FamilySpec, Refusal, SampleOutput, register_family, section_fields, unless
+from pipeline.transport.core import default_eps
 from pipeline.transport.paths import LinearPath, Path, build_path
+from pipeline.transport.timesteps import sample_train_times, shift_time
+
+STAGE_SOLVERS = ("euler", "heun", "midpoint")
 
 
 def downsample(x: torch.Tensor) -> torch.Tensor:
@@ -103,8 +113,15 @@ class DFMObjective:
     clean_std: float = 1.0
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     num_classes: int | None = None
+    time_cfg: TransportConfig | None = None  # None or time_sampler=auto: logit-normal(logit_mean, logit_std)
+    train_eps: float = 0.0
+    sample_eps: float = 0.0
+    solver: str = "euler"
+    time_shift: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.solver not in STAGE_SOLVERS:
+            raise ValueError(f"sampler.solver={self.solver} is not a DFM stage solver (allowed: {', '.join(STAGE_SOLVERS)})")
         if len(self.stage_probs) != self.stages:
             raise ValueError(f"model.dfm_stage_probs has {len(self.stage_probs)} entries for "
                              f"model.dfm_stages={self.stages}")
@@ -122,9 +139,15 @@ class DFMObjective:
             raise ValueError(f"transport.prediction={tr.prediction}: DFM trains velocity prediction only")
         probs = m.dfm_stage_probs or default_stage_probs(m.dfm_stages)
         steps = m.dfm_stage_steps or default_stage_steps(cfg.sampler.steps, m.dfm_stages)
+        path = build_path(tr)
+        d_train, d_sample = default_eps(path, "velocity")
         return cls(stages=m.dfm_stages, stage_probs=list(probs), stage_steps=list(steps), threshold=m.dfm_threshold,
-                   path=build_path(tr), logit_mean=tr.logit_mean, logit_std=tr.logit_std,
-                   guidance=cfg.guidance, num_classes=num_classes)
+                   path=path, logit_mean=tr.logit_mean, logit_std=tr.logit_std,
+                   guidance=cfg.guidance, num_classes=num_classes, time_cfg=tr,
+                   train_eps=d_train if tr.train_eps is None else tr.train_eps,
+                   sample_eps=d_sample if tr.sample_eps is None else tr.sample_eps,
+                   solver=cfg.sampler.solver,
+                   time_shift=1.0 if cfg.sampler.time_shift is None else float(cfg.sampler.time_shift))
 
     # ------------------------------------------------------------ training
 
@@ -136,9 +159,14 @@ class DFMObjective:
         q = torch.multinomial(probs.expand(n, -1), 1, generator=generator).squeeze(1)
         z = torch.randn(n, self.stages, generator=generator, device=g_dev)
         idx = torch.arange(self.stages, device=g_dev)[None]
-        t_q = torch.sigmoid(self.logit_mean + self.logit_std * z)
+        if self.time_cfg is None or self.time_cfg.time_sampler == "auto":
+            t_q = torch.sigmoid(self.logit_mean + self.logit_std * z)
+        else:  # the configured sampler for the chosen stage (eps applied below)
+            t_q = sample_train_times(self.time_cfg, n, 0.0, generator=generator, device=g_dev)[:, None].expand(-1, self.stages)
         t_clean = torch.sigmoid(self.clean_mean + self.clean_std * z)
         t = torch.where(idx < q[:, None], t_clean, torch.where(idx == q[:, None], t_q, torch.zeros_like(z)))
+        eps = self.train_eps
+        t = torch.where(idx <= q[:, None], eps + (1 - 2 * eps) * t, t)
         return q.to(device), t.to(device)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -195,15 +223,87 @@ class DFMObjective:
         times = [0.0] * self.stages
         y = cond["label"].to(device) if "label" in cond else None
         nfe = 0
+        lo, hi = self.sample_eps, 1.0 - self.sample_eps  # stage time u in [0, 1] -> lo + (hi - lo) u
+
+        def velocity(states: list[torch.Tensor], u: list[float], k: int) -> list[torch.Tensor]:
+            nonlocal nfe
+            nfe += 1
+            t = torch.tensor([lo + (hi - lo) * v if j <= k else 0.0 for j, v in enumerate(u)],
+                             device=device, dtype=dtype)[None].expand(b, -1)
+            return [(hi - lo) * v.to(dtype) for v in self._velocity(model, states, t, y, float(t[0, k]))]
+
         for k, (steps, ends) in enumerate(zip(self.stage_steps, phase_end_times(self.stages, self.threshold))):
             xs[k] = torch.randn(b, c, *sizes[k], generator=generator, device=g_dev).to(device=device, dtype=dtype)
             starts = list(times)
-            for i in range(steps):
-                cur = [starts[j] + (ends[j] - starts[j]) * i / steps if j <= k else 0.0 for j in range(self.stages)]
-                t = torch.tensor(cur, device=device, dtype=dtype)[None].expand(b, -1)
-                v = self._velocity(model, xs, t, y, cur[k])
-                nfe += 1
-                for j in range(k + 1):
-                    xs[j] = xs[j] + (ends[j] - starts[j]) / steps * v[j].to(dtype)
+            frac = shift_time(torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64), self.time_shift).tolist()
+
+            def at(f: float) -> list[float]:
+                return [starts[j] + (ends[j] - starts[j]) * f if j <= k else 0.0 for j in range(self.stages)]
+
+            def move(states: list[torch.Tensor], v: list[torch.Tensor], df: float) -> list[torch.Tensor]:
+                return [x + (ends[j] - starts[j]) * df * v[j] if j <= k else x for j, x in enumerate(states)]
+
+            for f0, f1 in zip(frac[:-1], frac[1:]):
+                df = f1 - f0
+                v1 = velocity(xs, at(f0), k)
+                if self.solver == "euler":
+                    xs = move(xs, v1, df)
+                elif self.solver == "heun":
+                    v2 = velocity(move(xs, v1, df), at(f1), k)
+                    xs = move(xs, [0.5 * (a + b_) for a, b_ in zip(v1, v2)], df)
+                else:  # midpoint
+                    xs = move(xs, velocity(move(xs, v1, 0.5 * df), at(f0 + 0.5 * df), k), df)
             times = [ends[j] if j <= k else 0.0 for j in range(self.stages)]
         return SampleOutput(x=reconstruct(xs), nfe=nfe)
+
+
+# ---------------------------------------------------------------- the family's settings
+
+
+def dfm_refusals(cfg: TrainJobConfig) -> list[Refusal]:
+    """What the DFM stage objective cannot do with these values (shared by FLUX with flux.dfm=true)."""
+    from pipeline.transport.objective import guidance_refusals
+
+    tr, s, d = cfg.transport, cfg.sampler, TrainJobConfig()
+    out = unless(tr.prediction == "velocity", "transport.prediction", tr.prediction,
+                 "DFM trains velocity prediction only")
+    out += unless(tr.loss_weight == "none", "transport.loss_weight", tr.loss_weight,
+                  "loss weights apply to score/noise prediction; DFM predicts velocity")
+    out += unless(s.method == "ode", "sampler.method", s.method, "the DFM stage sampler is deterministic (ode)")
+    out += unless(s.solver in STAGE_SOLVERS, "sampler.solver", s.solver,
+                  f"the DFM stage sampler steps with {', '.join(STAGE_SOLVERS)}")
+    out += unless(s.time_shift != "auto", "sampler.time_shift", s.time_shift,
+                  "the DFM stage grid takes a numeric shift (stages have different resolutions)")
+    if cfg.model.dfm_stage_steps is not None and s.steps != d.sampler.steps:
+        out.append(Refusal("sampler.steps", s.steps, f"model.dfm_stage_steps={cfg.model.dfm_stage_steps} "
+                                                      "fixes every phase's steps"))
+    if tr.mode_scale != d.transport.mode_scale:
+        out += unless(tr.time_sampler == "mode", "transport.mode_scale", tr.mode_scale,
+                      f"it applies to transport.time_sampler=mode only (time_sampler is {tr.time_sampler})")
+    for key in ("logit_mean", "logit_std"):
+        if getattr(tr, key) != getattr(d.transport, key):
+            out += unless(tr.time_sampler in ("auto", "logit_normal"), f"transport.{key}", getattr(tr, key),
+                          f"it applies to time_sampler auto/logit_normal only (time_sampler is {tr.time_sampler})")
+    return out + guidance_refusals(cfg)
+
+
+def _dfm_model_refusals(cfg: TrainJobConfig) -> list[Refusal]:
+    from pipeline.families import conditional_transport_refusals
+
+    return conditional_transport_refusals(cfg) + dfm_refusals(cfg)
+
+
+DFM_TRANSPORT = frozenset(f"transport.{k}" for k in ("path", "prediction", "loss_weight", "train_eps", "sample_eps",
+                                                     "time_sampler", "logit_mean", "logit_std", "mode_scale",
+                                                     "polynomial_n", "vp_beta_min", "vp_beta_max"))
+DFM_SAMPLER = frozenset(f"sampler.{k}" for k in ("method", "solver", "steps", "time_shift"))
+
+register_family(FamilySpec(
+    name="dfm", matches=lambda name: name.lower() == "dfm", build=DFMObjective.from_config,
+    honours=(frozenset(section_fields("model")) - {"model.learn_sigma"}) | DFM_TRANSPORT | DFM_SAMPLER
+    | (frozenset(section_fields("guidance")) - {"guidance.channels"}),
+    refuse=_dfm_model_refusals,
+    notes={"transport.resolution_shift": "DFM draws stage times itself",
+           "model.learn_sigma": "DFM stage heads predict velocity only",
+           **{k: "the DFM stage sampler is deterministic" for k in section_fields("sampler") if k not in DFM_SAMPLER},
+           **{k: "flux.* settings apply to model.name=flux" for k in section_fields("flux")}}))

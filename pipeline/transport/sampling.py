@@ -6,7 +6,7 @@ from typing import Protocol
 import torch
 
 from pipeline.config import SamplerConfig
-from pipeline.objective import SampleOutput
+from pipeline.families import SampleOutput
 from pipeline.transport.core import ModelFn, Transport
 from pipeline.transport.ode import ODESampler
 from pipeline.transport.sde import SDESampler

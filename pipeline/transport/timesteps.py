@@ -56,7 +56,7 @@ def sample_mode(n: int, scale: float = 1.29, generator: torch.Generator | None =
 def sample_train_times(cfg: TransportConfig, n: int, eps: float, num_tokens: int | None = None,
                        generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """Training times from ``cfg.time_sampler`` (optionally FLUX-shifted), mapped affinely into [eps, 1 - eps]."""
-    if cfg.time_sampler == "uniform":
+    if cfg.time_sampler in ("auto", "uniform"):  # auto: a family's own default; uniform here
         t = sample_uniform(n, generator, device)
     elif cfg.time_sampler == "logit_normal":
         t = sample_logit_normal(n, cfg.logit_mean, cfg.logit_std, generator, device)
@@ -69,6 +69,26 @@ def sample_train_times(cfg: TransportConfig, n: int, eps: float, num_tokens: int
             raise ValueError("transport.resolution_shift=true needs the image token count")
         t = resolution_shift(t, num_tokens)
     return eps + (1 - 2 * eps) * t
+
+
+def resolve_time_shift(time_shift: float | str | None, num_tokens: int, default: float | str = 1.0) -> float:
+    """The numeric grid shift of ``sampler.time_shift``: a number is itself, ``"auto"`` the FLUX resolution shift
+    ``exp(mu(num_tokens))``, ``None`` the family's ``default`` (itself a number or ``"auto"``)."""
+    value = default if time_shift is None else time_shift
+    if value == "auto":
+        return math.exp(flux_mu(num_tokens))
+    value = float(value)
+    if not value > 0:
+        raise ValueError(f"sampler.time_shift={value} must be > 0")
+    return value
+
+
+def image_tokens(spatial: tuple[int, ...] | torch.Size, patch_size: int) -> int:
+    """Tokens per sample of a patch-``patch_size`` transformer on a sample of spatial size ``spatial``."""
+    n = 1
+    for size in spatial:
+        n *= int(size)
+    return max(1, n // (patch_size ** len(spatial)))
 
 
 def time_grid(t0: float, t1: float, steps: int, shift: float = 1.0, dtype=torch.float64, device=None) -> torch.Tensor:

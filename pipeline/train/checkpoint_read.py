@@ -1,0 +1,85 @@
+"""Reading flowrail checkpoints: metadata, completeness and the newest registered checkpoint of a run.
+
+Only files are read (no DeepSpeed, no model): this module sits below everything that loads checkpoints
+(:mod:`pipeline.train.checkpoint`, :mod:`pipeline.train.init_from`, :mod:`pipeline.flux.export`), so none of them
+imports another in a circle. The layout is described in :mod:`pipeline.train.checkpoint`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import CheckpointError
+
+META = "flowrail.json"
+EMA_FILE = "ema.safetensors"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the registered checkpoints
+
+
+def read_meta(ckpt_dir: Path) -> dict[str, Any]:
+    path = Path(ckpt_dir) / META
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir} is not a flowrail checkpoint: {META} is missing")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {META} is not valid JSON ({exc.msg})") from None
+    if not isinstance(meta, dict) or "step" not in meta or "config" not in meta:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {META} is not flowrail checkpoint metadata")
+    return meta
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(read_meta(path)["step"])
+    except (CheckpointError, KeyError, ValueError, json.JSONDecodeError):
+        return -1
+
+
+def is_complete(ckpt: Path) -> bool:
+    """Rank 0's metadata and EMA weights and every rank's RNG file are present."""
+    try:
+        meta = read_meta(ckpt)
+    except CheckpointError:
+        return False
+    world = int(meta.get("world_size", 1))
+    return (ckpt / EMA_FILE).is_file() and all((ckpt / "rng" / f"rank{r}.pt").is_file() for r in range(world))
+
+
+def registered_checkpoints(run_dir: Path) -> set[str] | None:
+    """Names of the checkpoint directories Ray Train registered in ``run_dir`` (None without a snapshot)."""
+    snapshot = run_dir / RAY_SNAPSHOT
+    if not snapshot.is_file():
+        return None
+    try:
+        state = json.loads(snapshot.read_text())
+    except json.JSONDecodeError:
+        return None
+    names = {r["checkpoint_dir_name"] for r in state.get("checkpoint_results", []) if "checkpoint_dir_name" in r}
+    latest = state.get("latest_checkpoint_result") or {}
+    if "checkpoint_dir_name" in latest:
+        names.add(latest["checkpoint_dir_name"])
+    return names
+
+
+def find_latest(path: str | Path) -> Path:
+    """A checkpoint directory itself, or the newest complete (and, under Ray, registered) checkpoint under a dir."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if (path / META).is_file():
+        if not (path / EMA_FILE).is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {EMA_FILE} is missing")
+        return path
+    complete = []
+    for meta in path.rglob(META):
+        ckpt = meta.parent
+        registered = registered_checkpoints(ckpt.parent)
+        if registered is not None and ckpt.name not in registered:
+            continue  # written but never registered by Ray Train (a rank failed while reporting it)
+        if is_complete(ckpt):
+            complete.append(ckpt)
+    if not complete:
+        raise CheckpointError(f"no complete flowrail checkpoint found under {path}")
+    return max(complete, key=lambda p: (_step_of(p), p.stat().st_mtime))
