@@ -167,6 +167,14 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
         if rank == 0 and loop_config.get("run_id") else None
     if logger is not None and setup.resumed:
         logger.log({"resumed_from_step": state.step}, step=state.step)
+    if rank == 0:
+        from pipeline.train.engine import global_batch
+
+        samples_per_step = global_batch(tcfg, cfg.data.batch_size, world)
+        print(f"[flowrail] global batch {samples_per_step} = data.batch_size {cfg.data.batch_size} x "
+              f"train.grad_accum_steps {tcfg.grad_accum_steps} x {world} workers", flush=True)
+        if logger is not None:
+            logger.log({"global_batch": samples_per_step}, step=state.step)
     window = {"loss": 0.0, "n": 0, "samples": 0, "skipped": 0, "t0": time.perf_counter(), "wait": 0.0}
 
     def checkpoint_and_report(metrics: dict[str, float]) -> None:
@@ -241,7 +249,8 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
             nonfinite, ended = step_flags(loss, upcoming is None)  # the epoch ends for all if one rank ran out
             if nonfinite:  # every rank skips together, or none does
                 state.bad_steps += 1
-                engine.zero_grad() if hasattr(engine, "zero_grad") else None
+                if tcfg.grad_accum_steps == 1:  # mid-window the good micro-batches' gradients are kept
+                    engine.zero_grad() if hasattr(engine, "zero_grad") else None
                 if rank == 0:
                     print(f"[flowrail] non-finite loss at step {state.step + 1}: skipped "
                           f"({state.bad_steps}/{tcfg.max_bad_steps} allowed)", flush=True)
@@ -250,13 +259,17 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
                                           f"(train.max_bad_steps={tcfg.max_bad_steps}); last good step {state.step}")
                 batch = upcoming
                 continue
-            engine.backward(loss)
-            engine.step()
-            ema.update(engine.module, ema.decay_at(state.step))
-            state.step += 1
+            engine.backward(loss)  # DeepSpeed scales it by 1 / grad_accum_steps
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()  # the optimizer steps at the window's last micro-batch only
             loss_sum += loss.detach()
             window["n"] += 1
             window["samples"] += batch["image"].shape[0] if "image" in batch else cfg.data.batch_size
+            if not boundary:  # the accumulation window goes on (across an epoch end too): no step counted
+                batch = upcoming
+                continue
+            ema.update(engine.module, ema.decay_at(state.step))
+            state.step += 1
 
             last = state.step >= tcfg.steps
             if state.step % tcfg.log_every == 0 or last or state.step % tcfg.checkpoint_every == 0:
@@ -271,15 +284,18 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
                            "lr": engine.get_lr()[0] if hasattr(engine, "get_lr") else tcfg.lr,
                            "bad_steps": state.bad_steps, "skipped_samples": state.skipped_samples,
                            "epoch": state.epoch, "step": state.step}
-                if rank == 0 and periodic_eval.due(state.step, tcfg.eval_every, last):
-                    metrics.update(periodic_eval.evaluate_ema(cfg, ema.model, objective, info, state.step))
+                if periodic_eval.due(state.step, tcfg.eval_every, last):
+                    ema_model = ema.model  # under ZeRO-3 a gather: every rank takes part, rank 0 evaluates
+                    if rank == 0:
+                        metrics.update(periodic_eval.evaluate_ema(cfg, ema_model, objective, info, state.step))
+                    del ema_model
                 if logger is not None and log_thread is not None:
                     if logged is not None:
                         logged.result()  # the previous window's logging: surfaces a TrackingError here
                     logged = log_thread.submit(logger.log, {k: v for k, v in metrics.items() if k != "step"},
                                                state.step)
                     done = state.step - start_step
-                    eta = elapsed / max(window["n"], 1) * (tcfg.steps - state.step)
+                    eta = elapsed / max(window["n"], 1) * tcfg.grad_accum_steps * (tcfg.steps - state.step)
                     print(f"[flowrail] step {state.step}/{tcfg.steps}  loss {metrics['loss']:.4f}  "
                           f"{metrics['samples_per_s']:.0f} samples/s  eta {eta:.0f}s  ({done} this attempt)",
                           flush=True)
