@@ -71,3 +71,31 @@ def test_deepspeed_config_carries_the_window_and_the_global_batch():
 def test_grad_accum_below_one_is_refused_by_name():
     with pytest.raises(ConfigError, match="train.grad_accum_steps"):
         load_config(TrainJobConfig, None, ["train.grad_accum_steps=0"])
+
+
+@pytest.mark.slow
+def test_accumulation_windows_through_training_and_resume(ray_local, digits_shards, tmp_path):
+    """1 worker, data.batch_size=256 (5 batches per digits epoch), train.grad_accum_steps=2: 4 steps take 8
+    micro-batches (a window spans the epoch end), the resumed run continues from that exact data position."""
+    from mlflow.tracking import MlflowClient
+
+    from conftest import tiny_train_overrides
+    from pipeline.train.checkpoint import read_meta
+    from pipeline.train.trainer import fit
+
+    overrides = tiny_train_overrides(digits_shards, tmp_path, run_name="accum", **{
+        "data.batch_size": 256, "train.grad_accum_steps": 2, "train.num_workers": 1, "train.steps": 4,
+        "train.log_every": 2, "train.checkpoint_every": 2, "train.cpus_per_worker": 1})
+    cfg = load_config(TrainJobConfig, "train", overrides)
+    first = fit(cfg, make_grid=False)
+    meta = read_meta(first.checkpoint)
+    assert (meta["step"], meta["epoch"], meta["batch_in_epoch"]) == (4, 1, 3)  # 8 micro-batches, 5 per epoch
+    longer = cfg.model_copy(deep=True)
+    longer.train.steps = 6
+    second = fit(longer, make_grid=False)
+    meta = read_meta(second.checkpoint)
+    assert (meta["step"], meta["epoch"], meta["batch_in_epoch"]) == (6, 2, 2)  # 12 micro-batches
+    client = MlflowClient(second.tracking_uri)
+    assert second.run_id == first.run_id
+    assert [m.step for m in sorted(client.get_metric_history(second.run_id, "loss"), key=lambda m: m.step)] == [2, 4, 6]
+    assert {m.value for m in client.get_metric_history(second.run_id, "global_batch")} == {512.0}
