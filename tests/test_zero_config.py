@@ -25,6 +25,12 @@ def test_named_preset_is_the_shipped_file_and_sets_its_stage(name, stage, offloa
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["train_batch_size"] == 8
 
 
+def test_named_preset_on_the_shipped_train_config_sets_zero3():
+    for name in ("train", "run"):
+        assert load_config(TrainJobConfig, name, ["train.deepspeed_preset=zero3"]).train.zero_stage == 3
+        assert load_config(TrainJobConfig, name, []).train.zero_stage == 2
+
+
 def test_explicit_stage_is_kept_and_a_disagreeing_preset_refused():
     cfg = load_config(TrainJobConfig, None, ["train.deepspeed_preset=zero3", "train.zero_stage=2"])
     assert cfg.train.zero_stage == 2
