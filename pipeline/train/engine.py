@@ -133,16 +133,19 @@ def select_accelerator(cfg: TrainConfig) -> None:
         del os.environ["DS_ACCELERATOR"]
 
 
-def zero_init(cfg: TrainConfig, micro_batch: int, world_size: int) -> Any:
+def zero_init(cfg: TrainConfig, micro_batch: int, world_size: int, dtype: torch.dtype | None = None) -> Any:
     """``deepspeed.zero.Init`` for this run's DeepSpeed config: modules built inside it are partitioned across the
-    ranks layer by layer as they are made (ZeRO-3 construction; with ``train.offload`` the partitions go to the CPU)."""
+    ranks layer by layer as they are made (ZeRO-3 construction; with ``train.offload`` the partitions go to the CPU).
+
+    ``dtype``: the parameters' dtype (a bf16 LoRA run's frozen FLUX base); None: the config's (fp32, flowrail
+    trains fp32 masters under autocast)."""
     select_accelerator(cfg)
     import deepspeed
 
     quiet_deepspeed_deprecations()
     # DeepSpeed's communication layer over the existing torch process group (its config checks the world size)
     deepspeed.init_distributed(dist_init_required=False, verbose=False)
-    return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, micro_batch, world_size))
+    return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, micro_batch, world_size), dtype=dtype)
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_size: int) -> Any:

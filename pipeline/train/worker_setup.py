@@ -29,7 +29,8 @@ def set_cpu_threads(cpus_per_worker: float) -> int:
     return threads
 
 
-def construction_scope(cfg: TrainJobConfig, micro_batch: int, world: int) -> AbstractContextManager:
+def construction_scope(cfg: TrainJobConfig, micro_batch: int, world: int,
+                       dtype: torch.dtype | None = None) -> AbstractContextManager:
     """Where the model is built: inside ``deepspeed.zero.Init`` under ZeRO-3 (no rank holds the whole model), else
     plainly. Model set-ups that cannot be built partitioned are refused here in one line naming the setting
     (a :class:`FlowrailError`, which the driver reports as such from a Ray worker)."""
@@ -45,7 +46,7 @@ def construction_scope(cfg: TrainJobConfig, micro_batch: int, world: int) -> Abs
         raise FlowrailError(f"flux.weights={cfg.flux.weights}: under train.zero_stage=3 FLUX is built partitioned and "
                           "only a diffusers folder can be streamed into it; convert the single file once "
                           "(FluxTransformer2DModel.from_single_file(...).save_pretrained(DIR)) and pass DIR")
-    return zero_init(cfg.train, micro_batch, world)
+    return zero_init(cfg.train, micro_batch, world, dtype)
 
 
 def build_worker_model(cfg: TrainJobConfig, info: DataInfo, *, micro_batch: int | None = None,
@@ -64,9 +65,8 @@ def build_worker_model(cfg: TrainJobConfig, info: DataInfo, *, micro_batch: int 
         from pipeline.flux.model import frozen_dtype
         from pipeline.train.engine import resolve_precision
 
-        # under ZeRO-3 the frozen base is partitioned in DeepSpeed's (fp32) parameter dtype, 1/world per rank
-        flux_dtype = None if partitioned else frozen_dtype(cfg.flux, resolve_precision(cfg.train))
-    with construction_scope(cfg, micro_batch or cfg.data.batch_size, world):
+        flux_dtype = frozen_dtype(cfg.flux, resolve_precision(cfg.train))  # under ZeRO-3: the partitions' dtype
+    with construction_scope(cfg, micro_batch or cfg.data.batch_size, world, flux_dtype):
         model = build_model(cfg.model, in_channels=info.channels, input_size=info.size, num_classes=info.num_classes,
                             flux_cfg=cfg.flux, flux_dtype=flux_dtype, partitioned=partitioned)
     if cfg.init_from:
