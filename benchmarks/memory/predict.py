@@ -2,7 +2,8 @@
 
 The machine this ran on cannot hold SiT-XL/2 (28 blocks) or a full fine-tune of the FLUX-width model with AdamW
 (16+ GB), so their per-rank bytes are counted from the parameter shapes alone (no memory allocated), with the rule
-the measured runs of ``run.py`` follow (fp32 weights and AdamW; ``n`` a parameter's elements, ``w`` the world size):
+the measured ZeRO-3 and world-1 runs of ``run.py`` match to the byte (ZeRO-2 world-2 gradients measured ~30% higher;
+fp32 weights and AdamW; ``n`` a parameter's elements, ``w`` the world size):
 
 - ZeRO-2: params = every parameter in full; grads = ``T / w``; optimizer = 3 ``T / w`` (fp32 master + 2 moments);
   EMA = ``T`` (``T`` = trained elements; DeepSpeed pads the flat partition by < ``w`` elements, ignored);
