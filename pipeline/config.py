@@ -145,13 +145,18 @@ def expand_sampler_preset(data: Any) -> Any:
     return out
 
 
+DEEPSPEED_PRESETS = {"zero2": (2, False), "zero3": (3, False), "zero3_offload": (3, True)}  # name: (stage, offload)
+
+
 class TrainConfig(Section):
     num_workers: int = Field(default=2, ge=1)
     cpus_per_worker: float = Field(default=0.5, gt=0)
     use_gpu: bool = False
     zero_stage: int = Field(default=2, ge=0, le=3)
     offload: bool = False  # ZeRO-3 CPU offload of parameters and optimizer state
-    deepspeed_preset: str | None = None  # a DeepSpeed JSON (e.g. infra/deepspeed/zero3.json) merged under flowrail's keys
+    # DeepSpeed settings merged under flowrail's keys: a shipped preset (zero2, zero3, zero3_offload; it sets
+    # zero_stage/offload unless those are given) or a path to a DeepSpeed .json (relative: to where flowrail runs)
+    deepspeed_preset: str | None = None
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     # torch.compile the model inside the DeepSpeed engine (engine.compile); a one-off compile at the first step,
     # then faster steps on GPU (SiT-XL/2 bare loop on an H100: 1.58x eager). Sampling/evaluation stay eager.
@@ -164,6 +169,12 @@ class TrainConfig(Section):
     warmup_steps: int = Field(default=0, ge=0)
     steps: int = Field(default=600, ge=1)
     ema_decay: float = Field(default=0.999, ge=0, lt=1)
+    # where the EMA's averaged tensors live: auto = beside the live weights; cpu = host memory (GPU memory saved,
+    # one device-to-host copy of the trained weights per step). Under ZeRO-3 each rank keeps 1/world of it.
+    ema_device: Literal["auto", "cpu"] = "auto"
+    # micro-batches per optimizer step (DeepSpeed gradient_accumulation_steps): one optimizer step, one EMA update
+    # and one counted step per window; global batch = data.batch_size x grad_accum_steps x num_workers
+    grad_accum_steps: int = Field(default=1, ge=1)
     log_every: int = Field(default=20, ge=1)
     checkpoint_every: int = Field(default=200, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
@@ -172,6 +183,22 @@ class TrainConfig(Section):
     max_failures: int = Field(default=3, ge=-1)  # Ray Train FailureConfig: worker-group restarts; -1 retries forever
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # Ray placement of the workers
     storage_path: str | None = None  # Ray checkpoint storage: a shared dir or a pyarrow URL (s3://, gs://); None: run_dir/ray
+
+    @model_validator(mode="after")
+    def _preset(self) -> TrainConfig:
+        """A named preset must exist; it implies its ZeRO stage (and offload) unless those were set explicitly."""
+        name = self.deepspeed_preset
+        if name is None or name.endswith(".json"):
+            return self
+        if name not in DEEPSPEED_PRESETS:
+            raise ValueError(f"train.deepspeed_preset={name} is unknown (allowed: {', '.join(DEEPSPEED_PRESETS)}, "
+                             "or a path to a DeepSpeed .json file)")
+        stage, offload = DEEPSPEED_PRESETS[name]
+        if "zero_stage" not in self.model_fields_set:
+            self.zero_stage = stage
+        if "offload" not in self.model_fields_set:
+            self.offload = offload
+        return self
 
 
 class SamplesConfig(Section):
@@ -332,6 +359,9 @@ class TrainJobConfig(Section):
             value = getattr(self.data, field)
             if value and "://" not in value and not Path(value).is_absolute():
                 setattr(self.data, field, str((base / value).resolve()))
+        preset = self.train.deepspeed_preset
+        if preset and preset.endswith(".json") and not Path(preset).expanduser().is_absolute():
+            self.train.deepspeed_preset = str((base / preset).resolve())
         return self
 
 

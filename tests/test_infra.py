@@ -393,7 +393,7 @@ def check_preset(config: dict[str, Any]) -> Any:
 
 
 def preset(name: str) -> dict[str, Any]:
-    return json.loads((INFRA / "deepspeed" / name).read_text())
+    return json.loads((ROOT / "pipeline" / "train" / "presets" / name).read_text())
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

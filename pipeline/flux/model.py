@@ -47,11 +47,17 @@ def flux1_config(guidance_embeds: bool = True) -> dict[str, Any]:
 
 
 def build_flux_model(flux_cfg: FluxConfig | None, tiny: bool = False,
-                     torch_dtype: torch.dtype | None = None) -> FluxTransformer2DModel:
-    """The FLUX transformer named by ``flux_cfg.weights`` (a local path), or a random tiny one with ``tiny=True``."""
+                     torch_dtype: torch.dtype | None = None, partitioned: bool = False) -> FluxTransformer2DModel:
+    """The FLUX transformer named by ``flux_cfg.weights`` (a local path), or a random tiny one with ``tiny=True``.
+
+    ``partitioned``: called inside ``deepspeed.zero.Init`` (ZeRO-3), see :func:`build_flux_partitioned`.
+    """
+    if partitioned:
+        return build_flux_partitioned(flux_cfg, tiny=tiny)
     if tiny:
         guidance = True if flux_cfg is None else flux_cfg.guidance > 0
-        return FluxTransformer2DModel.from_config(tiny_flux_config(guidance_embeds=guidance))
+        model = FluxTransformer2DModel.from_config(tiny_flux_config(guidance_embeds=guidance))
+        return model if torch_dtype is None else model.to(torch_dtype)
     if flux_cfg is None or not flux_cfg.weights:
         raise ValueError("flux.weights is required for model=flux "
                          "(a local diffusers folder or a BFL .safetensors file)")
@@ -63,6 +69,67 @@ def build_flux_model(flux_cfg: FluxConfig | None, tiny: bool = False,
     if path.suffix != ".safetensors":
         raise ValueError(f"flux.weights={flux_cfg.weights}: expected a diffusers folder or a .safetensors file")
     return load_bfl_checkpoint(path, config=flux_cfg.config, torch_dtype=torch_dtype)
+
+
+def build_flux_partitioned(flux_cfg: FluxConfig | None, tiny: bool = False) -> FluxTransformer2DModel:
+    """Inside ``deepspeed.zero.Init``: the architecture from its config (every layer partitioned as it is made),
+    then a diffusers folder's tensors streamed in one at a time, each rank keeping only its own slice, so no rank
+    holds more than one full tensor. An original-format single file is refused: its conversion needs the whole
+    state dict in memory."""
+    if tiny:
+        guidance = True if flux_cfg is None else flux_cfg.guidance > 0
+        return FluxTransformer2DModel.from_config(tiny_flux_config(guidance_embeds=guidance))
+    if flux_cfg is None or not flux_cfg.weights:
+        raise ValueError("flux.weights is required for model=flux "
+                         "(a local diffusers folder or a BFL .safetensors file)")
+    path = Path(flux_cfg.weights).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"flux.weights={flux_cfg.weights}: train.zero_stage=3 builds FLUX partitioned "
+                         "(deepspeed.zero.Init) and loads only a diffusers folder into it; convert the single file "
+                         "once (FluxTransformer2DModel.from_single_file(...).save_pretrained(DIR)) and pass DIR")
+    folder = path / "transformer" if (path / "transformer" / "config.json").is_file() else path
+    model = FluxTransformer2DModel.from_config(read_config(str(folder)))
+    load_into_partitioned(model, folder, flux_cfg.weights)
+    return model
+
+
+@torch.no_grad()
+def load_into_partitioned(model: torch.nn.Module, folder: Path, name: str) -> None:
+    """Copy the ``*.safetensors`` tensors of ``folder`` into a ZeRO-3 partitioned ``model``, one tensor at a time:
+    each rank reads the tensor and writes only its own flat slice into its partition (``ds_tensor``)."""
+    from safetensors import safe_open
+
+    from pipeline.models.zero_init import own_slice
+
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"flux.weights={name}: no .safetensors weights in {folder}")
+    loaded: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as reader:
+            for key in reader.keys():  # noqa: SIM118 - safe_open has no __iter__
+                if key in buffers:
+                    buffers[key].copy_(reader.get_tensor(key))
+                elif key in params:
+                    p = params[key]
+                    tensor = reader.get_tensor(key)
+                    shape = tuple(p.ds_shape) if hasattr(p, "ds_id") else tuple(p.shape)
+                    if tuple(tensor.shape) != shape:
+                        raise ValueError(f"flux.weights={name}: tensor {key} has shape {tuple(tensor.shape)}, "
+                                         f"the model {shape}")
+                    if hasattr(p, "ds_id"):
+                        start, _, valid = own_slice(p)
+                        p.ds_tensor[:valid].copy_(tensor.reshape(-1)[start:start + valid])
+                    else:
+                        p.copy_(tensor)
+                else:
+                    raise ValueError(f"flux.weights={name}: tensor {key} is not in the FLUX transformer")
+                loaded.add(key)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"flux.weights={name}: no tensor for {missing[0]} ({len(missing)} missing)")
 
 
 def load_diffusers_transformer(path: Path, torch_dtype: torch.dtype | None = None) -> FluxTransformer2DModel:
@@ -162,10 +229,24 @@ def convert_bfl_state_dict(state: dict[str, torch.Tensor], model_config: dict[st
 
 
 def prepare_for_training(model: FluxTransformer2DModel, flux_cfg: FluxConfig) -> FluxTransformer2DModel:
-    """LoRA (frozen base) or full fine-tune set-up; see :func:`pipeline.flux.lora.prepare_for_training`."""
+    """LoRA (frozen base) or full fine-tune set-up; see :func:`pipeline.flux.lora.prepare_for_training`.
+
+    Trained parameters are fp32 (the optimizer's master weights) whatever dtype the base was loaded in; frozen
+    ones keep theirs (a bf16 base stays bf16: half the memory of an fp32 copy, and autocast computes in bf16 anyway).
+    """
     from pipeline.flux.lora import prepare_for_training as prepare
 
-    return prepare(model, flux_cfg)
+    model = prepare(model, flux_cfg)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
+
+
+def frozen_dtype(flux_cfg: FluxConfig, precision: str) -> torch.dtype | None:
+    """The dtype to load the FLUX base in: the training dtype for a LoRA run under bf16 (the base is frozen and
+    only read under autocast), else None (as stored; a full fine-tune trains every weight in fp32)."""
+    return torch.bfloat16 if flux_cfg.mode == "lora" and precision == "bf16" else None
 
 
 def save_finetuned(model: torch.nn.Module, flux_cfg: FluxConfig, out_dir: str | Path) -> Path:

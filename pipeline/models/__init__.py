@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from pipeline.config import ModelConfig
@@ -15,13 +16,17 @@ __all__ = ["DFM", "SiT", "build_model", "build_sit", "count_parameters", "dfm_fr
 
 
 def build_model(cfg: ModelConfig, *, in_channels: int, input_size: int, num_classes: int,
-                flux_cfg: Any = None) -> nn.Module:
+                flux_cfg: Any = None, flux_dtype: torch.dtype | None = None, partitioned: bool = False) -> nn.Module:
     """Build the network named by ``cfg.name``.
 
     - ``sit``: custom size from ``hidden_size``/``depth``/``num_heads``/``patch_size``/``mlp_ratio``.
     - ``SiT-{S,B,L,XL}/{2,4,8}`` (or ``DiT-...``): the paper sizes; the size fields of ``cfg`` are ignored.
     - ``dfm``: a Decomposable Flow Matching model whose base transformer has the custom size fields.
-    - ``flux``: delegated to :func:`pipeline.flux.model.build_flux_model` with ``flux_cfg``.
+    - ``flux``: delegated to :func:`pipeline.flux.model.build_flux_model` with ``flux_cfg``, loaded in
+      ``flux_dtype`` (None: as stored; a LoRA run passes its training dtype so the frozen base stays bf16).
+
+    ``partitioned``: the caller builds inside ``deepspeed.zero.Init`` (ZeRO-3); SiT/DFM initialise one layer at a
+    time (:mod:`pipeline.models.zero_init`), FLUX streams its weights into the partitions.
     """
     name = cfg.name.strip()
     common = dict(in_channels=in_channels, input_size=input_size, num_classes=num_classes,
@@ -39,7 +44,7 @@ def build_model(cfg: ModelConfig, *, in_channels: int, input_size: int, num_clas
     if lowered == "flux":
         from pipeline.flux.model import build_flux_model
 
-        return build_flux_model(flux_cfg)
+        return build_flux_model(flux_cfg, torch_dtype=flux_dtype, partitioned=partitioned)
     raise ValueError(f"model.name={name} is unknown (allowed: sit, SiT-{{S,B,L,XL}}/{{2,4,8}}, dfm, flux)")
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pipeline.models.sit import FinalLayer, PatchEmbed, SiT, TimestepEmbedder, unpatchify
+from pipeline.models.zero_init import gathered_for_init
 
 
 def stage_patch_sizes(patch_size: int, stages: int) -> list[int]:
@@ -53,23 +54,27 @@ class DFM(SiT):
     def _init_stage_layers(self) -> None:
         """From-scratch initialisation of the coarse-stage layers, as SiT's: xavier, N(0, 0.02), zero output."""
         for emb in self.stage_x_embedders:
-            nn.init.xavier_uniform_(emb.proj.weight.view(emb.proj.weight.shape[0], -1))
-            nn.init.zeros_(emb.proj.bias)
+            with gathered_for_init(emb):  # under deepspeed.zero.Init: one layer gathered at a time
+                nn.init.xavier_uniform_(emb.proj.weight.view(emb.proj.weight.shape[0], -1))
+                nn.init.zeros_(emb.proj.bias)
         for temb in self.stage_t_embedders:
-            for i in (0, 2):
-                nn.init.normal_(temb.mlp[i].weight, std=0.02)
-                nn.init.zeros_(temb.mlp[i].bias)
+            with gathered_for_init(temb):
+                for i in (0, 2):
+                    nn.init.normal_(temb.mlp[i].weight, std=0.02)
+                    nn.init.zeros_(temb.mlp[i].bias)
         for final in self.stage_final_layers:
             final.zero_()
 
     def zero_stage_layers(self) -> None:
         """Zero every coarse-stage layer's output, so the model equals its SiT core on the finest stage."""
         for emb in self.stage_x_embedders:
-            nn.init.zeros_(emb.proj.weight)
-            nn.init.zeros_(emb.proj.bias)
+            with gathered_for_init(emb):
+                nn.init.zeros_(emb.proj.weight)
+                nn.init.zeros_(emb.proj.bias)
         for temb in self.stage_t_embedders:
-            nn.init.zeros_(temb.mlp[2].weight)
-            nn.init.zeros_(temb.mlp[2].bias)
+            with gathered_for_init(temb):
+                nn.init.zeros_(temb.mlp[2].weight)
+                nn.init.zeros_(temb.mlp[2].bias)
         for final in self.stage_final_layers:
             final.zero_()
 

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pipeline.models.zero_init import gathered_for_init
+
 FREQUENCY_EMBEDDING_SIZE = 256
 
 
@@ -201,8 +203,9 @@ class FinalLayer(nn.Module):
 
     def zero_(self) -> None:
         for layer in (self.adaLN_modulation[-1], self.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+            with gathered_for_init(layer):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
 
 def unpatchify(x: torch.Tensor, patch_size: int, channels: int, grid: int) -> torch.Tensor:
@@ -253,22 +256,25 @@ class SiT(nn.Module):
         """DiT initialisation: xavier linears, fixed sin-cos positions, adaLN-Zero, zero output layer."""
         def _xavier(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+                with gathered_for_init(module):  # one layer at a time under deepspeed.zero.Init
+                    nn.init.xavier_uniform_(module.weight)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
 
         self.apply(_xavier)
-        if self.pos_embed.device.type != "meta":
-            self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.hidden_size, self.grid_size)).float()[None])
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        with gathered_for_init(self.pos_embed, self.x_embedder, self.y_embedder, self.t_embedder):
+            if self.pos_embed.device.type != "meta":
+                self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.hidden_size, self.grid_size)).float()[None])
+            w = self.x_embedder.proj.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(self.x_embedder.proj.bias)
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+            nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            with gathered_for_init(block.adaLN_modulation[-1]):
+                nn.init.zeros_(block.adaLN_modulation[-1].weight)
+                nn.init.zeros_(block.adaLN_modulation[-1].bias)
         self.final_layer.zero_()
 
     def label_embedding(self, y: torch.Tensor | None, batch: int, device: torch.device,

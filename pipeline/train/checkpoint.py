@@ -94,8 +94,9 @@ def save(local_dir: Path, *, engine: Any, ema: Any, state: TrainState, cfg: Trai
         engine.save_checkpoint(str(local_dir / DS_DIR), tag=DS_TAG, client_state={"step": state.step})
         (local_dir / "rng").mkdir(exist_ok=True)
         torch.save({"torch": torch.get_rng_state()}, local_dir / "rng" / f"rank{rank}.pt")
+        ema_state = ema.checkpoint_state(rank)  # a gather under ZeRO-3 (every rank takes part), else rank 0's copy
         if rank == 0:
-            save_file(ema.state_dict(), str(local_dir / EMA_FILE))
+            save_file(ema_state, str(local_dir / EMA_FILE))
             meta = {"format": "flowrail-checkpoint/1", "step": state.step, "epoch": state.epoch,
                     "batch_in_epoch": state.batch_in_epoch, "world_size": world,
                     "bad_steps": state.bad_steps, "skipped_samples": state.skipped_samples,
@@ -109,9 +110,18 @@ def save(local_dir: Path, *, engine: Any, ema: Any, state: TrainState, cfg: Trai
     return local_dir
 
 
-def restore(ckpt_dir: Path, *, engine: Any, ema: Any, rank: int) -> TrainState:
-    """Load engine, EMA and RNG state from a checkpoint; returns the step and epoch to continue from."""
+def restore(ckpt_dir: Path, *, engine: Any, ema: Any, rank: int, world: int | None = None) -> TrainState:
+    """Load engine, EMA and RNG state from a checkpoint; returns the step and epoch to continue from.
+
+    ``world``: this run's number of workers; a checkpoint of another world size is refused before anything is
+    loaded (its ZeRO optimizer state is partitioned per rank).
+    """
     meta = read_meta(ckpt_dir)
+    saved_world = int(meta.get("world_size", 1))
+    if world is not None and saved_world != world:
+        raise CheckpointError(f"checkpoint {ckpt_dir} was written by {saved_world} workers but this run has "
+                              f"train.num_workers={world}: resume with train.num_workers={saved_world}, or start "
+                              f"a new run_name with init_from={ckpt_dir}")
     load_path, _ = engine.load_checkpoint(str(Path(ckpt_dir) / DS_DIR), tag=DS_TAG)
     if load_path is None:
         raise CheckpointError(f"checkpoint {ckpt_dir} has no DeepSpeed state under {DS_DIR}/{DS_TAG}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,14 +23,23 @@ def resolve_precision(cfg: TrainConfig) -> str:
     return "bf16" if cfg.use_gpu and torch.cuda.is_available() else "fp32"
 
 
+PRESET_DIR = Path(__file__).with_name("presets")  # shipped as package data (pyproject.toml)
+
+
+def preset_path(value: str) -> Path:
+    """``train.deepspeed_preset``: a shipped preset's name (``zero2``, ``zero3``, ``zero3_offload``) or a path."""
+    from pipeline.config import DEEPSPEED_PRESETS
+
+    return PRESET_DIR / f"{value}.json" if value in DEEPSPEED_PRESETS else Path(value).expanduser()
+
+
 def load_preset(path: str) -> dict[str, Any]:
-    """A DeepSpeed JSON preset (infra/deepspeed/*.json); a clear error when it is missing or not JSON."""
+    """A DeepSpeed JSON preset (a shipped name or a file); a clear error when it is missing or not JSON."""
     import json
-    from pathlib import Path
 
     from pipeline.errors import FlowrailError
 
-    preset = Path(path)
+    preset = preset_path(path)
     if not preset.is_file():
         raise FlowrailError(f"train.deepspeed_preset={path}: file not found")
     try:
@@ -46,6 +56,11 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     for key, value in over.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+def global_batch(cfg: TrainConfig, micro_batch: int, world_size: int) -> int:
+    """Samples per optimizer step: ``micro_batch x grad_accum_steps x world_size``."""
+    return micro_batch * cfg.grad_accum_steps * world_size
 
 
 def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dict[str, Any]:
@@ -70,8 +85,8 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dic
             zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
     owned = {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": micro_batch * world_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "train_batch_size": global_batch(cfg, micro_batch, world_size),
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,
         # bf16 = torch autocast over fp32 weights (DeepSpeed's torch_autocast; Linear/Conv grads reduced in bf16).
@@ -109,13 +124,33 @@ def quiet_deepspeed_deprecations() -> None:
         category=FutureWarning)
 
 
-def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_size: int) -> Any:
-    """Wrap ``model`` in a DeepSpeed engine with AdamW and a linear warm-up (``torch.compile``d if ``cfg.compile``)."""
-    # decided by the run's config, not by the driver's hardware (a cluster head often has no GPU)
+def select_accelerator(cfg: TrainConfig) -> None:
+    """DeepSpeed's accelerator, decided by the run's config, not by the driver's hardware (a cluster head often has
+    no GPU); must run before ``deepspeed`` is first imported in this process."""
     if not cfg.use_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
     elif os.environ.get("DS_ACCELERATOR") == "cpu":
         del os.environ["DS_ACCELERATOR"]
+
+
+def zero_init(cfg: TrainConfig, micro_batch: int, world_size: int, dtype: torch.dtype | None = None) -> Any:
+    """``deepspeed.zero.Init`` for this run's DeepSpeed config: modules built inside it are partitioned across the
+    ranks layer by layer as they are made (ZeRO-3 construction; with ``train.offload`` the partitions go to the CPU).
+
+    ``dtype``: the parameters' dtype (a bf16 LoRA run's frozen FLUX base); None: the config's (fp32, flowrail
+    trains fp32 masters under autocast)."""
+    select_accelerator(cfg)
+    import deepspeed
+
+    quiet_deepspeed_deprecations()
+    # DeepSpeed's communication layer over the existing torch process group (its config checks the world size)
+    deepspeed.init_distributed(dist_init_required=False, verbose=False)
+    return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, micro_batch, world_size), dtype=dtype)
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_size: int) -> Any:
+    """Wrap ``model`` in a DeepSpeed engine with AdamW and a linear warm-up (``torch.compile``d if ``cfg.compile``)."""
+    select_accelerator(cfg)
     import deepspeed
 
     quiet_deepspeed_deprecations()

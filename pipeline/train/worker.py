@@ -198,6 +198,14 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
               flush=True)
     if logger is not None and setup.resumed:
         logger.record({"resumed_from_step": state.step}, step=state.step)  # sent with the first window's metrics
+    if rank == 0:
+        from pipeline.train.engine import global_batch
+
+        samples_per_step = global_batch(tcfg, cfg.data.batch_size, world)
+        print(f"[flowrail] global batch {samples_per_step} = data.batch_size {cfg.data.batch_size} x "
+              f"train.grad_accum_steps {tcfg.grad_accum_steps} x {world} workers", flush=True)
+        if logger is not None:
+            logger.record({"global_batch": samples_per_step}, step=state.step)
     window = {"loss": 0.0, "n": 0, "samples": 0, "skipped": 0, "t0": time.perf_counter(), "wait": 0.0}
 
     def checkpoint_and_report(metrics: dict[str, float]) -> None:
@@ -280,7 +288,8 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
             nonfinite, ended = step_flags(loss, upcoming is None)  # the epoch ends for all if one rank ran out
             if nonfinite:  # every rank skips together, or none does
                 state.bad_steps += 1
-                engine.zero_grad() if hasattr(engine, "zero_grad") else None
+                if tcfg.grad_accum_steps == 1:  # mid-window the good micro-batches' gradients are kept
+                    engine.zero_grad() if hasattr(engine, "zero_grad") else None
                 if rank == 0:
                     print(f"[flowrail] non-finite loss at step {state.step + 1}: skipped "
                           f"({state.bad_steps}/{tcfg.max_bad_steps} allowed)", flush=True)
@@ -289,13 +298,17 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
                                           f"(train.max_bad_steps={tcfg.max_bad_steps}); last good step {state.step}")
                 batch = upcoming
                 continue
-            engine.backward(loss)
-            engine.step()
-            ema.update(engine.module, ema.decay_at(state.step))
-            state.step += 1
+            engine.backward(loss)  # DeepSpeed scales it by 1 / grad_accum_steps
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()  # the optimizer steps at the window's last micro-batch only
             loss_sum += loss.detach()
             window["n"] += 1
             window["samples"] += batch["image"].shape[0] if "image" in batch else cfg.data.batch_size
+            if not boundary:  # the accumulation window goes on (across an epoch end too): no step counted
+                batch = upcoming
+                continue
+            ema.update(engine.module, ema.decay_at(state.step))
+            state.step += 1
 
             last = state.step >= tcfg.steps
             if state.step % tcfg.log_every == 0 or last or state.step % tcfg.checkpoint_every == 0:
@@ -310,8 +323,11 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
                            "lr": engine.get_lr()[0] if hasattr(engine, "get_lr") else tcfg.lr,
                            "bad_steps": state.bad_steps, "skipped_samples": state.skipped_samples,
                            "epoch": state.epoch, "step": state.step}
-                if rank == 0 and periodic_eval.due(state.step, tcfg.eval_every, last):
-                    metrics.update(periodic_eval.evaluate_ema(cfg, ema.model, objective, info, state.step))
+                if periodic_eval.due(state.step, tcfg.eval_every, last):
+                    ema_model = ema.model  # under ZeRO-3 a gather: every rank takes part, rank 0 evaluates
+                    if rank == 0:
+                        metrics.update(periodic_eval.evaluate_ema(cfg, ema_model, objective, info, state.step))
+                    del ema_model
                 if logger is not None and log_thread is not None:
                     # recorded (memory + the run's spool file) now; sent on the background thread, which may be
                     # waiting out MLflow's retries: training does not wait for it, the next send takes all pending
@@ -322,7 +338,7 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
                         logged = log_thread.submit(logger.flush)
                     if verbose:  # the driver's progress bar shows the same, from this report
                         done = state.step - start_step
-                        eta = elapsed / max(window["n"], 1) * (tcfg.steps - state.step)
+                        eta = elapsed / max(window["n"], 1) * tcfg.grad_accum_steps * (tcfg.steps - state.step)
                         print(f"[flowrail] step {state.step}/{tcfg.steps}  loss {metrics['loss']:.4f}  "
                               f"{metrics['samples_per_s']:.0f} samples/s  eta {eta:.0f}s  ({done} this attempt)",
                               flush=True)

@@ -1,0 +1,92 @@
+"""Settings of the ZeRO path: shipped DeepSpeed presets, EMA device, resume world size; bad input named in one line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError, TrainConfig, TrainJobConfig, load_config
+from pipeline.errors import CheckpointError, FlowrailError
+from pipeline.train.engine import deepspeed_config, preset_path
+
+
+@pytest.mark.parametrize("name,stage,offload", [("zero2", 2, False), ("zero3", 3, False), ("zero3_offload", 3, True)])
+def test_named_preset_is_the_shipped_file_and_sets_its_stage(name, stage, offload):
+    cfg = load_config(TrainJobConfig, None, [f"train.deepspeed_preset={name}"])
+    assert (cfg.train.zero_stage, cfg.train.offload) == (stage, offload)
+    path = preset_path(name)
+    assert path.is_file() and path.parent.name == "presets" and path.parent.parent.name == "train"
+    ds = deepspeed_config(cfg.train, micro_batch=4, world_size=2)
+    shipped = json.loads(path.read_text())
+    assert ds["zero_optimization"]["stage"] == stage
+    # the preset's tuning survives, flowrail's keys win
+    assert ds["zero_optimization"]["reduce_bucket_size"] == shipped["zero_optimization"]["reduce_bucket_size"]
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["train_batch_size"] == 8
+
+
+def test_named_preset_on_the_shipped_train_config_sets_zero3():
+    for name in ("train", "run"):
+        assert load_config(TrainJobConfig, name, ["train.deepspeed_preset=zero3"]).train.zero_stage == 3
+        assert load_config(TrainJobConfig, name, []).train.zero_stage == 2
+
+
+def test_explicit_stage_is_kept_and_a_disagreeing_preset_refused():
+    cfg = load_config(TrainJobConfig, None, ["train.deepspeed_preset=zero3", "train.zero_stage=2"])
+    assert cfg.train.zero_stage == 2
+    with pytest.raises(FlowrailError, match="ZeRO-3 preset but train.zero_stage=2"):
+        deepspeed_config(cfg.train, micro_batch=4, world_size=1)
+
+
+def test_relative_preset_path_is_made_absolute_at_load(tmp_path, monkeypatch):
+    (tmp_path / "mine.json").write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 123}}))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(TrainJobConfig, None, ["train.deepspeed_preset=mine.json"])
+    assert cfg.train.deepspeed_preset == str(tmp_path / "mine.json")
+    monkeypatch.chdir("/")  # a Ray worker runs elsewhere
+    assert deepspeed_config(cfg.train, 4, 1)["zero_optimization"]["reduce_bucket_size"] == 123
+
+
+@pytest.mark.parametrize("override,key", [("train.deepspeed_preset=zero4", "train.deepspeed_preset"),
+                                          ("train.ema_device=gpu", "train.ema_device"),
+                                          ("train.grad_accum_steps=0", "train.grad_accum_steps")])
+def test_bad_value_is_one_line_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainJobConfig, None, [override])
+    assert key in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_ema_device_refused_by_the_ema_itself():
+    from pipeline.train.ema import EMA
+
+    with pytest.raises(ConfigError, match="train.ema_device=gpu"):
+        EMA(torch.nn.Linear(2, 2), 0.9, device="gpu")
+
+
+def test_ema_on_the_cpu_device_averages_the_same():
+    from pipeline.train.ema import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    a, b = EMA(model, 0.5), EMA(model, 0.5, device="cpu")
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    a.update(model)
+    b.update(model)
+    assert b.offload and all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    x = torch.randn(4, 3)
+    assert torch.equal(a.model(x), b.model(x))
+
+
+def test_resume_onto_another_world_size_names_both(tmp_path):
+    from pipeline.train import checkpoint as ckpt_io
+
+    (tmp_path / ckpt_io.META).write_text(json.dumps({"step": 10, "epoch": 0, "world_size": 2, "config": {}}))
+    with pytest.raises(CheckpointError, match="written by 2 workers but this run has train.num_workers=4"):
+        ckpt_io.restore(tmp_path, engine=None, ema=None, rank=0, world=4)  # refused before anything is loaded
+
+
+def test_global_batch_counts_window_and_workers():
+    from pipeline.train.engine import global_batch
+
+    assert global_batch(TrainConfig(grad_accum_steps=4), micro_batch=8, world_size=3) == 96
