@@ -38,8 +38,9 @@ def find_in_chain(exc: BaseException, types: type[E] | tuple[type[E], ...]) -> E
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, types):
-            return e
+        cause = getattr(e, "cause", None)
+        if isinstance(e, types) and not (isinstance(cause, types) and type(e).__name__.startswith("RayTaskError")):
+            return e  # (Ray's RayTaskError(X) is also an X, with the whole remote traceback as its text: take X)
         failures = getattr(e, "worker_failures", None)
         inner = list(failures.values()) if isinstance(failures, dict) else []
         inner += [getattr(e, attr, None) for attr in ("__context__", "__cause__", "cause")]
