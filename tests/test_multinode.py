@@ -36,7 +36,8 @@ def test_two_node_cluster_trains_on_both_nodes(s3_digits, mlflow_server, tmp_pat
     client = MlflowClient(mlflow_server)
     run = client.get_run(summary["run_id"])
     assert run.info.status == "FINISHED" and run.data.params["train.placement_strategy"] == "STRICT_SPREAD"
-    assert [m.step for m in sorted(client.get_metric_history(summary["run_id"], "loss"), key=lambda m: m.step)] == [5, 10]
+    losses = sorted(client.get_metric_history(summary["run_id"], "loss"), key=lambda m: m.step)
+    assert [m.step for m in losses] == [5, 10]
     bucket, _, prefix = storage.removeprefix("s3://").partition("/")
     keys = [o["Key"] for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket,
                                                                                                 Prefix=prefix)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from pipeline.data.shards import iter_samples, read_manifest, shard_paths, write_shard_set
-from pipeline.errors import DataError
+from pipeline.errors import DataError, first_line
 
 
 class _Payload:
@@ -70,7 +70,7 @@ def allow_ray_unpickling(monkeypatch):
 
 
 def _assert_refused(exc: BaseException, marker: Path) -> None:
-    text = str(exc)
+    text = first_line(exc, None)  # what the CLI prints (Ray may append retry notes on further lines)
     assert "\n" not in text and "s014.evil.pkl" in text and "shard-000001.tar" in text, text
     assert not marker.exists(), "the pickle payload ran"
 
@@ -85,6 +85,7 @@ def test_payload_really_creates_the_marker(tmp_path):
 @pytest.mark.parametrize("flowrail_format", [True, False], ids=["tar_reader", "read_webdataset"])
 def test_training_stream_refuses_pickle_member(ray_local, allow_ray_unpickling, tmp_path, flowrail_format):
     from pipeline.data.streaming import describe, epoch_dataset, name_bad_shard
+    from pipeline.errors import user_error_in
     from pipeline.train.worker import _user_error
 
     marker = tmp_path / "pwned"
@@ -96,6 +97,7 @@ def test_training_stream_refuses_pickle_member(ray_local, allow_ray_unpickling, 
             pass
     found = _user_error(caught.value) or name_bad_shard(files, caught.value)  # what the worker raises
     _assert_refused(found, marker)
+    assert "shard-000001.tar: member s014.evil.pkl" in str(user_error_in(caught.value)).splitlines()[0]
 
 
 @pytest.mark.parametrize("flowrail_format", [True, False], ids=["tar_reader", "read_webdataset"])

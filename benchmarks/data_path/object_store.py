@@ -109,6 +109,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--startup-shards", type=int, default=1000)
+    parser.add_argument("--no-ray", action="store_true",
+                        help="start-up only, without Ray (the 'first' verification then runs serially)")
     args = parser.parse_args()
     server = start_s3()
     try:
@@ -116,13 +118,14 @@ def main() -> None:
         import ray
 
         boto3.client("s3").create_bucket(Bucket="bench")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        if not args.no_ray:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            ray.data.DataContext.get_current().enable_progress_bars = False
         with tempfile.TemporaryDirectory() as tmp:
             sets = {"local": f"{tmp}/pixels", "s3": "s3://bench/pixels"}
-            for where, url in sets.items():
+            for where, url in sets.items() if not args.no_ray else ():
                 write_pixels(url, args.samples, 2000)
-            for where, url in sets.items():
+            for where, url in sets.items() if not args.no_ray else ():
                 median, rates = stream_rate(url, args.batch, args.repeats, args.samples)
                 print(f"stream {where}: median {median:,.0f} samples/s (passes: "
                       f"{', '.join(f'{r:,.0f}' for r in rates)})", flush=True)
@@ -134,7 +137,8 @@ def main() -> None:
                       flush=True)
                 times = startup_times(url)
                 print(f"startup {where}: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()), flush=True)
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
     finally:
         server.terminate()
         server.wait(timeout=20)

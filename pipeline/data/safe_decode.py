@@ -76,10 +76,10 @@ def safe_decode(sample: dict[str, Any]) -> dict[str, Any]:
 
 
 def user_error(exc: BaseException) -> BaseException | None:
-    """The one-line user error (a :class:`DataError`, say) inside a Ray Data task failure, if there is one."""
-    from pipeline.errors import FlowrailError, find_in_chain
+    """The one-line user error (a refused member, a corrupt shard) inside a Ray Data task failure, if any."""
+    from pipeline.errors import user_error_in
 
-    return find_in_chain(exc, (FlowrailError, PermissionError, FileNotFoundError))
+    return user_error_in(exc)
 
 
 def numpy_batches(ds: Any) -> Iterator[dict[str, Any]]:

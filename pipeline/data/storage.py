@@ -46,8 +46,8 @@ def storage_error(location: str, exc: BaseException, doing: str = "read") -> Dat
     low = text.lower()
     if "nosuchbucket" in low or "bucket does not exist" in low or ("bucket" in low and "not found" in low):
         why = "the bucket does not exist"
-    elif any(s in low for s in ("accessdenied", "access denied", "access_denied", "invalidaccesskeyid", "signaturedoesnotmatch",
-                                "forbidden", "http status 403", "credentials")):
+    elif any(s in low for s in ("accessdenied", "access denied", "access_denied", "invalidaccesskeyid",
+                                "signaturedoesnotmatch", "forbidden", "http status 403", "credentials")):
         why = "access denied: check the credentials in the environment (AWS_ACCESS_KEY_ID, ...)"
     elif any(s in low for s in ("curlcode", "connection refused", "could not connect", "couldn't connect",
                                 "network_connection", "resolve host", "timed out", "unreachable")):
@@ -232,4 +232,5 @@ def check_writable(location: str, what: str) -> None:
     except DataError as exc:
         raise DataError(f"{what}={location}: {str(exc).split(': ', 1)[-1]}") from None
     except (OSError, ValueError) as exc:
-        raise DataError(f"{what}={location}: {storage_error(location, exc, 'write').args[0].split(': ', 1)[-1]}") from None
+        why = storage_error(location, exc, "write").args[0].split(": ", 1)[-1]
+        raise DataError(f"{what}={location}: {why}") from None

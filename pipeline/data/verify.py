@@ -1,15 +1,17 @@
 """Shard-set verification that costs once per manifest, not once per start.
 
 A set is *verified* when every shard's sha256 matches its manifest entry. The result is recorded next to the
-manifest in ``verified.json`` as ``{"manifest_sha256": sha256(manifest bytes), "sizes": [bytes of each shard]}``:
-a start whose manifest hashes to the recorded value and whose shards still have the recorded sizes (one listing,
+manifest in ``verified.json``: ``{"manifest_sha256": sha256(manifest bytes), "sizes": [bytes of each shard]}``.
+A start whose manifest hashes to the recorded value and whose shards still have the recorded sizes (one listing,
 no reads) skips the check; a changed manifest (a shard rewritten, added or removed through the manifest) or a
-shard of another size (truncated, replaced) is checked again. :class:`~pipeline.data.shards.ShardSetWriter` records a set as verified when it writes it (the
-digests are taken from the bytes as they are written). The check itself runs as parallel Ray tasks (each hashes a
-slice of the shards where the data lives, streaming 1 MiB chunks), serially only when Ray is not running.
+shard of another size (truncated, replaced) is checked again. :class:`~pipeline.data.shards.ShardSetWriter`
+records a set as verified when it writes it (the digests are taken from the bytes as they are written). The check
+itself runs as parallel Ray tasks (each hashes a slice of the shards, streaming 1 MiB chunks), serially only when
+Ray is not running.
 
-What the cache does not cover: a shard altered in place to the same size without touching its manifest. Such a shard is still
-named in one line when a training worker fails to parse it (:func:`pipeline.data.streaming.name_bad_shard`).
+What the cache does not cover: a shard altered in place to the same size without touching its manifest. Such a
+shard is still named in one line when a training worker fails to parse it
+(:func:`pipeline.data.streaming.name_bad_shard`).
 """
 from __future__ import annotations
 
@@ -83,7 +85,8 @@ def _check_parallel(pairs: list[tuple[str, str]], tasks: int) -> list[str]:
     return [path for found in ray.get(refs) for path in found]
 
 
-def ensure_verified(shard_dir: str, *, parallel: bool | None = None, start_ray: Callable[[], None] | None = None) -> str:
+def ensure_verified(shard_dir: str, *, parallel: bool | None = None,
+                    start_ray: Callable[[], None] | None = None) -> str:
     """Verify the set unless ``verified.json`` records its current manifest; returns ``"cached"`` or
     ``"verified"``. A corrupt shard raises one :class:`DataError` line naming it (and the count of others).
 
