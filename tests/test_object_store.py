@@ -3,14 +3,13 @@ credentials and endpoint from the standard AWS environment only: see tests/s3_se
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import _free_port, run_mlflow_server, tiny_train_overrides
-from pipeline.data.shards import iter_samples, read_manifest, shard_paths, write_shard_set
+from pipeline.data.shards import iter_samples, read_manifest, write_shard_set
 from pipeline.errors import DataError
 from s3_server import make_bucket, run_moto
 

@@ -8,6 +8,7 @@ credentials or a missing object become one :class:`~pipeline.errors.DataError` l
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import posixpath
@@ -59,6 +60,19 @@ def storage_error(location: str, exc: BaseException, doing: str = "read") -> Dat
     return DataError(f"cannot {doing} {location}: {why}")
 
 
+def _credential_environment() -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_", "GCS_"))))
+
+
+@functools.lru_cache(maxsize=16)
+def _remote_filesystem(root: str, environment: tuple[tuple[str, str], ...]) -> Any:
+    """One pyarrow filesystem per ``scheme://bucket`` and credential environment (creating one resolves the
+    bucket's region: a request, too slow to repeat for each of a thousand shards)."""
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(root)[0]
+
+
 def filesystem(location: str | os.PathLike) -> tuple[Any, str]:
     """``(pyarrow filesystem, path inside it)`` for a location."""
     import pyarrow.fs as pafs
@@ -66,10 +80,13 @@ def filesystem(location: str | os.PathLike) -> tuple[Any, str]:
     text = str(location)
     if not is_remote(text):
         return pafs.LocalFileSystem(), os.path.abspath(local_path(text))
+    scheme, _, rest = text.partition("://")
+    bucket = rest.split("/", 1)[0]
     try:
-        return pafs.FileSystem.from_uri(text)
+        fs = _remote_filesystem(f"{scheme}://{bucket}", _credential_environment())
     except (OSError, ValueError, TypeError) as exc:
         raise storage_error(text, exc, "open") from None
+    return fs, rest.split("?", 1)[0].rstrip("/")
 
 
 def exists(location: str | os.PathLike) -> bool:
