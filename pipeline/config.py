@@ -27,13 +27,16 @@ class Section(BaseModel):
 class DataConfig(Section):
     """Where the shards are and how they become tensors."""
 
-    shards: str = "runs/data/digits/train"  # a shard directory, a manifest file, or a URL/brace pattern of tars
+    # a shard directory or its manifest file, local or on an object store (s3://bucket/prefix, gs://...)
+    shards: str = "runs/data/digits/train"
     val_shards: str | None = "runs/data/digits/val"
     image_size: int | None = Field(default=16, ge=2)  # resize (bilinear) on the fly; None keeps the stored size
     batch_size: int = Field(default=64, ge=1)  # per worker
     shuffle_buffer: int = Field(default=512, ge=0)  # local shuffle of the stream; 0 disables
     bad_sample_policy: Literal["fail", "skip"] = "skip"  # corrupt/malformed samples: raise, or skip and count
-    verify_checksums: bool = True  # check every shard's sha256 against the manifest before training
+    # every shard's sha256 against the manifest before training: once per manifest (cached in verified.json next to
+    # it), in parallel Ray tasks (pipeline/data/verify.py)
+    verify_checksums: bool = True
 
 
 class ModelConfig(Section):

@@ -38,10 +38,31 @@ def find_in_chain(exc: BaseException, types: type[E] | tuple[type[E], ...]) -> E
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, types):
-            return e
+        cause = getattr(e, "cause", None)
+        if isinstance(e, types) and not (isinstance(cause, types) and type(e).__name__.startswith("RayTaskError")):
+            return e  # (Ray's RayTaskError(X) is also an X, with the whole remote traceback as its text: take X)
         failures = getattr(e, "worker_failures", None)
         inner = list(failures.values()) if isinstance(failures, dict) else []
         inner += [getattr(e, attr, None) for attr in ("__context__", "__cause__", "cause")]
         stack.extend(i for i in inner if isinstance(i, BaseException))
+    return None
+
+
+def user_error_in(exc: BaseException) -> BaseException | None:
+    """The one-line user error (a :class:`FlowrailError`, ``PermissionError`` or ``FileNotFoundError``) behind a Ray
+    task failure, as a fresh exception holding only its first line, or None.
+
+    Ray appends retry notes to an error's text and, across processes, may keep a task's original exception only as
+    text in the remote traceback; both are handled."""
+    import re
+
+    types = (FlowrailError, PermissionError, FileNotFoundError)
+    found = find_in_chain(exc, types)
+    if found is not None:
+        return type(found)(first_line(found, None))
+    for line in reversed(str(exc).splitlines()):
+        match = re.search(r"\b(DataError|CheckpointError|FlowrailError|PermissionError): (.+)$", line.strip())
+        if match:
+            kinds = {"DataError": DataError, "CheckpointError": CheckpointError, "PermissionError": PermissionError}
+            return kinds.get(match.group(1), FlowrailError)(match.group(2))
     return None

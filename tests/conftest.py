@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["s3_server"]  # an S3-compatible server on 127.0.0.1 for the object-store tests (tests/s3_server.py)
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -80,11 +82,17 @@ def _free_port() -> int:
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, local artifact root); yields its URI."""
     root = tmp_path_factory.mktemp("mlflow-server")
+    yield from run_mlflow_server(root, str(root / "artifacts"))
+
+
+def run_mlflow_server(root: Path, artifacts_destination: str):
+    """Start ``mlflow server`` (sqlite backend in ``root``, proxied artifacts in ``artifacts_destination``: a local
+    directory or an ``s3://`` URL), yield its URI once healthy, stop it afterwards."""
     port = _free_port()
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", artifacts_destination,
          "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"

@@ -5,8 +5,8 @@
 Writes pixel shards (digits replicated to ``--samples``, uint8 8x8x1) and latent shards (float32 4x8x8) to a
 temporary directory (2000 samples per shard), then measures, per shard set, the steady-state samples/s of
   raw         webdataset.WebDataset(...).decode() → numpy batches normalised to float32 (single process)
-  wds-read    ray.data.read_webdataset(...).iter_batches (numpy; no decode, no torch): the upstream reader alone
-  wds+Decode  read_webdataset(decoder=False) → flowrail's Decode → iter_torch_batches: the stream used for shard sets
+  wds-read    ray.data.read_webdataset(..., decoder=safe_decode).iter_batches (numpy, no torch): the upstream reader
+  wds+Decode  read_webdataset(decoder=refuse_unsafe) → flowrail's Decode → iter_torch_batches: the stream used for shard sets
               not in flowrail format (and for all sets before tar_reader)
   tar_reader  pipeline.data.tar_reader.read_shards → iter_torch_batches (flowrail-format shards parsed in memory)
   tar+shuffle tar_reader with the training worker's options: preserve_order and a 512-sample local shuffle buffer
@@ -90,7 +90,9 @@ def webdataset_decode(files: list[str], info: object) -> object:
 
     from pipeline.data.streaming import Decode
 
-    ds = ray.data.read_webdataset(files, shuffle=None, decoder=False)
+    from pipeline.data.safe_decode import refuse_unsafe
+
+    ds = ray.data.read_webdataset(files, shuffle=None, decoder=refuse_unsafe)
     return ds.map_batches(Decode(info, "skip"), batch_format="numpy", batch_size=256, zero_copy_batch=True)
 
 
@@ -100,6 +102,7 @@ def cases(kind: str, path: Path, batch: int) -> dict[str, Callable[[], int]]:
 
     from pipeline.data.shards import read_manifest, shard_paths
     from pipeline.data.streaming import describe
+    from pipeline.data.safe_decode import safe_decode
     from pipeline.data.tar_reader import read_shards
 
     field = "image.npy" if kind == "pixels" else "latent.npy"
@@ -116,7 +119,7 @@ def cases(kind: str, path: Path, batch: int) -> dict[str, Callable[[], int]]:
 
     return {
         "raw": lambda: raw_pass(path, field, batch),
-        "wds-read": lambda: numpy_pass(lambda: ray.data.read_webdataset(files), batch),
+        "wds-read": lambda: numpy_pass(lambda: ray.data.read_webdataset(files, decoder=safe_decode), batch),
         "wds+Decode": lambda: torch_pass(lambda: webdataset_decode(files, info), batch),
         "tar_reader": lambda: torch_pass(lambda: read_shards(paths, info), batch),
         "tar+shuffle": worker_like,

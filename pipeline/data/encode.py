@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.data.safe_decode import numpy_batches, safe_decode
 from pipeline.data.shards import MANIFEST, ShardSetWriter, read_manifest, shard_paths
 from pipeline.errors import DataError
 
@@ -142,7 +143,7 @@ def encode_shard_set(src: str | Path, out: str | Path, vae_dir: str | Path, *, s
     latent_scale = vae_scale(vae, scale)
     field = manifest.get("field", "image.npy")
     device = "cuda" if num_gpus > 0 else "cpu"
-    ds = ray.data.read_webdataset(shard_paths(src, manifest))
+    ds = ray.data.read_webdataset(shard_paths(src, manifest), decoder=safe_decode)  # never unpickles
     ds = ds.map_batches(LatentEncoder, fn_constructor_kwargs=dict(vae_dir=str(vae_dir), field=field, size=size,
                                                                  scale=latent_scale, posterior=posterior,
                                                                  device=device, seed=seed),
@@ -160,7 +161,7 @@ def encode_shard_set(src: str | Path, out: str | Path, vae_dir: str | Path, *, s
             extra[key] = manifest[key]
     writer = ShardSetWriter(Path(out), samples_per_shard, extra)
     count = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in numpy_batches(ds):
         for key, latent, label in zip(batch["__key__"], batch["latent"], batch["cls"]):
             sample: dict[str, Any] = {"latent.npy": np.asarray(latent, np.float32)}
             if int(label) >= 0:

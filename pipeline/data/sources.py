@@ -7,6 +7,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
+from pipeline.data import storage
 from pipeline.data.shards import write_shard_set
 from pipeline.errors import DataError
 
@@ -26,13 +27,13 @@ def digits_split(val_fraction: float = 0.2, seed: int = 0) -> dict[str, tuple[np
     return {"train": (images[train], labels[train]), "val": (images[val], labels[val])}
 
 
-def write_digits(out_dir: Path, samples_per_shard: int = 256) -> dict[str, dict[str, Any]]:
+def write_digits(out_dir: str | Path, samples_per_shard: int = 256) -> dict[str, dict[str, Any]]:
     """Write ``out_dir/train`` and ``out_dir/val`` shard sets of the digits; returns their manifests."""
     manifests = {}
     for split, (images, labels) in digits_split().items():
         samples = ((f"{split}{i:05d}", {"image.npy": img, "cls": int(lbl)}) for i, (img, lbl) in enumerate(zip(images, labels)))
         manifests[split] = write_shard_set(
-            out_dir / split, samples, samples_per_shard=samples_per_shard,
+            storage.join(out_dir, split), samples, samples_per_shard=samples_per_shard,
             extra={"kind": "pixels", "field": "image.npy", "shape": [1, 8, 8], "dtype": "uint8",
                    "num_classes": 10, "source": "sklearn.datasets.load_digits", "split": split},
         )
@@ -60,7 +61,7 @@ def _load_image(path: Path, size: int | None, channels: int) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
-def write_image_folder(src: Path, out_dir: Path, *, size: int | None, channels: int = 3, val_fraction: float = 0.0,
+def write_image_folder(src: Path, out_dir: str | Path, *, size: int | None, channels: int = 3, val_fraction: float = 0.0,
                        samples_per_shard: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
     """Shard an ImageFolder-style tree (one sub-folder per class); images are resized to ``size`` if given."""
     classes = _class_folders(src)
@@ -83,7 +84,7 @@ def write_image_folder(src: Path, out_dir: Path, *, size: int | None, channels: 
                 yield f"{split}{j:07d}", {"image.npy": _load_image(path, size, channels), "cls": label}
         shape = list(_load_image(items[idx[0]][0], size, channels).shape)
         manifests[split] = write_shard_set(
-            out_dir / split if len(splits) > 1 else out_dir, samples(), samples_per_shard=samples_per_shard,
+            storage.join(out_dir, split) if len(splits) > 1 else out_dir, samples(), samples_per_shard=samples_per_shard,
             extra={"kind": "pixels", "field": "image.npy", "shape": [shape[2], shape[0], shape[1]], "dtype": "uint8",
                    "num_classes": len(classes), "classes": [c.name for c in classes], "source": str(src), "split": split},
         )

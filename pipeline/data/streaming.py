@@ -18,6 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data import storage
+from pipeline.data.pixels import hwc_to_chw, to_model_pixels
+from pipeline.data.safe_decode import refuse_unsafe
 from pipeline.data.shards import read_manifest, shard_paths
 from pipeline.errors import DataError, first_line
 
@@ -46,6 +49,8 @@ def describe(shards: str, image_size: int | None, job: str = "train") -> tuple[l
 
     check_readable(shards, job=job)  # before anything else reads it; names the directory
     manifest = read_manifest(shards)
+    if storage.is_remote(shards):  # no local directory to look around: the manifest itself says
+        check_readable({**manifest, "name": manifest.get("name") or str(shards)}, job=job)
     channels, height, width = manifest["shape"]
     if height != width:
         raise DataError(f"shard set {shards} holds {height}x{width} images; flowrail trains on square images")
@@ -66,9 +71,10 @@ class Decode:
     or raise a one-line :class:`DataError` naming the sample (policy ``fail``).
     """
 
-    def __init__(self, info: DataInfo, policy: str = "skip") -> None:
+    def __init__(self, info: DataInfo, policy: str = "skip", uint8_pixels: bool = False) -> None:
         self.info = info
         self.policy = policy
+        self.uint8_pixels = uint8_pixels  # pixels stay uint8 (B, C, H, W); the worker converts (pipeline.data.pixels)
 
     def _bad(self, key: str, url: str, why: str) -> None:
         if self.policy == "fail":
@@ -76,7 +82,6 @@ class Decode:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
-        import torch.nn.functional as F
 
         info = self.info
         keys = batch.get("__key__", np.array(["?"] * len(next(iter(batch.values())))))
@@ -130,18 +135,17 @@ class Decode:
             good_x.append(x)
             good_y.append(int(label) if label is not None and label == label else -1)
         if not good_x:
+            raw = self.uint8_pixels and info.kind == "pixels"
             out_shape = (0, info.channels, info.size, info.size)
-            return {"image": np.zeros(out_shape, np.float32), "label": np.zeros(0, np.int64),
+            return {"image": np.zeros(out_shape, np.uint8 if raw else np.float32), "label": np.zeros(0, np.int64),
                     **{f.removesuffix(".npy"): np.zeros((0, *shape), np.float32)
                        for f, shape in (info.cond_fields or {}).items()},
                     "skipped": np.zeros(0, np.int64)}
         stacked = np.stack(good_x)
-        if info.kind == "pixels":
-            tensor = torch.from_numpy(stacked).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-            if tensor.shape[-1] != info.size:
-                tensor = F.interpolate(tensor, size=(info.size, info.size), mode="bilinear", antialias=True,
-                                       align_corners=False).clamp_(-1.0, 1.0)
-            images = tensor.numpy()
+        if info.kind == "pixels" and self.uint8_pixels and stacked.dtype == np.uint8:
+            images = hwc_to_chw(stacked)
+        elif info.kind == "pixels":
+            images = to_model_pixels(torch.from_numpy(hwc_to_chw(stacked)), info.size).numpy()
         else:
             images = stacked.astype(np.float32, copy=False)
         count = np.zeros(len(good_x), np.int64)
@@ -196,18 +200,34 @@ def epoch_dataset(paths: list[str], info: DataInfo, *, policy: str, seed: int, e
     from pipeline.data.tar_reader import is_flowrail_shards, read_shards
 
     files = epoch_files(paths, seed=seed, epoch=epoch, rank=rank, world=world)
+    raw = info.kind == "pixels" and stored_size(files) == info.size  # uint8 through the object store (no resize)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False  # a new stream per epoch: its bars would flood the training log
     install_idle_throttle()  # its scheduling thread would otherwise poll flat out while the step runs
     if not info.cond_fields and is_flowrail_shards(files):  # flowrail's own shards: parsed in memory, one copy per shard (tar_reader)
-        return read_shards(files, info, policy), files
+        return read_shards(files, info, policy, uint8_pixels=raw), files
     ctx.enable_tensor_extension_casting = False  # a sample missing its array must not fail its whole block
-    # decoder=False: members stay bytes and Decode parses them (np.load without pickles), so a sample with a missing
-    # or garbled member is one bad sample under data.bad_sample_policy instead of a failed read of the whole block
-    ds = ray.data.read_webdataset(files, shuffle=None, decoder=False)
-    ds = ds.map_batches(Decode(info, policy), batch_format="numpy", batch_size=256, zero_copy_batch=True)
+    # refuse_unsafe: members stay bytes and Decode parses them (np.load without pickles), so a sample with a missing
+    # or garbled member is one bad sample under data.bad_sample_policy instead of a failed read of the whole block;
+    # a pickle/torch member refuses the shard (pipeline.data.safe_decode)
+    ds = ray.data.read_webdataset(files, shuffle=None, decoder=refuse_unsafe)
+    ds = ds.map_batches(Decode(info, policy, uint8_pixels=raw), batch_format="numpy", batch_size=256,
+                        zero_copy_batch=True)
     return ds, files
+
+
+def stored_size(files: list[str]) -> int | None:
+    """The stored (square) image size of the set holding ``files``, from its manifest's ``shape`` (None if unknown)."""
+    import json
+
+    if not files:
+        return None
+    try:
+        shape = json.loads(storage.read_bytes(storage.join(storage.parent(files[0]), "manifest.json"))).get("shape")
+        return int(shape[-1]) if shape and int(shape[-1]) == int(shape[-2]) else None
+    except (DataError, OSError, ValueError, TypeError, AttributeError, IndexError):
+        return None
 
 
 def check_tar(path: str) -> str | None:
@@ -220,19 +240,20 @@ def check_tar(path: str) -> str | None:
     import tarfile
 
     try:
-        with tarfile.open(path) as tar:
+        with storage.open_input(path) as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
             for member in tar:
                 if member.isfile():
                     data = tar.extractfile(member).read()  # type: ignore[union-attr]
                     if member.name.endswith(".npy"):
                         np.load(io.BytesIO(data), allow_pickle=False)
-        with open(path, "rb") as fh:
-            fh.seek(0, 2)
-            size = fh.tell()
+        with storage.open_input(path) as fh:
+            size = fh.size()
             fh.seek(max(0, size - 1024))
             tail = fh.read()
         if size % 512 or tail.strip(b"\0"):
             return "no end-of-archive marker: the file is truncated"
+    except DataError as exc:
+        return str(exc)
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         return f"{type(exc).__name__}: {first_line(exc, 120)}" if str(exc).strip() else type(exc).__name__
     return None
@@ -262,6 +283,6 @@ def build_dataset(shards: str, *, image_size: int | None, job: str = "train", po
     paths, info = describe(shards, image_size, job)
     if not info.cond_fields and is_flowrail_shards(paths):  # flowrail's own shards: parsed in memory, one copy per shard (tar_reader)
         return read_shards(paths, info, policy, shuffle_files=shuffle_files), info
-    ds = ray.data.read_webdataset(paths, shuffle="files" if shuffle_files else None)
+    ds = ray.data.read_webdataset(paths, shuffle="files" if shuffle_files else None, decoder=refuse_unsafe)
     ds = ds.map_batches(Decode(info, policy), batch_format="numpy", batch_size=256, zero_copy_batch=True)
     return ds, info

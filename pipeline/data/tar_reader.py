@@ -26,6 +26,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from pipeline.data.pixels import hwc_to_chw, to_model_pixels
+from pipeline.data.safe_decode import check_member
 from pipeline.errors import DataError
 
 FORMAT = "flowrail-shards/1"
@@ -174,11 +176,12 @@ class ParseShards:
     :class:`pipeline.data.streaming.DataInfo`.
     """
 
-    def __init__(self, info: Any, policy: str = "skip") -> None:
+    def __init__(self, info: Any, policy: str = "skip", uint8_pixels: bool = False) -> None:
         if policy not in ("skip", "fail"):
             raise ValueError(f"bad_sample_policy={policy!r} must be 'skip' or 'fail'")
         self.info = info
         self.policy = policy
+        self.uint8_pixels = uint8_pixels  # pixels stay uint8 (B, C, H, W); the worker converts (pipeline.data.pixels)
         self.ext = info.field  # e.g. "image.npy": the member extension after the key
 
     def _shape_ok(self, shape: tuple[int, ...]) -> bool:
@@ -195,6 +198,9 @@ class ParseShards:
         Policy ``fail`` raises for the first bad sample in shard order (as :class:`Decode` does).
         """
         samples = group_samples(tar_members(data, url))
+        for key, fields in samples:  # a pickle/torch member refuses the shard, though nothing here would load it
+            for field in fields:
+                check_member(field, key, url)
         ext = self.ext
         common, head, expected_size = None, b"", -1
         first = next((f[ext] for _, f in samples if ext in f), None)
@@ -262,18 +268,16 @@ class ParseShards:
     def to_batch(self, stacked: np.ndarray | None, labels: np.ndarray, skipped: int) -> dict[str, np.ndarray]:
         """The model batch: pixels ``u8 / 127.5 - 1`` as (B, C, H, W), resized if needed; latents as float32."""
         info = self.info
+        raw = self.uint8_pixels and info.kind == "pixels"
         if stacked is None:
-            return {"image": np.zeros((0, info.channels, info.size, info.size), np.float32),
+            return {"image": np.zeros((0, info.channels, info.size, info.size), np.uint8 if raw else np.float32),
                     "label": np.zeros(0, np.int64), "skipped": np.zeros(0, np.int64)}
-        if info.kind == "pixels":
+        if raw and stacked.dtype == np.uint8:
+            images = hwc_to_chw(stacked)
+        elif info.kind == "pixels":
             import torch
-            import torch.nn.functional as F
 
-            tensor = torch.from_numpy(np.ascontiguousarray(stacked)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-            if tensor.shape[-1] != info.size:
-                tensor = F.interpolate(tensor, size=(info.size, info.size), mode="bilinear", antialias=True,
-                                       align_corners=False).clamp_(-1.0, 1.0)
-            images = tensor.contiguous().numpy()
+            images = to_model_pixels(torch.from_numpy(hwc_to_chw(stacked)), info.size).contiguous().numpy()
         else:
             images = stacked.astype(np.float32, copy=False)
         count = np.zeros(len(labels), np.int64)
@@ -292,7 +296,8 @@ class ParseShards:
         return self.to_batch(stacked[0] if len(stacked) == 1 else np.concatenate(stacked), labels, skipped)
 
 
-def read_shards(files: list[str], info: Any, policy: str = "skip", *, shuffle_files: bool = False) -> Any:
+def read_shards(files: list[str], info: Any, policy: str = "skip", *, shuffle_files: bool = False,
+                uint8_pixels: bool = False) -> Any:
     """A Ray Dataset of the decoded samples of flowrail-format shard ``files`` (in file order unless shuffled).
 
     Same output columns and bad-sample policy as ``read_webdataset`` + :class:`~pipeline.data.streaming.Decode`.
@@ -303,22 +308,24 @@ def read_shards(files: list[str], info: Any, policy: str = "skip", *, shuffle_fi
         raise ValueError("tar_reader does not read conditioning fields (FLUX embeddings): use read_webdataset + Decode")
     ds = ray.data.read_binary_files(files, include_paths=True, shuffle="files" if shuffle_files else None,
                                     override_num_blocks=len(files))
-    return ds.map_batches(ParseShards(info, policy), batch_format="numpy", batch_size=1, zero_copy_batch=True)
+    return ds.map_batches(ParseShards(info, policy, uint8_pixels), batch_format="numpy", batch_size=1,
+                          zero_copy_batch=True)
 
 
 def is_flowrail_shards(files: list[str]) -> bool:
-    """Whether every file lies in a local directory whose manifest says ``"format": "flowrail-shards/1"``.
-
-    Other shard sets (URLs, tars written by other tools) keep the generic ``read_webdataset`` stream.
-    """
+    """Whether every file lies in a directory (local or URL prefix) whose manifest says
+    ``"format": "flowrail-shards/1"``. Other shard sets (tars written by other tools) keep the generic
+    ``read_webdataset`` stream."""
     import json
 
-    if not files or any("://" in f for f in files):
+    from pipeline.data import storage
+
+    if not files:
         return False
-    for folder in {Path(f).parent for f in files}:
+    for folder in {storage.parent(f) for f in files}:
         try:
-            manifest = json.loads((folder / "manifest.json").read_text())
-        except (OSError, ValueError):
+            manifest = json.loads(storage.read_bytes(storage.join(folder, "manifest.json")))
+        except (OSError, ValueError, DataError):
             return False
         if not isinstance(manifest, dict) or not is_flowrail_format(manifest):
             return False

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.data.safe_decode import numpy_batches, safe_decode
 from pipeline.data.shards import ShardSetWriter, read_manifest, shard_paths
 from pipeline.errors import DataError
 from pipeline.flux.packing import denormalize_latents, normalize_latents
@@ -175,7 +176,7 @@ def encode_shards(src: str | Path, out: str | Path, paths: EncoderPaths, *, size
     tars, manifest = source_shards(src)
     check_readable(manifest or str(src), job="flux_encode")
     device = "cuda" if num_gpus > 0 else "cpu"
-    ds = ray.data.read_webdataset(tars)
+    ds = ray.data.read_webdataset(tars, decoder=safe_decode)  # never unpickles (pipeline.data.safe_decode)
     ds = ds.map_batches(FluxEncoder, fn_constructor_kwargs=dict(paths=asdict(paths), size=size,
                                                                t5_max_length=t5_max_length,
                                                                classes=manifest.get("classes"), device=device),
@@ -191,7 +192,7 @@ def encode_shards(src: str | Path, out: str | Path, paths: EncoderPaths, *, size
                              "image_size": size, "encoder": "flux"}
     writer = ShardSetWriter(Path(out), samples_per_shard, extra)
     count = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in numpy_batches(ds):
         for i, key in enumerate(batch["__key__"]):
             writer.write(str(key), {"latent.npy": batch["latent"][i].astype(np.float32),
                                     "t5.npy": batch["t5"][i].astype(np.float32),

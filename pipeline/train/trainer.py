@@ -35,8 +35,9 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.console import DriverProgress, is_verbose, on_driver, quiet_ray_logs, train_logging_config
-    from pipeline.data.shards import verify_shards
+    from pipeline.data.storage import check_writable
     from pipeline.data.streaming import describe
+    from pipeline.data.verify import ensure_verified
     from pipeline.errors import CheckpointError
     from pipeline.tracking import mark_terminated, metric_spool, redact, start_or_resume_run
     from pipeline.train import user_errors
@@ -46,8 +47,12 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
 
     validate_settings(cfg)  # a setting the model family would ignore is refused here, before anything starts
     paths, info = describe(cfg.data.shards, cfg.data.image_size, job="train")
-    if cfg.data.verify_checksums:
-        verify_shards(cfg.data.shards)
+    # once per manifest, in parallel Ray tasks (pipeline/data/verify.py); before the MLflow run exists
+    if cfg.data.verify_checksums and ensure_verified(cfg.data.shards, start_ray=init_ray) == "verified":
+        print(f"[flowrail] shard set {cfg.data.shards}: every shard's sha256 checked (cached for this manifest)",
+              flush=True)
+    if cfg.train.storage_path:  # an s3:// / gs:// store: bucket, endpoint, credentials, before the MLflow run exists
+        check_writable(cfg.train.storage_path, "train.storage_path")
     if cfg.init_from and "://" not in cfg.init_from and not Path(cfg.init_from).exists():
         raise CheckpointError(f"init_from={cfg.init_from}: file or directory does not exist")
     from pipeline.train.init_from import check_init_from, log_import_notes

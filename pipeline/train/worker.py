@@ -155,6 +155,7 @@ class EpochPrefetch:
 def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
     import ray.train
 
+    from pipeline.data.pixels import model_batch
     from pipeline.data.streaming import batch_stride, epoch_dataset, name_bad_shard
     from pipeline.tracking import MetricLogger
     from pipeline.train.worker_setup import set_up_worker
@@ -242,7 +243,7 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
             except Exception as exc:  # noqa: BLE001 - Ray Data wraps read/decode errors of its tasks
                 raise (_user_error(exc) or name_bad_shard(files, exc)) from None
             if index % stride == rank % stride:
-                yield batch
+                yield model_batch(batch, info)  # uint8 pixels crossed the object store; floats from here on
             index += 1
 
     # Per step one host sync (the NaN-guard flag) and one collective: the agreement on "this loss is finite" and
