@@ -15,7 +15,12 @@ def worker_env() -> dict[str, str]:
     the workers' stdout, so the patched print writes every line twice and the driver shows each progress line twice
     (Ray 2.60). Without the patch, worker prints still stream to the driver, once.
     """
-    return {"RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")}
+    from pipeline.console import VERBOSE_ENV
+
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")}
+    if os.environ.get(VERBOSE_ENV):  # `flowrail --verbose`: the workers show Ray's per-dataset/per-report lines too
+        env[VERBOSE_ENV] = os.environ[VERBOSE_ENV]
+    return env
 
 
 def init_ray(num_cpus: int | None = None) -> None:

@@ -8,14 +8,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("pipeline", "jobs", "privacy", "evals")
-# being broken by another change (init_ray moves out of pipeline/train/trainer.py into a lower module); remove the
-# entry when that lands, and the test then guards it too
-KNOWN = {frozenset({"evals.distributed", "evals.evaluate", "pipeline.train.periodic_eval", "pipeline.train.trainer",
-                    "pipeline.train.worker"})}
 
 
 def modules() -> dict[str, Path]:
@@ -100,11 +95,4 @@ def test_the_graph_sees_lazy_and_from_imports():
 
 def test_no_import_circles():
     found = circles(import_graph(modules()))
-    unexpected = [sorted(c) for c in found if c not in KNOWN]
-    assert not unexpected, f"import circles: {unexpected}"
-
-
-@pytest.mark.xfail(reason="train <-> evals circle through init_ray in pipeline/train/trainer.py: being moved to a "
-                          "lower module by another change", strict=False)
-def test_no_known_circles_left():
-    assert not circles(import_graph(modules()))
+    assert not found, f"import circles: {[sorted(c) for c in found]}"

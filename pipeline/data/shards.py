@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from pipeline.data import storage
+from pipeline.data.verified_record import write_record
 from pipeline.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -120,8 +121,6 @@ class ShardSetWriter:
         self._count += 1
 
     def close(self) -> dict[str, Any]:
-        from pipeline.data.verify import record_verified
-
         self._finish_shard()
         manifest = {
             "format": "flowrail-shards/1",
@@ -133,7 +132,7 @@ class ShardSetWriter:
         }
         text = json.dumps(manifest, indent=2).encode()
         storage.write_bytes(storage.join(self.out_dir, MANIFEST), text)
-        record_verified(str(self.out_dir), text, self._sizes)  # every shard's digest was taken as it was written
+        write_record(str(self.out_dir), text, self._sizes)  # every shard's digest was taken as it was written
         return manifest
 
 

@@ -15,53 +15,30 @@ shard is still named in one line when a training worker fails to parse it
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import time
-from typing import Any, Callable
+from typing import Callable
 
 from pipeline.data import storage
+from pipeline.data.shards import manifest_location, parse_manifest, read_manifest_bytes, shard_paths
+from pipeline.data.verified_record import VERIFIED, manifest_digest, read_record, write_record
 from pipeline.errors import DataError
 
-VERIFIED = "verified.json"
-
-
-def manifest_digest(manifest_bytes: bytes) -> str:
-    return hashlib.sha256(manifest_bytes).hexdigest()
+__all__ = ["VERIFIED", "describe_cache", "ensure_verified", "is_recorded", "manifest_digest", "record_verified"]
 
 
 def record_verified(shard_dir: str, manifest_bytes: bytes, sizes: list[int | None] | None = None) -> bool:
     """Record that the set with this manifest (and these shard sizes) is verified; False (and nothing else) if the
     set is read-only."""
-    from pipeline.data.shards import manifest_location, parse_manifest, shard_paths
-
     base, _ = manifest_location(shard_dir)
     if sizes is None:
         sizes = storage.file_sizes(shard_paths(shard_dir, parse_manifest(manifest_bytes, shard_dir)))
-    record = {"manifest_sha256": manifest_digest(manifest_bytes), "sizes": sizes,
-              "verified": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    try:
-        storage.write_bytes(storage.join(base, VERIFIED), json.dumps(record).encode())
-    except (DataError, OSError):
-        return False
-    return True
+    return write_record(base, manifest_bytes, sizes)
 
 
 def is_recorded(shard_dir: str, manifest_bytes: bytes, sizes: list[int | None]) -> bool:
     """Whether ``verified.json`` records exactly this manifest and these shard sizes."""
-    from pipeline.data.shards import manifest_location
-
-    base, _ = manifest_location(shard_dir)
-    path = storage.join(base, VERIFIED)
-    try:
-        if not storage.exists(path):
-            return False
-        record = json.loads(storage.read_bytes(path))
-    except (DataError, OSError, ValueError):
-        return False
-    return (isinstance(record, dict) and record.get("manifest_sha256") == manifest_digest(manifest_bytes)
-            and record.get("sizes") == sizes)
+    record = read_record(manifest_location(shard_dir)[0])
+    return record.get("manifest_sha256") == manifest_digest(manifest_bytes) and record.get("sizes") == sizes
 
 
 def bad_shards(pairs: list[tuple[str, str]]) -> list[str]:
@@ -91,8 +68,6 @@ def ensure_verified(shard_dir: str, *, parallel: bool | None = None,
     ``"verified"``. A corrupt shard raises one :class:`DataError` line naming it (and the count of others).
 
     ``start_ray``: called only when there is something to check, to start/connect Ray for the parallel check."""
-    from pipeline.data.shards import parse_manifest, read_manifest_bytes, shard_paths
-
     data = read_manifest_bytes(shard_dir)
     manifest = parse_manifest(data, shard_dir)
     paths = shard_paths(shard_dir, manifest)  # confined to the set, and present
@@ -121,12 +96,6 @@ def ensure_verified(shard_dir: str, *, parallel: bool | None = None,
     return "verified"
 
 
-def describe_cache(shard_dir: str) -> dict[str, Any]:
+def describe_cache(shard_dir: str) -> dict[str, object]:
     """For tests and tools: the recorded verification of a set, or {}."""
-    from pipeline.data.shards import manifest_location
-
-    base, _ = manifest_location(shard_dir)
-    try:
-        return json.loads(storage.read_bytes(storage.join(base, VERIFIED)))
-    except (DataError, ValueError):
-        return {}
+    return read_record(manifest_location(shard_dir)[0])

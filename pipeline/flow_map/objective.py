@@ -20,7 +20,7 @@ from pipeline.flow_map.identity import adaptive_loss, meanflow_target, u_and_der
 from pipeline.flow_map.sampler import guided_flow_map, sample_flow_map
 from pipeline.flow_map.teacher import load_teacher, teacher_velocity
 from pipeline.flow_map.times import sample_pairs
-from pipeline.objective import SampleOutput
+from pipeline.families import SampleOutput
 
 
 def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from pipeline.config import GuidanceConfig
-from pipeline.objective import SampleOutput
+from pipeline.families import SampleOutput
 from pipeline.flow_map.times import sampling_grid
 
 FlowMapFn = Callable[..., torch.Tensor]  # (x, s, r, y=None) -> u(x, s, r | y)
