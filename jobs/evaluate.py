@@ -45,13 +45,20 @@ def main(argv: list[str]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a checkpoint directory, or a run directory (newest checkpoint)")
     parser.add_argument("overrides", nargs="*", help="sampler.*, guidance.*, eval.*, samples.*, tracking.* overrides")
-    args = parser.parse_args(argv)
+    parser.add_argument("--override-privacy-audit", action="store_true",
+                        help="evaluate (and log a grid of) a privacy-stage checkpoint whose audit has not passed "
+                             "(recorded on its training run)")
+    args = parser.parse_intermixed_args(argv)
 
     from evals.evaluate import examples_grid, log_evaluation, run_evaluation
+    from pipeline.config import tracking_uri
     from pipeline.train.checkpoint import find_latest, load_trained, read_meta
+    from privacy.gate import require_audit_passed
 
     ckpt = find_latest(args.checkpoint)
     cfg = eval_config(read_meta(ckpt)["config"], args.overrides)
+    # a privacy-stage model's samples leave the stage (grid and metrics in MLflow) only after a passing audit
+    require_audit_passed(ckpt, override=args.override_privacy_audit, tracking_uri=tracking_uri(cfg))
     trained = load_trained(ckpt, overrides=cfg)
     result = run_evaluation(trained, cfg)
     grid = examples_grid(result.examples, trained.num_classes,

@@ -66,3 +66,15 @@ def test_register_before_audit_exits_2_and_registers_nothing(tmp_path, capsys):
     tags = require_audit_passed(ckpt, override=True, tracking_uri=uri)  # what `register --override-privacy-audit` does
     assert tags == {"privacy.audit": "missing", "privacy.audit_override": "true"}
     assert c.get_run(run_id).data.tags["privacy.audit_override"] == "true"
+
+
+def test_evaluate_before_audit_exits_2_and_logs_nothing(tmp_path, capsys):
+    """`flowrail evaluate` would log a sample grid of the model to MLflow: the gate stops it before sampling."""
+    from jobs.cli import main
+
+    ckpt = _checkpoint(tmp_path / "ckpt", privacy=True)
+    run_dir = tmp_path / "evalruns"
+    assert main(["evaluate", str(ckpt), f"run_dir={run_dir}"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "mlflow" not in line.lower()]
+    assert len(err) == 1 and "whose audit is missing" in err[0]
+    assert not run_dir.exists()  # no MLflow store, no grid
