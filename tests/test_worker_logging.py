@@ -80,6 +80,7 @@ def test_ray_data_execution_logs_and_report_lines_are_quiet_but_warnings_show(ca
     keep = Keep(level=logging.INFO)
     reporter.addHandler(keep)
     reporter.setLevel(logging.INFO)
+    restore_ray_logs()  # an earlier test's driver (fit) may have quieted this process already
     try:
         executor.info("Execution plan of Dataset before_0: InputDataBuffer")
         assert "Execution plan of Dataset before_0" in capfd.readouterr().err  # Ray Data's console shows it

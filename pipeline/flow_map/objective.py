@@ -20,6 +20,7 @@ from pipeline.flow_map.identity import adaptive_loss, meanflow_target, u_and_der
 from pipeline.flow_map.sampler import guided_flow_map, sample_flow_map
 from pipeline.flow_map.teacher import load_teacher, teacher_velocity
 from pipeline.flow_map.times import sample_pairs
+from pipeline.transport.timesteps import image_tokens, resolve_time_shift
 from pipeline.families import SampleOutput
 
 
@@ -95,4 +96,6 @@ class FlowMapObjective:
 
         y = cond["label"].to(device) if "label" in cond else None
         fn = guided_flow_map(u_fn, self.num_classes, self.cfg.guidance) if y is not None else u_fn
-        return sample_flow_map(fn, x0, self.cfg.sampler.steps, self.cfg.sampler.time_shift, y=y)
+        patch = getattr(getattr(model, "module", model), "patch_size", self.cfg.model.patch_size)
+        shift = resolve_time_shift(self.cfg.sampler.time_shift, image_tokens(shape[2:], patch), default=1.0)
+        return sample_flow_map(fn, x0, self.cfg.sampler.steps, shift, y=y)
