@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli_output import flowrail_lines
 from conftest import _free_port, run_mlflow_server, tiny_train_overrides
 from pipeline.data.shards import iter_samples, read_manifest, write_shard_set
 from pipeline.errors import DataError
@@ -18,7 +19,7 @@ def _cli(args: list[str], capsys) -> tuple[int, list[str]]:
     from jobs.cli import main
 
     code = main(args)
-    return code, [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    return code, flowrail_lines(capsys.readouterr().err)
 
 
 def _keys(url: str) -> list[str]:

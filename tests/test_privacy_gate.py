@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from cli_output import flowrail_lines
 from privacy.gate import AUDIT_FILE, AuditGateError, audit_status, require_audit_passed, write_audit_record
 
 
@@ -59,8 +60,8 @@ def test_register_before_audit_exits_2_and_registers_nothing(tmp_path, capsys):
     run_id = c.create_run(c.create_experiment("t")).info.run_id
     ckpt = _checkpoint(tmp_path / "ckpt", privacy=True, run_id=run_id)
     assert main(["register", str(ckpt), "--name", "faces", "--tracking-uri", uri]) == 2
-    ours = [line for line in capsys.readouterr().err.splitlines() if "mlflow" not in line]  # MLflow logs its db setup
-    assert len(ours) == 1 and ours[0].startswith("flowrail register: ") and "whose audit is missing" in ours[0]
+    ours = flowrail_lines(capsys.readouterr().err)
+    assert len(ours) == 1 and ours[0].startswith("flowrail register: ") and "whose audit is missing" in ours[0], ours
     assert c.search_registered_models() == [] and "privacy.audit_override" not in c.get_run(run_id).data.tags
 
     tags = require_audit_passed(ckpt, override=True, tracking_uri=uri)  # what `register --override-privacy-audit` does
@@ -75,6 +76,6 @@ def test_evaluate_before_audit_exits_2_and_logs_nothing(tmp_path, capsys):
     ckpt = _checkpoint(tmp_path / "ckpt", privacy=True)
     run_dir = tmp_path / "evalruns"
     assert main(["evaluate", str(ckpt), f"run_dir={run_dir}"]) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if "mlflow" not in line.lower()]
-    assert len(err) == 1 and "whose audit is missing" in err[0]
+    err = flowrail_lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith("flowrail evaluate: ") and "whose audit is missing" in err[0], err
     assert not run_dir.exists()  # no MLflow store, no grid

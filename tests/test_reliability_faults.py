@@ -3,27 +3,16 @@ with the same weights as an uninterrupted run; NaN losses are skipped and counte
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from cli_output import flowrail_lines
 from conftest import tiny_train_overrides
 from pipeline.config import TrainJobConfig, load_config
 from pipeline.train.checkpoint import EMA_FILE, read_meta
-
-
-# Ray's log forwarding colours its prefixes; a reset code (or a progress bar's carriage return) can end up in front
-# of the CLI's own line on the shared stderr
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
-
-
-def _cli_lines(stderr: str, prefix: str) -> list[str]:
-    """The lines of ``stderr`` that start with ``prefix`` once ANSI escapes and carriage-return overwrites are gone."""
-    clean = (_ANSI.sub("", ln).rsplit("\r", 1)[-1].strip() for ln in stderr.splitlines())
-    return [ln for ln in clean if ln.startswith(prefix)]
 
 
 def _steps(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -72,7 +61,7 @@ def test_nan_losses_skipped_counted_then_abort(ray_local, digits_shards, tmp_pat
         "train.steps": 8, "train.log_every": 2, "train.checkpoint_every": 4, "train.max_bad_steps": 2})
     assert main(["train", *overrides]) == 2
     # Ray's own logging also reaches stderr in-process; the CLI's message is the one "flowrail train:" line
-    err = _cli_lines(capsys.readouterr().err, "flowrail train:")
+    err = flowrail_lines(capsys.readouterr().err, "flowrail train:")
     assert len(err) == 1 and "loss was NaN/Inf in 3 steps (train.max_bad_steps=2)" in err[0], err
     cfg = load_config(TrainJobConfig, "train", overrides)
     from pipeline.tracking import run_record

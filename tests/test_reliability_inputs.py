@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli_output import flowrail_lines
 from conftest import tiny_train_overrides
 from pipeline.data.shards import write_shard_set
 from pipeline.data.streaming import DataInfo, epoch_dataset, name_bad_shard
@@ -24,8 +25,7 @@ def _cli(args: list[str], capsys) -> tuple[int, list[str]]:
     from jobs.cli import main
 
     code = main(args)
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    return code, err
+    return code, flowrail_lines(capsys.readouterr().err)
 
 
 def _copy_train(digits_shards: Path, dest: Path) -> Path:
@@ -125,16 +125,13 @@ def test_bad_samples_skipped_and_counted_or_fail(ray_local, tmp_path):
 @pytest.mark.slow
 def test_too_few_valid_samples_for_a_batch(ray_local, tmp_path, capsys):
     """16 valid samples (4 bad ones skipped) cannot fill one batch of 32: the worker stops with one line."""
-    import re
 
     from jobs.cli import main
 
     root = _bad_sample_set(tmp_path / "bad")
     code = main(["train", *tiny_train_overrides(root.parent, tmp_path, **{
         "data.shards": str(root), "data.val_shards": str(root), "train.num_workers": 1, "train.steps": 2})])
-    ansi = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # Ray's forwarded worker logs share stderr in-process
-    err = [ln for ln in (ansi.sub("", x).rsplit("\r", 1)[-1].strip() for x in capsys.readouterr().err.splitlines())
-           if ln.startswith("flowrail train:")]
+    err = flowrail_lines(capsys.readouterr().err, "flowrail train:")
     assert code == 2 and len(err) == 1, err
     assert f"an epoch of {root} gave worker 0 no full batch of 32 samples" in err[0], err
 
