@@ -125,7 +125,6 @@ def test_bad_samples_skipped_and_counted_or_fail(ray_local, tmp_path):
 @pytest.mark.slow
 def test_too_few_valid_samples_for_a_batch(ray_local, tmp_path, capsys):
     """16 valid samples (4 bad ones skipped) cannot fill one batch of 32: the worker stops with one line."""
-
     from jobs.cli import main
 
     root = _bad_sample_set(tmp_path / "bad")
