@@ -18,7 +18,7 @@ COMMANDS = {
     "encode": ("jobs.encode", "pre-encode pixel shards into autoencoder latent shards: `encode --vae DIR --src SHARDS --out DIR`"),
     "flux_encode": ("jobs.flux_encode", "pre-encode image+caption shards for FLUX: latents + T5/CLIP text embeddings"),
     "sweep": ("jobs.sweep", "Ray Tune sweep (ASHA) over training choices + sampling sweep, ranked in MLflow"),
-    "register": ("jobs.register", "register a run/checkpoint as an MLflow pyfunc model: `register SRC --name N --alias A`"),
+    "register": ("jobs.register", "register a run/checkpoint as an MLflow pyfunc model: `register SRC --name N --promote-on fd_digits` (gated @champion)"),
 }
 
 

@@ -36,6 +36,22 @@ class Score:
         return self.value < other if self.mode == "min" else self.value > other
 
 
+HIGHER_IS_BETTER = frozenset({"precision", "recall", "classifier_accuracy"})
+
+
+def metric_mode(metric: str) -> str:
+    """``"max"`` for metrics where higher is better (precision, recall, accuracy), else ``"min"`` (FID, fd_*, bpd)."""
+    return "max" if metric in HIGHER_IS_BETTER else "min"
+
+
+def eval_protocol(num_samples: int, seed: int, train_config: dict[str, Any]) -> dict[str, Any]:
+    """What makes two numbers of a metric comparable (besides its name and direction): sample count, seed and the
+    real images they are compared with (the validation shard set; FID's reference statistics when given)."""
+    data, ev = train_config["data"], train_config.get("eval", {})
+    return {"num_samples": int(num_samples), "seed": int(seed),
+            "reference": ev.get("reference_stats") or data.get("val_shards") or data.get("shards")}
+
+
 @dataclass
 class Decision:
     alias: str

@@ -11,6 +11,8 @@ import textwrap
 import pytest
 import torch
 
+from cli_output import flowrail_lines
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
@@ -73,12 +75,13 @@ def test_register_checkpoint_and_load_by_alias_in_fresh_process(checkpoint, mlfl
 
     from jobs.cli import main
 
-    rc = main(["register", str(checkpoint), "--name", "reg-test", "--alias", "champion",
+    rc = main(["register", str(checkpoint), "--name", "reg-test", "--force-champion",
                "--tracking-uri", mlflow_server, "sampler.solver=midpoint"])
     assert rc == 0
     c = MlflowClient(mlflow_server)
     version = c.get_model_version_by_alias("reg-test", "champion")
     assert version.tags["sampler.solver"] == "midpoint" and version.tags["flowrail.step"] == "7"
+    assert version.tags["flowrail.promotion"] == "forced"  # moved past the gate by hand: on the record
     run = c.get_run(version.run_id)
     assert run.data.tags["flowrail.job"] == "register" and run.info.status == "FINISHED"
 
@@ -126,7 +129,42 @@ def test_register_by_run_id_adds_a_version_and_moves_the_alias(checkpoint, mlflo
     assert c.get_run(run.info.run_id).info.status == "FINISHED"
 
 
+def test_register_promotes_through_the_gate_and_keeps_the_champion_on_a_tie(checkpoint, mlflow_server, capsys):
+    """``--promote-on``: a first version becomes @champion; the same weights scored again under the same protocol do
+    not beat it (a tie), so the second version is @challenger with both numbers on it; under another protocol (more
+    samples) the numbers are not comparable and the new version is @challenger too."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.cli import main
+
+    c = MlflowClient(mlflow_server)
+    gate = ["--promote-on", "fd_digits", "--eval-samples", "40", "--eval-seed", "3", "--tracking-uri", mlflow_server]
+    assert main(["register", str(checkpoint), "--name", "reg-gate", *gate]) == 0
+    first = c.get_model_version_by_alias("reg-gate", "champion")
+    assert first.tags["flowrail.promotion"] == "champion" and first.tags["flowrail.champion_metric_value"] == "none"
+    value = float(first.tags["fd_digits"])
+    assert value > 0 and "fd_digits" in first.description
+
+    assert main(["register", str(checkpoint), "--name", "reg-gate", *gate]) == 0
+    assert "does not beat the champion" in capsys.readouterr().out
+    second = c.get_model_version_by_alias("reg-gate", "challenger")
+    assert c.get_model_version_by_alias("reg-gate", "champion").version == first.version  # the champion stayed
+    assert second.version != first.version and second.tags["flowrail.promotion"] == "challenger"
+    assert float(second.tags["flowrail.champion_metric_value"]) == value == float(second.tags["fd_digits"])
+
+    other = [*gate[:3], "41", *gate[4:]]  # one more sample: another protocol
+    assert main(["register", str(checkpoint), "--name", "reg-gate", *other]) == 0
+    third = c.get_model_version_by_alias("reg-gate", "challenger")
+    assert int(third.version) > int(second.version) and "another metric or protocol" in third.tags[
+        "flowrail.promotion_reason"]
+    assert c.get_model_version_by_alias("reg-gate", "champion").version == first.version
+
+
 @pytest.mark.parametrize("args, message", [
+    (["{ckpt}", "--alias", "champion"], "--alias champion would skip the promotion gate"),
+    (["{ckpt}", "--promote-on", "fd_digits", "--alias", "champion"], "the gate decides"),
+    (["{ckpt}", "--promote-on", "fid_score"], "--promote-on fid_score: unknown metric"),
+    (["{ckpt}", "--promote-on", "fd_digits", "--force-champion"], "contradict each other"),
     (["no-such-run-or-path"], "neither a checkpoint path nor a run id"),
     (["{ckpt}", "sampler.solver=rk5"], "sampler.solver"),
     (["{ckpt}", "model.depth=3"], "unknown section(s) ['model']"),
@@ -136,4 +174,5 @@ def test_register_user_errors_exit_2(checkpoint, mlflow_server, capsys, args, me
 
     argv = [a.format(ckpt=checkpoint) for a in args]
     assert main(["register", argv[0], "--name", "reg-bad", "--tracking-uri", mlflow_server, *argv[1:]]) == 2
-    assert message in capsys.readouterr().err
+    err = flowrail_lines(capsys.readouterr().err)
+    assert len(err) == 1 and message in err[0], err

@@ -82,7 +82,7 @@ def test_latent_model_is_registered_with_its_autoencoder_and_predicts_rgb(mlflow
 
     vae = tiny_autoencoder(tmp_path / "vae")
     ckpt = latent_checkpoint(tmp_path, vae)
-    assert main(["register", str(ckpt), "--name", "latent-bundle", "--alias", "champion",
+    assert main(["register", str(ckpt), "--name", "latent-bundle", "--force-champion",
                  "--tracking-uri", mlflow_server]) == 0
     shutil.rmtree(vae)  # the registered model must not need the training machine's autoencoder folder
     c = MlflowClient(mlflow_server)

@@ -191,8 +191,8 @@ def write_best_config(cfg: Any, best: Row, path: Path) -> Path:
 
 
 def protocol(cfg: Any, train_config: dict[str, Any]) -> dict[str, Any]:
-    """What makes two numbers of the metric comparable (besides its name and direction): sample count, seed and the
-    real images they are compared with (the validation shard set; FID's reference statistics when given)."""
-    data, ev = train_config["data"], train_config.get("eval", {})
-    return {"num_samples": cfg.eval.num_samples, "seed": cfg.eval.seed,
-            "reference": ev.get("reference_stats") or data.get("val_shards") or data.get("shards")}
+    """The sweep's evaluation protocol (:func:`pipeline.promotion.eval_protocol`): ``flowrail register --promote-on``
+    builds the same one, so a sweep's champion and a hand-registered model compare when their settings match."""
+    from pipeline.promotion import eval_protocol
+
+    return eval_protocol(cfg.eval.num_samples, cfg.eval.seed, train_config)
