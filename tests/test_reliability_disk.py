@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import tiny_train_overrides
-from test_reliability_faults import _cli_lines
+from cli_output import flowrail_lines
 
 
 def _du(path: Path) -> int:
@@ -39,7 +39,7 @@ def test_storage_full_at_checkpoint_keeps_the_previous_one(trained_digits, digit
         overrides = tiny_train_overrides(digits_shards, tmp_path, run_name="full", **{
             "train.storage_path": str(disk), "train.steps": 30, "train.checkpoint_every": 15})
         assert main(["train", *overrides]) == 2
-        err = _cli_lines(capsys.readouterr().err, "flowrail train:")
+        err = flowrail_lines(capsys.readouterr().err, "flowrail train:")
         assert len(err) == 1, err
         assert f"could not store the checkpoint of step 30 in {disk}/full: no space left on device" in err[0], err
         assert read_meta(find_latest(disk / "full"))["step"] == 15  # the previous checkpoint is kept, still latest
