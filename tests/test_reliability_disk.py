@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import tiny_train_overrides
 from cli_output import flowrail_lines
+from conftest import tiny_train_overrides
 
 
 def _du(path: Path) -> int:
