@@ -79,3 +79,60 @@ def test_evaluate_before_audit_exits_2_and_logs_nothing(tmp_path, capsys):
     err = flowrail_lines(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith("flowrail evaluate: ") and "whose audit is missing" in err[0], err
     assert not run_dir.exists()  # no MLflow store, no grid
+
+
+def test_lineage_reads_the_privacy_marker_of_init_from_and_of_the_teacher(tmp_path):
+    """``inherited_privacy``: nothing for a plain ancestor; the stage's section, the nearest ancestor and the chain
+    for a privacy-stage one, whether it is ``init_from`` or the flow-map teacher; a grandchild keeps the chain."""
+    from pipeline.config import TrainJobConfig, load_config
+    from pipeline.train.init_from import inherited_privacy
+
+    plain, private = _checkpoint(tmp_path / "plain", privacy=False), _checkpoint(tmp_path / "private", privacy=True)
+
+    def cfg(*overrides: str) -> TrainJobConfig:
+        return load_config(TrainJobConfig, None, list(overrides))
+
+    assert inherited_privacy(cfg()) == {} and inherited_privacy(cfg(f"init_from={plain}")) == {}
+    got = inherited_privacy(cfg(f"init_from={private}"))["privacy"]
+    assert got["method"] == "sfbd_flow" and got["inherited_from"] == str(private) and got["lineage"] == [str(private)]
+    teacher = inherited_privacy(cfg(f"init_from={plain}", "objective.name=flow_map", "flow_map.target=teacher",
+                                    f"flow_map.teacher={private}"))
+    assert teacher["privacy"]["inherited_from"] == str(private)
+
+    child = _checkpoint(tmp_path / "child", privacy=False)
+    meta = json.loads((child / "flowrail.json").read_text())
+    (child / "flowrail.json").write_text(json.dumps({**meta, **inherited_privacy(cfg(f"init_from={private}"))}))
+    grandchild = inherited_privacy(cfg(f"init_from={child}"))["privacy"]
+    assert grandchild["lineage"] == [str(child), str(private)] and grandchild["method"] == "sfbd_flow"
+
+
+@pytest.mark.slow
+def test_a_model_fine_tuned_from_a_privacy_checkpoint_keeps_the_gate(trained_digits, digits_shards, tmp_path,
+                                                                      capsys):
+    """Fine-tuning (``init_from``) a privacy-stage checkpoint: the new run's checkpoints carry the marker, so
+    ``flowrail register`` refuses them until they are audited."""
+    import shutil
+
+    from conftest import tiny_train_overrides
+    from jobs.cli import main
+    from pipeline.config import TrainJobConfig, load_config
+    from pipeline.train.checkpoint import read_meta
+    from pipeline.train.trainer import fit
+
+    _, result = trained_digits
+    private = tmp_path / "private"
+    shutil.copytree(result.checkpoint, private)
+    meta = json.loads((private / "flowrail.json").read_text())
+    (private / "flowrail.json").write_text(json.dumps({**meta, "privacy": {"method": "sfbd_flow", "release": "r1"}}))
+
+    cfg = load_config(TrainJobConfig, "train", tiny_train_overrides(digits_shards, tmp_path, run_name="finetune", **{
+        "init_from": str(private), "train.steps": 2, "train.checkpoint_every": 2, "train.num_workers": 1,
+        "train.eval_every": 0}))
+    tuned = fit(cfg).checkpoint
+    section = read_meta(tuned)["privacy"]
+    assert section["inherited_from"] == str(private) and section["release"] == "r1"
+    uri = f"sqlite:///{tmp_path / 'reg.db'}"
+    capsys.readouterr()
+    assert main(["register", str(tuned), "--name", "tuned", "--tracking-uri", uri]) == 2
+    err = flowrail_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "privacy-stage checkpoint whose audit is missing" in err[0], err

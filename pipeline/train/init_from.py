@@ -128,6 +128,31 @@ def check_init_from(cfg: TrainJobConfig, num_classes: int) -> list[str]:
     return notes
 
 
+def inherited_privacy(cfg: TrainJobConfig) -> dict:
+    """``{"privacy": ...}`` for every checkpoint of a run whose weights descend from a privacy-stage checkpoint
+    (``init_from``, or the flow-map teacher), else ``{}``.
+
+    A model fine-tuned or distilled from a privacy-stage model carries what that model learnt from the sensitive
+    data, so its checkpoints keep the stage's marker (and the release it was trained on, for the audit) and pass the
+    audit gate before any sample grid or registration leaves the stage. ``lineage`` lists the checkpoints it
+    descends from, nearest first.
+    """
+    from pipeline.train.checkpoint_read import find_latest, read_meta
+
+    sources = [cfg.init_from]
+    if cfg.flow_map.target == "teacher":
+        sources.insert(0, cfg.flow_map.teacher)
+    for source in sources:
+        if not source or "://" in source or not _is_flowrail(Path(source)):
+            continue
+        ckpt = find_latest(Path(source))
+        section = read_meta(ckpt).get("privacy")
+        if section is not None:
+            lineage = [str(ckpt), *section.get("lineage", [])]
+            return {"privacy": {**section, "inherited_from": str(ckpt), "lineage": lineage}}
+    return {}
+
+
 def initialise_from(model: nn.Module, path: str, override: bool = False) -> str:
     """Load weights into ``model`` in place; returns a one-line description of what was loaded (with its notes).
 

@@ -55,9 +55,12 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
         check_writable(cfg.train.storage_path, "train.storage_path")
     if cfg.init_from and "://" not in cfg.init_from and not Path(cfg.init_from).exists():
         raise CheckpointError(f"init_from={cfg.init_from}: file or directory does not exist")
-    from pipeline.train.init_from import check_init_from, log_import_notes
+    from pipeline.train.init_from import check_init_from, inherited_privacy, log_import_notes
 
     import_notes = check_init_from(cfg, info.num_classes)  # a checkpoint trained differently is refused here
+    if inherited_privacy(cfg):
+        import_notes.append("privacy: the weights descend from a privacy-stage checkpoint; this run's checkpoints "
+                            "carry its marker and pass `flowrail privacy audit` before a grid or registration")
     uri = tracking_uri(cfg)
     run_id, resumed = start_or_resume_run(cfg, tags)  # an unreachable server fails here, before Ray starts
     print(f"[flowrail] MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {redact(uri)}", flush=True)

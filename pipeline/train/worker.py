@@ -208,12 +208,15 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
         if logger is not None:
             logger.record({"global_batch": samples_per_step}, step=state.step)
     window = {"loss": 0.0, "n": 0, "samples": 0, "skipped": 0, "t0": time.perf_counter(), "wait": 0.0}
+    from pipeline.train.init_from import inherited_privacy
+
+    lineage = inherited_privacy(cfg) if rank == 0 else {}  # a privacy-stage ancestor: its checkpoints keep the marker
 
     def checkpoint_and_report(metrics: dict[str, float]) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f"flowrail-ckpt-r{rank}-"))
         try:
             ckpt_io.save(tmp, engine=engine, ema=ema, state=state, cfg=cfg, info=info, rank=rank, world=world,
-                         extra={"mlflow_run_id": loop_config.get("run_id")})
+                         extra={"mlflow_run_id": loop_config.get("run_id"), **lineage})
             try:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
             except Exception as exc:  # noqa: BLE001 - Ray's upload to the run's storage; a full one is a user error
