@@ -42,6 +42,13 @@ def _materialize(shard: Any, batch_size: int = 256) -> tuple[torch.Tensor, torch
 
 
 def privacy_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's entry point: :func:`_privacy_loop` under the user-error record (a bad input is not retried)."""
+    from pipeline.train import user_errors
+
+    user_errors.run_recorded(_privacy_loop, loop_config)
+
+
+def _privacy_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     from pipeline.data.streaming import DataInfo
@@ -255,11 +262,16 @@ def fit_privacy(cfg: PrivacyTrainConfig, *, make_grid: bool = True):  # noqa: AN
     verbose = is_verbose(cfg)
     if not verbose:
         quiet_ray_logs()
+    from pipeline.tracking import metric_spool
+    from pipeline.train import user_errors
+
+    marker = str(metric_spool(base).parent / "user_error.json")
+    user_errors.clear(marker)
     progress = DriverProgress(tcfg.steps, f"{cfg.run_name} ({cfg.privacy.method})", enabled=on_driver()).__enter__()
     trainer = TorchTrainer(
         privacy_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "data": info.to_dict(), "run_id": run_id,
-                           "tracking_uri": uri, "noise_std": s, "verbose": verbose},
+                           "tracking_uri": uri, "noise_std": s, "verbose": verbose, "user_error_marker": marker},
         scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                                resources_per_worker={"CPU": tcfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(

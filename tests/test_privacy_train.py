@@ -197,3 +197,30 @@ def test_privacy_train_refuses_sensitive_sets_and_bad_settings(ray_local, releas
         fit_privacy(_cfg(root, out.out_dir, **{"data.image_size": 16}))
     with pytest.raises(ValueError, match="warmup_steps"):
         fit_privacy(_cfg(root, out.out_dir, **{"privacy.warmup_steps": 30}))
+
+
+@pytest.mark.slow
+def test_a_worker_user_error_is_recorded_so_restarts_do_not_repeat_it(ray_local, digits_shards, tmp_path):
+    """A release with one consented image and two workers: one worker gets no clean sample (a DataError in the
+    worker). The run ends with that one line, and the error is recorded in the run's storage, where every
+    restarted worker group (train.max_failures) re-raises it before building anything."""
+    import json
+
+    from pipeline.errors import DataError
+    from pipeline.data.shards import iter_samples
+    from pipeline.tracking import run_record
+    from privacy.train import fit_privacy
+
+    sensitive = tmp_path / "sensitive"
+    shutil.copytree(digits_shards / "train", sensitive)
+    mark_sensitive(sensitive)
+    first_key = next(iter(iter_samples(sensitive)))[0]
+    (sensitive / "consent.txt").write_text(first_key + "\n")
+    out = release(sensitive, tmp_path / "release", 0.59, secret=SECRET, consent_list=sensitive / "consent.txt",
+                  release_labels=True, samples_per_shard=256)
+    cfg = _cfg(tmp_path, out.out_dir, **{"train.num_workers": 2, "train.max_failures": 1})
+    with pytest.raises(DataError, match="got no clean samples") as err:
+        fit_privacy(cfg)
+    assert "\n" not in str(err.value)
+    marker = json.loads((run_record(cfg.base()).parent / "user_error.json").read_text())
+    assert marker["name"] == "DataError" and "got no clean samples" in marker["message"]

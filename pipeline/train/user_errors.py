@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
+from typing import Any, Callable
 
 from pipeline.errors import FlowrailError
 
@@ -39,3 +40,14 @@ def replay(marker: str | Path | None) -> None:
 
 def clear(marker: str | Path) -> None:
     Path(marker).unlink(missing_ok=True)
+
+
+def run_recorded(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any]) -> None:
+    """Run a worker loop under the record: replay an earlier attempt's user error, record a new one."""
+    marker = loop_config.get("user_error_marker")
+    replay(marker)  # a restarted group: fail as the first attempt did, before building anything
+    try:
+        loop(loop_config)
+    except FlowrailError as exc:
+        record(marker, exc)
+        raise

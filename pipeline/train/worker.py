@@ -114,13 +114,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's entry point: :func:`_train_loop`, then wait for metrics still being logged, also on failure."""
     from pipeline.train import user_errors
 
-    user_errors.replay(loop_config.get("user_error_marker"))  # a restarted group: fail as the first attempt did
-    try:
+    def loop(config: dict[str, Any]) -> None:
         with ExitStack() as cleanups:  # background threads the loop started, stopped in reverse order
-            _train_loop(loop_config, cleanups)
-    except FlowrailError as exc:
-        user_errors.record(loop_config.get("user_error_marker"), exc)
-        raise
+            _train_loop(config, cleanups)
+
+    user_errors.run_recorded(loop, loop_config)
 
 
 class EpochPrefetch:
