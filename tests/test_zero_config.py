@@ -90,3 +90,21 @@ def test_global_batch_counts_window_and_workers():
     from pipeline.train.engine import global_batch
 
     assert global_batch(TrainConfig(grad_accum_steps=4), micro_batch=8, world_size=3) == 96
+
+
+def test_rerun_under_another_world_size_is_refused_on_the_driver(trained_digits, capsys):
+    """A re-run of a finished 2-worker run (same run_dir and run_name: Ray Train would restore its latest registered
+    checkpoint) with train.num_workers=1 is refused by the driver, in one line, before Ray or MLflow are touched."""
+    from pipeline.config import TrainJobConfig
+    from pipeline.train.checkpoint_read import resume_world_size
+    from pipeline.train.trainer import fit
+
+    cfg, result = trained_digits
+    run_storage = f"{cfg.run_dir}/ray/{cfg.run_name}"
+    found = resume_world_size(run_storage)
+    assert found is not None and found[1] == 2 and found[0].endswith(result.checkpoint.name)
+    assert resume_world_size(f"{cfg.run_dir}/ray/never-ran") is None
+    fewer = TrainJobConfig.model_validate({**cfg.model_dump(), "train": {**cfg.train.model_dump(), "num_workers": 1}})
+    with pytest.raises(CheckpointError, match="written by 2 workers but this run has train.num_workers=1") as err:
+        fit(fewer)
+    assert "\n" not in str(err.value) and "init_from=" in str(err.value)

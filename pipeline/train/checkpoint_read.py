@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, DataError
 
 META = "flowrail.json"
 EMA_FILE = "ema.safetensors"
@@ -83,3 +83,41 @@ def find_latest(path: str | Path) -> Path:
     if not complete:
         raise CheckpointError(f"no complete flowrail checkpoint found under {path}")
     return max(complete, key=lambda p: (_step_of(p), p.stat().st_mtime))
+
+
+def resume_world_size(run_storage: str) -> tuple[str, int] | None:
+    """``(checkpoint location, world size)`` of the checkpoint a re-run of this run would resume from (Ray Train
+    V2 restores the latest registered checkpoint of ``storage_path/name``), or None for a new run.
+
+    Works for local and object-store run storage (only two small files are read), so the driver can refuse a
+    resume under another ``train.num_workers`` before any worker starts.
+    """
+    from pipeline.data import storage
+
+    snapshot = storage.join(run_storage, RAY_SNAPSHOT)
+    if not storage.exists(snapshot):
+        return None
+    try:
+        latest = json.loads(storage.read_bytes(snapshot)).get("latest_checkpoint_result") or {}
+    except json.JSONDecodeError:
+        return None
+    name = latest.get("checkpoint_dir_name")
+    if not name:
+        return None
+    ckpt = storage.join(run_storage, name)
+    try:
+        meta = json.loads(storage.read_bytes(storage.join(ckpt, META)))
+    except (json.JSONDecodeError, DataError):  # registered but unreadable: the worker's restore names it
+        return None
+    return ckpt, int(meta.get("world_size", 1))
+
+
+def check_resume_world_size(run_storage: str, num_workers: int) -> None:
+    """One line, on the driver, when a re-run would resume a checkpoint written by another number of workers (its
+    ZeRO optimizer state is partitioned per rank)."""
+    found = resume_world_size(run_storage)
+    if found is not None and found[1] != num_workers:
+        ckpt, saved = found
+        raise CheckpointError(f"checkpoint {ckpt} was written by {saved} workers but this run has "
+                              f"train.num_workers={num_workers}: resume with train.num_workers={saved}, or start a "
+                              f"new run_name with init_from={ckpt}")

@@ -55,6 +55,11 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
         check_writable(cfg.train.storage_path, "train.storage_path")
     if cfg.init_from and "://" not in cfg.init_from and not Path(cfg.init_from).exists():
         raise CheckpointError(f"init_from={cfg.init_from}: file or directory does not exist")
+    from pipeline.train.checkpoint_read import check_resume_world_size
+
+    # a re-run resumes the run's latest registered checkpoint: refuse another world size before anything starts
+    check_resume_world_size(f"{(cfg.train.storage_path or str(Path(cfg.run_dir) / 'ray')).rstrip('/')}/{cfg.run_name}",
+                            cfg.train.num_workers)
     from pipeline.train.init_from import check_init_from, inherited_privacy, log_import_notes
 
     import_notes = check_init_from(cfg, info.num_classes)  # a checkpoint trained differently is refused here
