@@ -37,7 +37,6 @@ test: $(VENV)/.test
 # to the end on the loaded machine of the session that wrote it); CI leaves them out until one run shows them green.
 # `make test-e2e E2E_PENDING=` runs them too.
 E2E_PENDING ?= \
-  tests/test_reliability_driver.py::test_driver_sigkill_then_rerun_matches_uninterrupted_run \
   tests/test_sweep_e2e.py::test_latent_sweep_registers_champion_gate_holds_against_worse_run \
   tests/test_sweep_metric.py::test_fid_is_a_sweep_metric_on_latent_data \
   tests/test_sweep_resume.py::test_killed_sweep_resumes_and_never_leaks_the_tracking_password
