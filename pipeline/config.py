@@ -37,6 +37,9 @@ class DataConfig(Section):
     # every shard's sha256 against the manifest before training: once per manifest (cached in verified.json next to
     # it), in parallel Ray tasks (pipeline/data/verify.py)
     verify_checksums: bool = True
+    # CPUs each training worker's Ray Data stream may use (its executor's resource limit; pipeline/data/read_budget.py).
+    # None: the cluster's CPUs not reserved by training workers, shared equally between them
+    read_cpus: float | None = Field(default=None, gt=0)
 
 
 class ModelConfig(Section):
