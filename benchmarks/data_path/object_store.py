@@ -5,8 +5,9 @@
 Starts moto's S3 server on 127.0.0.1 (``pip install 'moto[server]'``) and points the standard AWS environment at it
 before Ray starts. Then:
   stream      the same flowrail pixel shard set (digits replicated to ``--samples``, 2000 samples per shard) streamed
-              with the training worker's reader (tar_reader, preserve_order, uint8 pixels) from local disk and from
-              s3://; median samples/s over ``--repeats`` full passes after one warm-up pass.
+              with the training worker's reader (``epoch_stream``: tar_reader, preserve_order, uint8 pixels, shuffle
+              windows of 512 samples, batches of ``--batch``) from local disk and from s3://; median samples/s over
+              ``--repeats`` full passes after one warm-up pass.
   startup     a ``--startup-shards``-shard set (10 samples per shard), local and on s3://: the driver's work before
               training starts — describe (manifest, confinement, existence) plus
                 before  verify_shards: every shard's sha256, serially on the driver (what every start used to do)
@@ -61,14 +62,16 @@ def write_pixels(out: str, n: int, per_shard: int) -> None:
 
 
 def stream_rate(shards: str, batch: int, repeats: int, expected: int) -> tuple[float, list[float]]:
-    from pipeline.data.streaming import describe, epoch_dataset
+    from pipeline.data.streaming import describe, epoch_stream
 
     paths, info = describe(shards, None)
 
-    def one_pass() -> int:
-        ds, _ = epoch_dataset(paths, info, policy="skip", seed=0, epoch=0, rank=0, world=1)
-        return sum(len(b["label"]) for b in ds.iter_torch_batches(batch_size=batch, local_shuffle_buffer_size=512))
+    def one_pass() -> int:  # the training worker's stream: windowed shuffle over 512 samples, full batches only
+        stream, _ = epoch_stream(paths, info, policy="skip", seed=0, epoch=0, rank=0, world=1, batch_size=batch,
+                                 shuffle_buffer=512)
+        return sum(len(b["label"]) for b, _ in stream)
 
+    expected -= expected % batch  # the incomplete last batch is dropped
     assert one_pass() == expected
     rates = []
     for _ in range(repeats):
@@ -109,6 +112,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--startup-shards", type=int, default=1000)
+    parser.add_argument("--no-startup", action="store_true", help="samples/s only, without the start-up part")
     parser.add_argument("--no-ray", action="store_true",
                         help="start-up only, without Ray (the 'first' verification then runs serially)")
     args = parser.parse_args()
@@ -130,7 +134,7 @@ def main() -> None:
                 print(f"stream {where}: median {median:,.0f} samples/s (passes: "
                       f"{', '.join(f'{r:,.0f}' for r in rates)})", flush=True)
             starts = {"local": f"{tmp}/many", "s3": "s3://bench/many"}
-            for where, url in starts.items():
+            for where, url in starts.items() if not args.no_startup else ():
                 t = time.perf_counter()
                 write_pixels(url, 10 * args.startup_shards, 10)
                 print(f"startup {where}: wrote {args.startup_shards} shards in {time.perf_counter() - t:.1f} s",

@@ -119,7 +119,7 @@ def worker_read_budget(cfg: TrainJobConfig, uri: str, run_id: str) -> dict[str, 
     import ray
 
     from pipeline.data.read_budget import read_budget
-    from pipeline.errors import ConfigError
+    from pipeline.config import ConfigError
     from pipeline.tracking import mark_terminated
 
     try:
