@@ -209,7 +209,6 @@ def epoch_dataset(paths: list[str], info: DataInfo, *, policy: str, seed: int, e
     import ray.data
 
     from pipeline.data.epoch_stream import FileIndex
-    from pipeline.data.executor_idle import install_idle_throttle
     from pipeline.data.read_budget import apply_budget
     from pipeline.data.tar_reader import is_flowrail_shards, read_shards
 
@@ -222,7 +221,6 @@ def epoch_dataset(paths: list[str], info: DataInfo, *, policy: str, seed: int, e
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False  # a new stream per epoch: its bars would flood the training log
     apply_budget(budget)
-    install_idle_throttle()  # its scheduling thread would otherwise poll flat out while the step runs
     if not info.cond_fields and is_flowrail_shards(all_files):  # flowrail's own shards: parsed in memory, one copy per shard (tar_reader)
         return read_shards(files, info, policy, uint8_pixels=raw, file_index=index, num_cpus=num_cpus), files
     ctx.enable_tensor_extension_casting = False  # a sample missing its array must not fail its whole block
