@@ -71,3 +71,18 @@ def test_resumed_ray_epoch_reads_fewer_files_and_yields_the_same_batches(ray_loc
     assert len(resumed) == len(full) - cut
     for (la, xa, pa), (lb, xb, pb) in zip(resumed, full[cut:]):
         assert np.array_equal(la, lb) and np.array_equal(xa, xb) and pa == pb
+
+
+def test_file_index_finds_files_in_the_forms_readers_report_them(tmp_path, monkeypatch):
+    """Ray's readers report s3:// files without their scheme and local files absolute."""
+    from pipeline.data.epoch_stream import FileIndex
+    from pipeline.errors import DataError
+
+    index = FileIndex(["s3://bench/pixels/shard-000004.tar", "s3://bench/pixels/shard-000001.tar"], first=3)
+    assert index("bench/pixels/shard-000004.tar") == 3 and index("s3://bench/pixels/shard-000001.tar") == 4
+    monkeypatch.chdir(tmp_path)
+    local = FileIndex(["data/shard-0.tar"])
+    assert local(str(tmp_path / "data" / "shard-0.tar")) == 0 and local("data/shard-0.tar") == 0
+    with pytest.raises(DataError, match="other.tar"):
+        index("bench/pixels/other.tar")
+    assert list(local.column([str(tmp_path / "data" / "shard-0.tar")], [3])) == [0, 0, 0]

@@ -99,27 +99,31 @@ def windowed_batches(blocks: Iterable[dict[str, np.ndarray]], *, batch_size: int
                 yield batch, (StreamPosition(w + 1, 0, batches) if used == n else StreamPosition(w, used, batches))
 
 
-def _file_key(path: str) -> str:
-    """A path as readers report it: without its ``scheme://`` (Ray's readers drop it for object stores)."""
+def _file_keys(path: str) -> list[str]:
+    """The forms a reader may report ``path`` in: as given, and for object stores without its ``scheme://``
+    (Ray's readers drop it: ``s3://b/x.tar`` -> ``b/x.tar``), for local files absolute."""
     import os
 
-    rest = path.split("://", 1)[1] if "://" in path else os.path.abspath(path)
-    return os.path.normpath(rest)
+    if "://" in path and not path.startswith("file://"):
+        return [path, os.path.normpath(path.split("://", 1)[1])]
+    local = path.removeprefix("file://")
+    return [path, os.path.normpath(local), os.path.abspath(local)]
 
 
 class FileIndex:
     """Each file's index in the rank's file list of the epoch, looked up by the path a reader reports for it."""
 
     def __init__(self, files: list[str], first: int = 0) -> None:
-        self._index = {_file_key(f): first + i for i, f in enumerate(files)}
+        self._index = {key: first + i for i, f in enumerate(files) for key in _file_keys(f)}
 
     def __call__(self, path: str) -> int:
         from pipeline.errors import DataError
 
-        try:
-            return self._index[_file_key(str(path))]
-        except KeyError:
-            raise DataError(f"a reader reported a sample from {path}, which is not one of this epoch's files") from None
+        text = str(path)
+        for key in (text, *_file_keys(text)[1:]):
+            if key in self._index:
+                return self._index[key]
+        raise DataError(f"a reader reported a sample from {path}, which is not one of this epoch's files")
 
     def column(self, paths: list[str], counts: list[int]) -> np.ndarray:
         """The :data:`FILE_COLUMN` of ``counts[i]`` samples from each ``paths[i]``."""
