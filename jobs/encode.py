@@ -1,6 +1,8 @@
 """``flowrail encode --vae DIR --src SHARDS --out DIR``: pre-encode pixel shards into autoencoder latent shards.
 
 SRC is a shard set or a folder of shard sets (e.g. ``train/`` and ``val/``); each becomes the same name under OUT.
+SRC and OUT are local directories or URLs of an object store (``s3://bucket/prefix``, ``gs://...``; credentials
+from the standard environment, see pipeline/data/storage.py); the autoencoder folder is local.
 Train on the result with ``flowrail train data.shards=OUT/train data.val_shards=OUT/val``.
 """
 from __future__ import annotations
@@ -12,8 +14,9 @@ from pathlib import Path
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="flowrail encode", description=__doc__)
     parser.add_argument("--vae", required=True, type=Path, help="local diffusers AutoencoderKL folder")
-    parser.add_argument("--src", required=True, type=Path, help="pixel shard set, or a folder of shard sets")
-    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--src", required=True,
+                        help="pixel shard set, or a folder of shard sets: local directory or s3:// / gs:// URL")
+    parser.add_argument("--out", required=True, help="local directory or s3:// / gs:// URL")
     parser.add_argument("--size", type=int, default=None, help="resize images to SIZE x SIZE before encoding")
     parser.add_argument("--scale", type=float, default=None,
                         help="latent scale (default: the autoencoder's scaling_factor, 0.18215 for SD)")

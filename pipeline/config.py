@@ -32,11 +32,16 @@ class DataConfig(Section):
     val_shards: str | None = "runs/data/digits/val"
     image_size: int | None = Field(default=16, ge=2)  # resize (bilinear) on the fly; None keeps the stored size
     batch_size: int = Field(default=64, ge=1)  # per worker
-    shuffle_buffer: int = Field(default=512, ge=0)  # local shuffle of the stream; 0 disables
+    # shuffle span: samples are shuffled within windows of whole shards holding at least this many samples
+    # (pipeline/data/epoch_stream.py; a resume restarts at its window); 0 keeps the shards' order
+    shuffle_buffer: int = Field(default=512, ge=0)
     bad_sample_policy: Literal["fail", "skip"] = "skip"  # corrupt/malformed samples: raise, or skip and count
     # every shard's sha256 against the manifest before training: once per manifest (cached in verified.json next to
     # it), in parallel Ray tasks (pipeline/data/verify.py)
     verify_checksums: bool = True
+    # CPUs each training worker's Ray Data stream may use (its executor's resource limit; pipeline/data/read_budget.py).
+    # None: the cluster's CPUs not reserved by training workers, shared equally between them
+    read_cpus: float | None = Field(default=None, gt=0)
 
 
 class ModelConfig(Section):

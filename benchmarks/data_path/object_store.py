@@ -5,8 +5,9 @@
 Starts moto's S3 server on 127.0.0.1 (``pip install 'moto[server]'``) and points the standard AWS environment at it
 before Ray starts. Then:
   stream      the same flowrail pixel shard set (digits replicated to ``--samples``, 2000 samples per shard) streamed
-              with the training worker's reader (tar_reader, preserve_order, uint8 pixels) from local disk and from
-              s3://; median samples/s over ``--repeats`` full passes after one warm-up pass.
+              with the training worker's reader (``epoch_stream``: tar_reader, preserve_order, uint8 pixels, shuffle
+              windows of 512 samples, batches of ``--batch``) from local disk and from s3://; median samples/s over
+              ``--repeats`` full passes (local and s3 alternating) after one warm-up pass of each.
   startup     a ``--startup-shards``-shard set (10 samples per shard), local and on s3://: the driver's work before
               training starts — describe (manifest, confinement, existence) plus
                 before  verify_shards: every shard's sha256, serially on the driver (what every start used to do)
@@ -60,22 +61,29 @@ def write_pixels(out: str, n: int, per_shard: int) -> None:
                     extra={"kind": "pixels", "field": "image.npy", "shape": [1, 8, 8], "num_classes": 10})
 
 
-def stream_rate(shards: str, batch: int, repeats: int, expected: int) -> tuple[float, list[float]]:
-    from pipeline.data.streaming import describe, epoch_dataset
+def stream_rates(sets: dict[str, str], batch: int, repeats: int, expected: int) -> dict[str, list[float]]:
+    """Samples/s of ``repeats`` full passes over each set, the sets' passes alternating (so that a change in the
+    machine's load hits both alike), after one warm-up pass of each."""
+    from pipeline.data.streaming import describe, epoch_stream
 
-    paths, info = describe(shards, None)
+    described = {where: describe(url, None) for where, url in sets.items()}
 
-    def one_pass() -> int:
-        ds, _ = epoch_dataset(paths, info, policy="skip", seed=0, epoch=0, rank=0, world=1)
-        return sum(len(b["label"]) for b in ds.iter_torch_batches(batch_size=batch, local_shuffle_buffer_size=512))
+    def one_pass(where: str) -> int:  # the training worker's stream: windowed shuffle over 512 samples, full batches
+        paths, info = described[where]
+        stream, _ = epoch_stream(paths, info, policy="skip", seed=0, epoch=0, rank=0, world=1, batch_size=batch,
+                                 shuffle_buffer=512)
+        return sum(len(b["label"]) for b, _ in stream)
 
-    assert one_pass() == expected
-    rates = []
+    expected -= expected % batch  # the incomplete last batch is dropped
+    for where in sets:
+        assert one_pass(where) == expected
+    rates: dict[str, list[float]] = {where: [] for where in sets}
     for _ in range(repeats):
-        t = time.perf_counter()
-        assert one_pass() == expected
-        rates.append(expected / (time.perf_counter() - t))
-    return statistics.median(rates), rates
+        for where in sets:
+            t = time.perf_counter()
+            assert one_pass(where) == expected
+            rates[where].append(expected / (time.perf_counter() - t))
+    return rates
 
 
 def timed(fn) -> float:
@@ -109,6 +117,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--startup-shards", type=int, default=1000)
+    parser.add_argument("--no-startup", action="store_true", help="samples/s only, without the start-up part")
     parser.add_argument("--no-ray", action="store_true",
                         help="start-up only, without Ray (the 'first' verification then runs serially)")
     args = parser.parse_args()
@@ -125,12 +134,12 @@ def main() -> None:
             sets = {"local": f"{tmp}/pixels", "s3": "s3://bench/pixels"}
             for where, url in sets.items() if not args.no_ray else ():
                 write_pixels(url, args.samples, 2000)
-            for where, url in sets.items() if not args.no_ray else ():
-                median, rates = stream_rate(url, args.batch, args.repeats, args.samples)
-                print(f"stream {where}: median {median:,.0f} samples/s (passes: "
-                      f"{', '.join(f'{r:,.0f}' for r in rates)})", flush=True)
+            for where, rates in (stream_rates(sets, args.batch, args.repeats, args.samples).items()
+                                 if not args.no_ray else ()):
+                print(f"stream {where}: median {statistics.median(rates):,.0f} samples/s, range {min(rates):,.0f}-"
+                      f"{max(rates):,.0f} (passes: {', '.join(f'{r:,.0f}' for r in rates)})", flush=True)
             starts = {"local": f"{tmp}/many", "s3": "s3://bench/many"}
-            for where, url in starts.items():
+            for where, url in starts.items() if not args.no_startup else ():
                 t = time.perf_counter()
                 write_pixels(url, 10 * args.startup_shards, 10)
                 print(f"startup {where}: wrote {args.startup_shards} shards in {time.perf_counter() - t:.1f} s",

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.data import storage
 from pipeline.data.safe_decode import numpy_batches, safe_decode
 from pipeline.data.shards import MANIFEST, ShardSetWriter, read_manifest, shard_paths
 from pipeline.errors import DataError
@@ -129,7 +130,10 @@ def encode_shard_set(src: str | Path, out: str | Path, vae_dir: str | Path, *, s
                      scale: float | None = None, posterior: Literal["mean", "sample"] = "mean",
                      batch_size: int = 64, concurrency: int = 1, num_cpus: float = 1, num_gpus: float = 0,
                      samples_per_shard: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Encode the pixel shard set ``src`` into a latent shard set at ``out``; returns the new manifest."""
+    """Encode the pixel shard set ``src`` into a latent shard set at ``out``; returns the new manifest.
+
+    ``src`` and ``out`` are local directories or URLs of any filesystem pyarrow knows (``s3://``, ``gs://``;
+    :mod:`pipeline.data.storage`); the autoencoder folder is local."""
     import ray
 
     from privacy.boundary import check_readable
@@ -153,13 +157,13 @@ def encode_shard_set(src: str | Path, out: str | Path, vae_dir: str | Path, *, s
     extra: dict[str, Any] = {
         "kind": "latents", "field": "latent.npy", "dtype": "float32",
         "num_classes": int(manifest.get("num_classes", 0)), "latent_scale": latent_scale, "vae": str(vae_dir),
-        "posterior": posterior, "source": str(Path(src).resolve()),
+        "posterior": posterior, "source": str(src) if storage.is_remote(src) else str(Path(src).resolve()),
         "image_size": size or manifest.get("shape", [0, 0, 0])[-1], "encoder": "AutoencoderKL",
     }
     for key in ("classes", "split"):
         if key in manifest:
             extra[key] = manifest[key]
-    writer = ShardSetWriter(Path(out), samples_per_shard, extra)
+    writer = ShardSetWriter(out, samples_per_shard, extra)
     count = 0
     for batch in numpy_batches(ds):
         for key, latent, label in zip(batch["__key__"], batch["latent"], batch["cls"]):
@@ -176,11 +180,13 @@ def encode_shard_set(src: str | Path, out: str | Path, vae_dir: str | Path, *, s
 
 
 def encode_tree(src: str | Path, out: str | Path, vae_dir: str | Path, **kw: Any) -> dict[str, dict[str, Any]]:
-    """Encode a shard set, or every shard set one level below ``src`` (e.g. ``train/`` and ``val/``)."""
-    src, out = Path(src), Path(out)
-    if (src / MANIFEST).is_file():
-        return {src.name: encode_shard_set(src, out, vae_dir, **kw)}
-    subsets = sorted(p for p in src.iterdir() if (p / MANIFEST).is_file()) if src.is_dir() else []
+    """Encode a shard set, or every shard set one level below ``src`` (e.g. ``train/`` and ``val/``); local
+    directories or URLs (``s3://...``) alike."""
+    src, out = str(src), str(out)
+    if storage.exists(storage.join(src, MANIFEST)):
+        return {storage.basename(src): encode_shard_set(src, out, vae_dir, **kw)}
+    subsets = [p for p in storage.subfolders(src) if storage.exists(storage.join(p, MANIFEST))]
     if not subsets:
         raise DataError(f"no shard set at {src}: no {MANIFEST} there or in its sub-folders")
-    return {p.name: encode_shard_set(p, out / p.name, vae_dir, **kw) for p in subsets}
+    return {storage.basename(p): encode_shard_set(p, storage.join(out, storage.basename(p)), vae_dir, **kw)
+            for p in subsets}

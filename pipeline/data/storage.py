@@ -127,6 +127,28 @@ def file_sizes(locations: list[str]) -> list[int | None]:
     return [sizes[p] for p in inner]
 
 
+def basename(location: str | os.PathLike) -> str:
+    """The last component of a path or URL (``s3://b/digits/train`` -> ``train``)."""
+    return str(location).rstrip("/").rsplit("/", 1)[-1] if is_remote(location) else \
+        os.path.basename(os.path.normpath(local_path(location)))
+
+
+def subfolders(location: str | os.PathLike) -> list[str]:
+    """The folders directly below ``location`` (on object stores: the key prefixes one level down), sorted;
+    none when it does not exist. A missing bucket or refused credentials raise, naming ``location``."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    try:
+        listed = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        raise storage_error(str(location), exc) from None
+    names = sorted(info.path.rstrip("/").rsplit("/", 1)[-1] for info in listed if info.type == pafs.FileType.Directory)
+    return [join(location, name) for name in names]
+
+
 def missing_bucket(location: str | os.PathLike) -> str | None:
     """The bucket of a remote ``location`` when that bucket does not exist (object stores report a missing
     bucket and a missing key alike as "not found"), else None."""

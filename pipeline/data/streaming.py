@@ -8,18 +8,23 @@ Training reads a deterministic stream per (seed, epoch, rank) — see :func:`epo
 from a checkpoint sees exactly the batches an uninterrupted run would have seen. Ray Data's ``streaming_split``
 hands blocks to whichever worker asks first ("OutputSplitter does not provide any ordering guarantees"), so the
 training workers do not use it: each worker reads its own files of the epoch's seeded file permutation, in order
-(``preserve_order``), with a seeded local shuffle.
+(``preserve_order``), shuffled in seeded windows of whole files (:mod:`pipeline.data.epoch_stream`) so that a
+resumed epoch starts reading at the file it stopped in. Each worker's Ray Data executor gets an explicit resource
+budget beside the training workers (:mod:`pipeline.data.read_budget`).
 """
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from pipeline.data import storage
+from pipeline.data.epoch_stream import StreamPosition
 from pipeline.data.pixels import hwc_to_chw, to_model_pixels
+from pipeline.data.read_budget import ReadBudget
 from pipeline.data.safe_decode import refuse_unsafe
 from pipeline.data.shards import read_manifest, shard_paths
 from pipeline.errors import DataError, first_line
@@ -71,10 +76,11 @@ class Decode:
     or raise a one-line :class:`DataError` naming the sample (policy ``fail``).
     """
 
-    def __init__(self, info: DataInfo, policy: str = "skip", uint8_pixels: bool = False) -> None:
+    def __init__(self, info: DataInfo, policy: str = "skip", uint8_pixels: bool = False, file_index: Any = None) -> None:
         self.info = info
         self.policy = policy
         self.uint8_pixels = uint8_pixels  # pixels stay uint8 (B, C, H, W); the worker converts (pipeline.data.pixels)
+        self.file_index = file_index  # an epoch_stream.FileIndex: adds each sample's file position (column "file")
 
     def _bad(self, key: str, url: str, why: str) -> None:
         if self.policy == "fail":
@@ -87,7 +93,7 @@ class Decode:
         keys = batch.get("__key__", np.array(["?"] * len(next(iter(batch.values())))))
         urls = batch.get("__url__", np.array(["?"] * len(keys)))
         arrays, labels = batch.get(info.field), batch.get("cls")
-        good_x, good_y, skipped = [], [], 0
+        good_x, good_y, good_urls, skipped = [], [], [], 0
         good_c: dict[str, list[np.ndarray]] = {}
         for i in range(len(keys)):
             x = None if arrays is None else arrays[i]
@@ -133,11 +139,13 @@ class Decode:
             for name, value in conds.items():
                 good_c.setdefault(name, []).append(value)
             good_x.append(x)
+            good_urls.append(str(urls[i]))
             good_y.append(int(label) if label is not None and label == label else -1)
+        files = {} if self.file_index is None else {"file": self.file_index.column(good_urls, [1] * len(good_urls))}
         if not good_x:
             raw = self.uint8_pixels and info.kind == "pixels"
             out_shape = (0, info.channels, info.size, info.size)
-            return {"image": np.zeros(out_shape, np.uint8 if raw else np.float32), "label": np.zeros(0, np.int64),
+            return {**files, "image": np.zeros(out_shape, np.uint8 if raw else np.float32), "label": np.zeros(0, np.int64),
                     **{f.removesuffix(".npy"): np.zeros((0, *shape), np.float32)
                        for f, shape in (info.cond_fields or {}).items()},
                     "skipped": np.zeros(0, np.int64)}
@@ -151,7 +159,7 @@ class Decode:
         count = np.zeros(len(good_x), np.int64)
         count[0] = skipped
         conds = {f.removesuffix(".npy"): np.stack(good_c[f]) for f in (info.cond_fields or {})}
-        return {"image": images, "label": np.asarray(good_y, np.int64), "skipped": count, **conds}
+        return {"image": images, "label": np.asarray(good_y, np.int64), "skipped": count, **conds, **files}
 
     def _conditioning(self, batch: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray] | None:
         """The per-sample conditioning arrays named in the manifest (e.g. FLUX text embeddings), or None if bad."""
@@ -188,33 +196,65 @@ def batch_stride(num_files: int, world: int) -> int:
 
 
 def epoch_dataset(paths: list[str], info: DataInfo, *, policy: str, seed: int, epoch: int, rank: int,
-                  world: int) -> tuple[Any, list[str]]:
-    """A Ray Dataset of this rank's decoded samples for ``epoch`` in a deterministic order, and its files.
+                  world: int, start_file: int = 0, budget: ReadBudget | None = None,
+                  file_column: bool = False) -> tuple[Any, list[str]]:
+    """A Ray Dataset of this rank's decoded samples for ``epoch`` in a deterministic order, and the files it reads.
 
     Determinism: the files are fixed by (seed, epoch, rank); ``DataContext.execution_options.preserve_order``
-    makes Ray Data emit blocks in file order whatever the order its read tasks finish in.
+    makes Ray Data emit blocks in file order whatever the order its read tasks finish in. ``start_file``: read the
+    rank's files from that one on (a resumed epoch). ``budget``: this rank's Ray Data resource limits
+    (:mod:`pipeline.data.read_budget`; ``None``: Ray Data's defaults). ``file_column``: add each sample's index in
+    the rank's file list (column ``file``, for :mod:`pipeline.data.epoch_stream`).
     """
     import ray.data
 
-    from pipeline.data.executor_idle import install_idle_throttle
+    from pipeline.data.epoch_stream import FileIndex
+    from pipeline.data.read_budget import apply_budget
     from pipeline.data.tar_reader import is_flowrail_shards, read_shards
 
-    files = epoch_files(paths, seed=seed, epoch=epoch, rank=rank, world=world)
-    raw = info.kind == "pixels" and stored_size(files) == info.size  # uint8 through the object store (no resize)
+    all_files = epoch_files(paths, seed=seed, epoch=epoch, rank=rank, world=world)
+    files = all_files[start_file:]
+    index = FileIndex(files, first=start_file) if file_column else None
+    num_cpus = budget.task_cpus if budget is not None else None
+    raw = info.kind == "pixels" and stored_size(all_files) == info.size  # uint8 through the object store (no resize)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False  # a new stream per epoch: its bars would flood the training log
-    install_idle_throttle()  # its scheduling thread would otherwise poll flat out while the step runs
-    if not info.cond_fields and is_flowrail_shards(files):  # flowrail's own shards: parsed in memory, one copy per shard (tar_reader)
-        return read_shards(files, info, policy, uint8_pixels=raw), files
+    apply_budget(budget)
+    if not info.cond_fields and is_flowrail_shards(all_files):  # flowrail's own shards: parsed in memory, one copy per shard (tar_reader)
+        return read_shards(files, info, policy, uint8_pixels=raw, file_index=index, num_cpus=num_cpus), files
     ctx.enable_tensor_extension_casting = False  # a sample missing its array must not fail its whole block
     # refuse_unsafe: members stay bytes and Decode parses them (np.load without pickles), so a sample with a missing
     # or garbled member is one bad sample under data.bad_sample_policy instead of a failed read of the whole block;
     # a pickle/torch member refuses the shard (pipeline.data.safe_decode)
-    ds = ray.data.read_webdataset(files, shuffle=None, decoder=refuse_unsafe)
-    ds = ds.map_batches(Decode(info, policy, uint8_pixels=raw), batch_format="numpy", batch_size=256,
-                        zero_copy_batch=True)
+    ds = ray.data.read_webdataset(files, shuffle=None, decoder=refuse_unsafe, num_cpus=num_cpus)
+    # whole blocks: the read and the decode fuse into one task (a batch_size would keep them apart, see tar_reader)
+    ds = ds.map_batches(Decode(info, policy, uint8_pixels=raw, file_index=index), batch_format="numpy",
+                        batch_size=None, zero_copy_batch=True, num_cpus=num_cpus)
     return ds, files
+
+
+def epoch_stream(paths: list[str], info: DataInfo, *, policy: str, seed: int, epoch: int, rank: int, world: int,
+                 batch_size: int, shuffle_buffer: int, start: StreamPosition | None = None,
+                 budget: ReadBudget | None = None) -> tuple[Iterator[tuple[dict[str, np.ndarray], StreamPosition]],
+                                                            list[str]]:
+    """This rank's numpy batches of ``epoch`` with the stream position after each, and the files read.
+
+    Batches come from :func:`pipeline.data.epoch_stream.windowed_batches` over :func:`epoch_dataset`; a ``start``
+    position reads only the files from its window on. With fewer files than ranks every rank reads every file
+    and keeps the stream batches ``i`` with ``i % world == rank`` (:func:`batch_stride`).
+    """
+    from pipeline.data.epoch_stream import files_per_window, windowed_batches
+
+    start = start or StreamPosition()
+    stride = batch_stride(len(paths), world)
+    per_window = files_per_window(shuffle_buffer, info.num_samples / max(len(paths), 1))
+    ds, files = epoch_dataset(paths, info, policy=policy, seed=seed, epoch=epoch, rank=rank, world=world,
+                              start_file=start.window * per_window, budget=budget, file_column=True)
+    blocks = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
+    stream = windowed_batches(blocks, batch_size=batch_size, per_window=per_window, seed=seed, epoch=epoch,
+                              rank_key=rank if stride == 1 else 0, shuffle=shuffle_buffer > 0, start=start)
+    return ((b, p) for b, p in stream if (p.batches - 1) % stride == rank % stride), files
 
 
 def stored_size(files: list[str]) -> int | None:

@@ -172,14 +172,18 @@ def _npy_header(data: bytes, offset: int, size: int) -> tuple[int, tuple[int, ..
 class ParseShards:
     """Ray Data batch UDF: rows ``{"bytes": tar, "path": url}`` → the decoded samples of those tars.
 
-    Use with ``batch_size=1`` so that one output block holds one shard. ``info`` is a
+    Use on whole blocks (``batch_size=None``) of a read with one shard per block: one output block then holds one
+    shard, and Ray Data fuses the read and the parse into one task per shard (``batch_size=1`` would keep them
+    apart: two tasks, and the tar bytes through the object store in between). ``info`` is a
     :class:`pipeline.data.streaming.DataInfo`.
     """
 
-    def __init__(self, info: Any, policy: str = "skip", uint8_pixels: bool = False) -> None:
+    def __init__(self, info: Any, policy: str = "skip", uint8_pixels: bool = False, file_index: Any = None) -> None:
         if policy not in ("skip", "fail"):
             raise ValueError(f"bad_sample_policy={policy!r} must be 'skip' or 'fail'")
         self.info = info
+        # a pipeline.data.epoch_stream.FileIndex: adds each sample's file position (column "file") for the epoch stream
+        self.file_index = file_index
         self.policy = policy
         self.uint8_pixels = uint8_pixels  # pixels stay uint8 (B, C, H, W); the worker converts (pipeline.data.pixels)
         self.ext = info.field  # e.g. "image.npy": the member extension after the key
@@ -292,24 +296,31 @@ class ParseShards:
         labels = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
         skipped = sum(p[2] for p in parts)
         if not stacked:
-            return self.to_batch(None, labels, skipped)
-        return self.to_batch(stacked[0] if len(stacked) == 1 else np.concatenate(stacked), labels, skipped)
+            out = self.to_batch(None, labels, skipped)
+        else:
+            out = self.to_batch(stacked[0] if len(stacked) == 1 else np.concatenate(stacked), labels, skipped)
+        if self.file_index is not None:
+            from pipeline.data.epoch_stream import FILE_COLUMN
+
+            out[FILE_COLUMN] = self.file_index.column([str(u) for u in urls], [len(p[1]) for p in parts])
+        return out
 
 
 def read_shards(files: list[str], info: Any, policy: str = "skip", *, shuffle_files: bool = False,
-                uint8_pixels: bool = False) -> Any:
+                uint8_pixels: bool = False, file_index: Any = None, num_cpus: float | None = None) -> Any:
     """A Ray Dataset of the decoded samples of flowrail-format shard ``files`` (in file order unless shuffled).
 
     Same output columns and bad-sample policy as ``read_webdataset`` + :class:`~pipeline.data.streaming.Decode`.
+    ``file_index`` adds each sample's file position; ``num_cpus``: CPUs per read task (Ray's default: 1).
     """
     import ray.data
 
     if getattr(info, "cond_fields", None):
         raise ValueError("tar_reader does not read conditioning fields (FLUX embeddings): use read_webdataset + Decode")
     ds = ray.data.read_binary_files(files, include_paths=True, shuffle="files" if shuffle_files else None,
-                                    override_num_blocks=len(files))
-    return ds.map_batches(ParseShards(info, policy, uint8_pixels), batch_format="numpy", batch_size=1,
-                          zero_copy_batch=True)
+                                    override_num_blocks=len(files), num_cpus=num_cpus)
+    return ds.map_batches(ParseShards(info, policy, uint8_pixels, file_index), batch_format="numpy",
+                          batch_size=None, zero_copy_batch=True, num_cpus=num_cpus)
 
 
 def is_flowrail_shards(files: list[str]) -> bool:

@@ -57,6 +57,9 @@ class TrainState:
     bad_steps: int = 0
     skipped_samples: int = 0
     batch_in_epoch: int = 0  # batches of this epoch already consumed (good or skipped): the data position
+    # this rank's pipeline.data.epoch_stream.StreamPosition after its last consumed batch (window, offset, batches);
+    # saved per rank beside its RNG state. None: start of the epoch, or a checkpoint from before it existed
+    data_position: list[int] | None = None
 
 
 def _write_failure(local_dir: Path, exc: BaseException) -> str:
@@ -93,7 +96,8 @@ def save(local_dir: Path, *, engine: Any, ema: Any, state: TrainState, cfg: Trai
         local_dir.mkdir(parents=True, exist_ok=True)
         engine.save_checkpoint(str(local_dir / DS_DIR), tag=DS_TAG, client_state={"step": state.step})
         (local_dir / "rng").mkdir(exist_ok=True)
-        torch.save({"torch": torch.get_rng_state()}, local_dir / "rng" / f"rank{rank}.pt")
+        torch.save({"torch": torch.get_rng_state(), "data_position": state.data_position},
+                   local_dir / "rng" / f"rank{rank}.pt")
         ema_state = ema.checkpoint_state(rank)  # a gather under ZeRO-3 (every rank takes part), else rank 0's copy
         if rank == 0:
             save_file(ema_state, str(local_dir / EMA_FILE))
@@ -130,10 +134,13 @@ def restore(ckpt_dir: Path, *, engine: Any, ema: Any, rank: int, world: int | No
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {ckpt_dir}: {EMA_FILE} does not fit this model ({str(exc)[:300]})") from None
     rng_file = Path(ckpt_dir) / "rng" / f"rank{rank}.pt"
-    if rng_file.is_file():
-        torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
+    rank_state = torch.load(rng_file, weights_only=True) if rng_file.is_file() else {}
+    if "torch" in rank_state:
+        torch.set_rng_state(rank_state["torch"])
+    position = rank_state.get("data_position")
     return TrainState(step=meta["step"], epoch=meta["epoch"], bad_steps=meta.get("bad_steps", 0),
-                      skipped_samples=meta.get("skipped_samples", 0), batch_in_epoch=meta.get("batch_in_epoch", 0))
+                      skipped_samples=meta.get("skipped_samples", 0), batch_in_epoch=meta.get("batch_in_epoch", 0),
+                      data_position=[int(v) for v in position] if position else None)
 
 
 @dataclass

@@ -72,6 +72,7 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
     log_import_notes(import_notes, uri, run_id)
     init_ray()
     tcfg = cfg.train
+    read_budget = worker_read_budget(cfg, uri, run_id)
     storage = tcfg.storage_path or str(Path(cfg.run_dir) / "ray")
     verbose = is_verbose(cfg)
     if not verbose:
@@ -79,7 +80,7 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
     loop_config = {"cfg": cfg.model_dump(mode="json"), "data": info.to_dict(), "paths": paths, "run_id": run_id,
                    "tracking_uri": uri, "metric_spool": str(metric_spool(cfg)), "verbose": verbose,
                    "user_error_marker": str(metric_spool(cfg).parent / "user_error.json"),
-                   "checkpoint_storage": f"{storage.rstrip('/')}/{cfg.run_name}"}
+                   "checkpoint_storage": f"{storage.rstrip('/')}/{cfg.run_name}", "read_budget": read_budget}
     user_errors.clear(loop_config["user_error_marker"])
     if os.environ.get("FLOWRAIL_FAULT_INJECT"):  # reliability tests only: see worker.FaultInjection
         loop_config.update(fault_injection=os.environ["FLOWRAIL_FAULT_INJECT"],
@@ -117,6 +118,24 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
     out = TrainResult(run_id=run_id, checkpoint=checkpoint, metrics=dict(result.metrics or {}), tracking_uri=uri)
     finish_run(cfg, out, make_grid)
     return out
+
+
+def worker_read_budget(cfg: TrainJobConfig, uri: str, run_id: str) -> dict[str, float]:
+    """Each training worker's Ray Data resource limits from the running cluster and the config
+    (:func:`pipeline.data.read_budget.read_budget`); a config that leaves no CPU for reading marks the new MLflow
+    run FAILED and is refused in one line."""
+    import ray
+
+    from pipeline.data.read_budget import read_budget
+    from pipeline.config import ConfigError
+    from pipeline.tracking import mark_terminated
+
+    try:
+        return read_budget(ray.cluster_resources(), num_workers=cfg.train.num_workers,
+                           cpus_per_worker=cfg.train.cpus_per_worker, read_cpus=cfg.data.read_cpus).to_dict()
+    except ConfigError:
+        mark_terminated(uri, run_id, "FAILED")
+        raise
 
 
 def finish_run(cfg: TrainJobConfig, out: TrainResult, make_grid: bool = True) -> None:

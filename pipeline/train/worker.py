@@ -6,8 +6,9 @@ and rank 0 logs it; every ``checkpoint_every`` steps (and at the end) every rank
 and reports it to Ray Train.
 
 Resume: a restarted worker group (``train.max_failures``) or a re-run restores model, optimizer, EMA, RNG and the
-data position (epoch, batches consumed in it) from the latest checkpoint and skips those batches, so it takes the
-same steps on the same batches as an uninterrupted run. An epoch ends for all ranks as soon as one rank's stream
+data position (epoch, batches consumed in it, this rank's stream position) from the latest checkpoint and starts
+its stream at that position, reading only the files from there on (:mod:`pipeline.data.epoch_stream`), so it takes
+the same steps on the same batches as an uninterrupted run. An epoch ends for all ranks as soon as one rank's stream
 runs out (ranks agree on it before every step), so every rank takes the same number of steps.
 """
 from __future__ import annotations
@@ -153,8 +154,10 @@ class EpochPrefetch:
 def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
     import ray.train
 
+    from pipeline.data.epoch_stream import StreamPosition
     from pipeline.data.pixels import model_batch
-    from pipeline.data.streaming import batch_stride, epoch_dataset, name_bad_shard
+    from pipeline.data.read_budget import budget_from
+    from pipeline.data.streaming import epoch_stream, name_bad_shard
     from pipeline.tracking import MetricLogger
     from pipeline.train.worker_setup import set_up_worker
 
@@ -227,25 +230,24 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def epoch_batches(epoch: int):
-        """This rank's batches of ``epoch`` (deterministic); read errors become one line naming the shard."""
-        ds, files = epoch_dataset(paths, info, policy=cfg.data.bad_sample_policy, seed=cfg.seed, epoch=epoch,
-                                  rank=rank, world=world)
-        stride = batch_stride(len(paths), world)  # >1: every rank reads every file and keeps every stride-th batch
-        iterator = iter(ds.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True,
-                                              local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-                                              local_shuffle_seed=cfg.seed + 7919 * epoch + (rank if stride == 1 else 0)))
-        index = 0
+    budget = budget_from(loop_config.get("read_budget"))  # this rank's Ray Data limits (pipeline/data/read_budget.py)
+
+    def epoch_batches(epoch: int, start: StreamPosition | None = None):
+        """This rank's batches of ``epoch`` from ``start`` (deterministic), each with its stream position under
+        ``"position"``; read errors become one line naming the shard."""
+        stream, files = epoch_stream(paths, info, policy=cfg.data.bad_sample_policy, seed=cfg.seed, epoch=epoch,
+                                     rank=rank, world=world, batch_size=cfg.data.batch_size,
+                                     shuffle_buffer=cfg.data.shuffle_buffer, start=start, budget=budget)
         while True:
             try:
-                batch = next(iterator)
+                batch, position = next(stream)
             except StopIteration:
                 return
             except Exception as exc:  # noqa: BLE001 - Ray Data wraps read/decode errors of its tasks
                 raise (_user_error(exc) or name_bad_shard(files, exc)) from None
-            if index % stride == rank % stride:
-                yield model_batch(batch, info)  # uint8 pixels crossed the object store; floats from here on
-            index += 1
+            tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+            # uint8 pixels crossed the object store; floats from here on
+            yield {**model_batch(tensors, info), "position": position}
 
     # Per step one host sync (the NaN-guard flag) and one collective: the agreement on "this loss is finite" and
     # on "every rank has a next batch" travel together, the next batch being fetched before that agreement.
@@ -267,15 +269,17 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
         started = prefetch.take(state.epoch) if consumed_before == 0 else None
         if started is not None:
             batches, batch = started
-        else:
-            batches = epoch_batches(state.epoch)
-            for _ in range(state.batch_in_epoch):  # resume: skip what this epoch already consumed
+        else:  # resume: the stream starts at this rank's saved position, reading only the files from there on
+            position = StreamPosition(*state.data_position) if consumed_before and state.data_position else None
+            batches = epoch_batches(state.epoch, position)
+            for _ in range(0 if position else consumed_before):  # a checkpoint without a position: skip batches
                 next(batches, None)
             batch = next(batches, None)
         window["wait"] += time.perf_counter() - t_wait
         ended = all_reduce_sum([float(batch is None)])[0] > 0  # one rank ran out: the epoch ends for all
         while not ended:
             state.batch_in_epoch += 1
+            state.data_position = list(batch.pop("position"))
             if state.batch_in_epoch == prefetch_at:
                 prefetch.start(state.epoch + 1)
             window["skipped"] += int(batch.pop("skipped").sum()) if "skipped" in batch else 0
@@ -360,6 +364,7 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
                             f"{cfg.data.batch_size} samples (too few valid samples for data.batch_size)")
         state.epoch += 1
         state.batch_in_epoch = 0
+        state.data_position = None
     if log_thread is not None:
         if logged is not None:
             logged.result()
