@@ -89,11 +89,12 @@ def quiet_ray_logs() -> None:
     _add_once(train_context.__file__, _DropReportLines)
 
 
-_DRIVER_INFO_LOGGERS = ("ray._private.worker", "mlflow")  # "Started a local Ray instance"; MLflow's store setup
+# "Started a local Ray instance"; Tune's "Wrote the latest version of all result files"; MLflow's store set-up
+_DRIVER_INFO_LOGGERS = ("ray._private.worker", "ray.tune", "mlflow")
 
 
 def quiet_driver_logs() -> None:
-    """On a job's driver: Ray's start-up INFO line and MLflow's INFO lines (database tables created/updated) off;
+    """On a job's driver: Ray's start-up and Tune's INFO lines and MLflow's INFO lines (database tables created/updated) off;
     their warnings still show. MLflow sets its logger's level when imported, so it is imported first."""
     import mlflow  # noqa: F401
 
@@ -104,7 +105,8 @@ def quiet_driver_logs() -> None:
 def restore_ray_logs() -> None:
     """Undo :func:`quiet_ray_logs` and :func:`quiet_driver_logs` in this process (tests; a verbose job in a
     long-lived process)."""
-    logging.getLogger("ray._private.worker").setLevel(logging.NOTSET)
+    for name in _DRIVER_INFO_LOGGERS[:-1]:
+        logging.getLogger(name).setLevel(logging.NOTSET)
     if logging.getLogger("mlflow").level == logging.WARNING:
         logging.getLogger("mlflow").setLevel(logging.INFO)  # MLflow's own default
     names = [_RAY_DATA_EXECUTOR_LOGGER, "ray.data._internal.progress", "urllib3.connectionpool"]
