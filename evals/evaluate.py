@@ -81,10 +81,6 @@ def run_evaluation(trained: Any, cfg: Any, show_progress: bool = False) -> EvalR
     from pipeline.console import TaskProgress
 
     remote = len(plan_slices(cfg.eval.num_samples, trained.num_classes, cfg.eval.num_workers, cfg.eval.seed)) > 1
-    if show_progress and remote:
-        from pipeline.cluster import init_ray
-
-        init_ray()  # the bar's queue actor needs Ray; the workers would start it anyway
     with TaskProgress(cfg.eval.num_samples, "evaluate", "samples", remote, enabled=show_progress) as progress:
         return _evaluate(trained, cfg, progress)
 
@@ -127,6 +123,11 @@ def _evaluate(trained: Any, cfg: Any, progress: Any) -> EvalResult:
 
         trained = flux_eval_view(trained, cfg)
     progress.doing("sampling")
+    if progress.remote and progress.enabled:
+        from pipeline.cluster import init_ray
+
+        init_ray()  # the bar's queue actor lives in Ray (the workers would start it anyway)
+        progress.start_remote()
     total: WorkerResult = run_workers(trained, cfg, plan, progress.feed)
     progress.doing("metrics")
     metrics: dict[str, float] = {}

@@ -271,7 +271,7 @@ class TaskProgress:
 
     ``feed`` is what the work reports to with :func:`send_progress`: the bar's own update function when the work
     runs in this process (``remote=False``), a Ray queue actor (picklable, so Ray tasks can hold it) read by a driver
-    thread when it runs in Ray tasks. ``doing`` sets the postfix for driver-side phases. Disabled: ``feed`` is None."""
+    thread when it runs in Ray tasks (after :meth:`start_remote`, once Ray is up). ``doing`` sets the postfix for driver-side phases. Disabled: ``feed`` is None."""
 
     def __init__(self, total: int, desc: str, unit: str, remote: bool, enabled: bool = True) -> None:
         self.total, self.desc, self.unit, self.remote, self.enabled = total, desc, unit, remote, enabled
@@ -291,13 +291,17 @@ class TaskProgress:
                                                      "[{elapsed}<{remaining}{postfix}]")
         if not self.remote:
             self.feed = self._advance
-            return self
+        return self
+
+    def start_remote(self) -> None:
+        """Make ``feed`` a Ray queue (Ray must be initialised) read by a driver thread; only when ``remote``."""
+        if not (self.enabled and self.remote) or self._queue is not None:
+            return
         from ray.util.queue import Queue
 
         self._queue = self.feed = Queue(actor_options={"num_cpus": 0})
         self._thread = threading.Thread(target=self._drain, name="flowrail-task-progress", daemon=True)
         self._thread.start()
-        return self
 
     def _advance(self, done: int, doing: str) -> None:
         self.bar.set_postfix_str(doing, refresh=False)
