@@ -67,11 +67,14 @@ def _batch_seed(worker_seed: int, index: int) -> int:
     return int(np.random.SeedSequence([worker_seed, index]).generate_state(1)[0])
 
 
-def generate_and_tally(source: Any, labels: torch.Tensor, seed: int, plan: EvalPlan) -> WorkerResult:
+def generate_and_tally(source: Any, labels: torch.Tensor, seed: int, plan: EvalPlan,
+                       progress: Any = None) -> WorkerResult:
     """Sample ``labels`` from ``source`` (a :class:`Trained`, or ``(checkpoint_path, TrainJobConfig)``) and tally.
 
     Labels < 0 never occur here; ``classifier_accuracy`` compares predictions with these requested labels.
+    ``progress``: the driver's bar feed (:func:`pipeline.console.send_progress`), told of every batch.
     """
+    from pipeline.console import send_progress
     from pipeline.sampling import sample_classes
 
     start = time.time()
@@ -87,15 +90,20 @@ def generate_and_tally(source: Any, labels: torch.Tensor, seed: int, plan: EvalP
         inception = InceptionFeatures(plan.inception_weights, device="cuda" if torch.cuda.is_available() else "cpu")
     result = WorkerResult(digits=DigitsTally() if classifier is not None else None,
                           inception=RunningStats(2048) if inception is not None else None)
-    for j, chunk in enumerate(labels.split(plan.batch_size)):
+    batches = labels.split(plan.batch_size)
+    for j, chunk in enumerate(batches):
+        send_progress(progress, 0, f"sampling batch {j + 1}/{len(batches)}")
         out = sample_classes(trained, chunk, _batch_seed(seed, j), batch_size=plan.batch_size)
         images = out.x.detach().float().cpu().clamp(-1, 1)
         result.nfe = int(out.nfe)
         result.num_samples += len(chunk)
+        if result.digits is not None or result.inception is not None:
+            send_progress(progress, 0, f"features of batch {j + 1}/{len(batches)}")
         if result.digits is not None:
             result.digits.add(classifier, images, chunk)
         if result.inception is not None:
             result.inception.update(inception(images))
+        send_progress(progress, len(chunk), f"batch {j + 1}/{len(batches)} done")
         for c in chunk.unique().tolist():
             have = result.examples.get(c)
             if have is None or len(have) < plan.examples_per_class:
@@ -131,17 +139,17 @@ def _checkpoint_matches(trained: Any) -> bool:
         return False
 
 
-def run_workers(trained: Any, cfg: Any, plan: EvalPlan) -> WorkerResult:
+def run_workers(trained: Any, cfg: Any, plan: EvalPlan, progress: Any = None) -> WorkerResult:
     """Generate ``cfg.eval.num_samples`` samples over ``cfg.eval.num_workers`` workers and reduce their tallies.
 
     Workers load the checkpoint from ``trained.path`` with ``cfg`` (so they sample with ``cfg.sampler`` and
     ``cfg.guidance``); a model whose weights are not that checkpoint's (no path, or another step) is shipped
-    through the Ray object store instead.
+    through the Ray object store instead. ``progress``: the driver's bar feed (a Ray queue when there are workers).
     """
     slices = plan_slices(cfg.eval.num_samples, trained.num_classes, cfg.eval.num_workers, cfg.eval.seed)
     if len(slices) == 1:
         labels, seed = slices[0]
-        return generate_and_tally(trained, labels, seed, plan)
+        return generate_and_tally(trained, labels, seed, plan, progress)
 
     import ray
 
@@ -151,7 +159,7 @@ def run_workers(trained: Any, cfg: Any, plan: EvalPlan) -> WorkerResult:
     source: Any = (str(trained.path), cfg) if _checkpoint_matches(trained) else ray.put(trained)
     task = ray.remote(generate_and_tally).options(
         num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0, max_retries=1)
-    refs = [task.remote(source, labels, seed, plan) for labels, seed in slices]
+    refs = [task.remote(source, labels, seed, plan, progress) for labels, seed in slices]
     total = WorkerResult()
     for part in ray.get(refs):
         total.merge(part, plan.examples_per_class)

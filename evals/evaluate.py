@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from evals.digits_metrics import DIGITS_METRICS
-from evals.distributed import EvalPlan, WorkerResult, run_workers
+from evals.distributed import EvalPlan, WorkerResult, plan_slices, run_workers
 from evals.likelihood import LIKELIHOOD_METRICS, check_applicable, likelihood_metrics
 
 KNOWN_METRICS = (*DIGITS_METRICS, "fid", *LIKELIHOOD_METRICS)
@@ -72,11 +72,20 @@ def _fid_reference(trained: Any, cfg: Any) -> tuple[np.ndarray, np.ndarray]:
                            image_size=trained.data.size, cache_dir=cfg.eval.cache_dir, batch_size=cfg.eval.batch_size)
 
 
-def run_evaluation(trained: Any, cfg: Any) -> EvalResult:
+def run_evaluation(trained: Any, cfg: Any, show_progress: bool = False) -> EvalResult:
     """Sample ``cfg.eval.num_samples`` class-balanced samples with ``cfg``'s sampler and compute ``cfg.eval.metrics``.
 
     Returns the metrics plus ``nfe`` (model evaluations per sample), ``eval_samples`` and ``eval_seconds``.
+    ``show_progress``: one bar on stderr over the samples, saying what is being done (``flowrail evaluate``).
     """
+    from pipeline.console import TaskProgress
+
+    remote = len(plan_slices(cfg.eval.num_samples, trained.num_classes, cfg.eval.num_workers, cfg.eval.seed)) > 1
+    with TaskProgress(cfg.eval.num_samples, "evaluate", "samples", remote, enabled=show_progress) as progress:
+        return _evaluate(trained, cfg, progress)
+
+
+def _evaluate(trained: Any, cfg: Any, progress: Any) -> EvalResult:
     requested = list(dict.fromkeys(cfg.eval.metrics))
     unknown = [m for m in requested if m not in KNOWN_METRICS]
     if unknown:
@@ -95,12 +104,14 @@ def run_evaluation(trained: Any, cfg: Any) -> EvalResult:
         from evals.inception import find_inception_weights
 
         weights = str(find_inception_weights(cfg.eval.inception_weights))  # fail before any sampling
+        progress.doing("FID reference statistics")
         fid_reference = _fid_reference(trained, cfg)
     else:
         weights = None
     if want_digits:
         from evals.digits_classifier import load_digits_classifier
 
+        progress.doing("digits classifier")
         load_digits_classifier(cfg.eval.cache_dir)  # train and cache once, before workers race to do it
     plan = EvalPlan(want_digits=want_digits, want_fid=want_fid, inception_weights=weights,
                     cache_dir=cfg.eval.cache_dir, batch_size=cfg.eval.batch_size,
@@ -111,7 +122,14 @@ def run_evaluation(trained: Any, cfg: Any) -> EvalResult:
         from pipeline.flux.evaluation import flux_eval_view
 
         trained = flux_eval_view(trained, cfg)
-    total: WorkerResult = run_workers(trained, cfg, plan)
+    progress.doing("sampling")
+    if progress.remote and progress.enabled:
+        from pipeline.cluster import init_ray
+
+        init_ray()  # the bar's queue actor lives in Ray (the workers would start it anyway)
+        progress.start_remote()
+    total: WorkerResult = run_workers(trained, cfg, plan, progress.feed)
+    progress.doing("metrics")
     metrics: dict[str, float] = {}
     if want_digits and total.digits is not None:
         from evals.digits_classifier import load_digits_classifier
@@ -124,6 +142,8 @@ def run_evaluation(trained: Any, cfg: Any) -> EvalResult:
         from evals.inception import fid_from_stats
 
         metrics["fid"] = fid_from_stats(total.inception, fid_reference)
+    if any(m in LIKELIHOOD_METRICS for m in requested):
+        progress.doing("likelihood (probability-flow ODE on real data)")
     metrics.update(likelihood_metrics(trained, cfg, requested))
     metrics.update(nfe=float(total.nfe), eval_samples=float(total.num_samples), eval_seconds=time.time() - start)
     return EvalResult(metrics=metrics, examples=total.examples, skipped=skipped)
@@ -154,6 +174,14 @@ def examples_grid(examples: dict[int, torch.Tensor], num_classes: int, path: Pat
         rows.append(imgs)
     names = [str(c) for c in classes] if num_classes else None
     return save_grid(torch.cat(rows), path, rows=len(classes), row_labels=names)
+
+
+def metrics_table(metrics: dict[str, float]) -> str:
+    """The metrics as a two-column table (name, value to 4 significant digits), one row each."""
+    width = max([len("metric"), *map(len, metrics)])
+    rows = [f"  {'metric':<{width}}  value", f"  {'-' * width}  {'-' * 10}"]
+    rows += [f"  {name:<{width}}  {value:.4g}" for name, value in metrics.items()]
+    return "\n".join(rows)
 
 
 def sampling_params(cfg: Any, trained: Any) -> dict[str, str]:

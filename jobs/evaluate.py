@@ -50,22 +50,24 @@ def main(argv: list[str]) -> int:
                              "(recorded on its training run)")
     args = parser.parse_intermixed_args(argv)
 
-    from evals.evaluate import examples_grid, log_evaluation, run_evaluation
+    from evals.evaluate import examples_grid, log_evaluation, metrics_table, run_evaluation
     from pipeline.config import tracking_uri
+    from pipeline.console import is_verbose, quiet_driver_logs
     from pipeline.train.checkpoint import find_latest, load_trained, read_meta
     from privacy.gate import require_audit_passed
 
+    if not is_verbose():  # Ray's start-up and MLflow's store INFO lines; `flowrail --verbose` shows them
+        quiet_driver_logs()
     ckpt = find_latest(args.checkpoint)
     cfg = eval_config(read_meta(ckpt)["config"], args.overrides)
     # a privacy-stage model's samples leave the stage (grid and metrics in MLflow) only after a passing audit
     require_audit_passed(ckpt, override=args.override_privacy_audit, tracking_uri=tracking_uri(cfg))
     trained = load_trained(ckpt, overrides=cfg)
-    result = run_evaluation(trained, cfg)
+    result = run_evaluation(trained, cfg, show_progress=True)
     grid = examples_grid(result.examples, trained.num_classes,
                          Path(cfg.run_dir) / "evaluations" / cfg.run_name / f"eval_step{trained.step:07d}.png")
     uri, run_id = log_evaluation(trained, cfg, result, grid)
-    shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items())
     print(f"[flowrail] evaluate {ckpt} (step {trained.step}, {cfg.sampler.method}/{cfg.sampler.solver}, "
-          f"{cfg.sampler.steps} steps, guidance {cfg.guidance.scale}): {shown}")
+          f"{cfg.sampler.steps} steps, guidance {cfg.guidance.scale}):\n{metrics_table(result.metrics)}")
     print(f"[flowrail] MLflow run {run_id} at {uri}" + (f"; grid {grid}" if grid else ""))
     return 0

@@ -10,6 +10,9 @@ Quiet by default, everything back with ``log.verbose=true`` or ``flowrail --verb
 - The driver draws one tqdm bar (step, loss, samples/s, data wait, ETA) from the reports the workers send to
   Ray Train: a callback on the Train controller (:func:`progress_callback`) passes rank 0's report to a queue that a
   driver thread reads.
+- Jobs that are not a training run (``flowrail evaluate``): :func:`quiet_driver_logs` hides the driver's
+  "Started a local Ray instance" and MLflow's store-setup INFO lines, and :class:`TaskProgress` draws one bar over
+  work done in-process or in Ray tasks (they report through :func:`send_progress`).
 """
 from __future__ import annotations
 
@@ -86,8 +89,26 @@ def quiet_ray_logs() -> None:
     _add_once(train_context.__file__, _DropReportLines)
 
 
+# "Started a local Ray instance"; Tune's "Wrote the latest version of all result files"; MLflow's store set-up
+_DRIVER_INFO_LOGGERS = ("ray._private.worker", "ray.tune", "mlflow")
+
+
+def quiet_driver_logs() -> None:
+    """On a job's driver: Ray's start-up and Tune's INFO lines and MLflow's INFO lines (database tables created/updated) off;
+    their warnings still show. MLflow sets its logger's level when imported, so it is imported first."""
+    import mlflow  # noqa: F401
+
+    for name in _DRIVER_INFO_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def restore_ray_logs() -> None:
-    """Undo :func:`quiet_ray_logs` in this process (tests; a verbose job in a long-lived process)."""
+    """Undo :func:`quiet_ray_logs` and :func:`quiet_driver_logs` in this process (tests; a verbose job in a
+    long-lived process)."""
+    for name in _DRIVER_INFO_LOGGERS[:-1]:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    if logging.getLogger("mlflow").level == logging.WARNING:
+        logging.getLogger("mlflow").setLevel(logging.INFO)  # MLflow's own default
     names = [_RAY_DATA_EXECUTOR_LOGGER, "ray.data._internal.progress", "urllib3.connectionpool"]
     try:
         from ray.train.v2._internal.execution import context as train_context
@@ -228,3 +249,94 @@ class DriverProgress:
             self._queue.shutdown()
         except Exception:  # noqa: BLE001
             pass
+
+
+def send_progress(feed: Any, done: int, doing: str) -> None:
+    """Tell the driver's :class:`TaskProgress` that ``done`` more units are finished and what is being done now.
+
+    ``feed`` is its :attr:`TaskProgress.feed`: a callable in-process, a Ray queue in a Ray task, None when no bar."""
+    if feed is None:
+        return
+    try:
+        if callable(feed):
+            feed(done, doing)
+        else:
+            feed.put_nowait((done, doing))
+    except Exception:  # noqa: BLE001 - the console must never fail the work
+        pass
+
+
+class TaskProgress:
+    """Context manager on the driver: one tqdm bar over ``total`` units (samples) with what is being done now.
+
+    ``feed`` is what the work reports to with :func:`send_progress`: the bar's own update function when the work
+    runs in this process (``remote=False``), a Ray queue actor (picklable, so Ray tasks can hold it) read by a driver
+    thread when it runs in Ray tasks (after :meth:`start_remote`, once Ray is up). ``doing`` sets the postfix for driver-side phases. Disabled: ``feed`` is None."""
+
+    def __init__(self, total: int, desc: str, unit: str, remote: bool, enabled: bool = True) -> None:
+        self.total, self.desc, self.unit, self.remote, self.enabled = total, desc, unit, remote, enabled
+        self.feed: Any = None
+        self.bar: Any = None
+        self._queue: Any = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> TaskProgress:
+        if not self.enabled:
+            return self
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, dynamic_ncols=True, file=sys.stderr,
+                        mininterval=0.5, bar_format="{desc}: {percentage:3.0f}%|{bar:20}| {n}/{total} {unit} "
+                                                     "[{elapsed}<{remaining}{postfix}]")
+        if not self.remote:
+            self.feed = self._advance
+        return self
+
+    def start_remote(self) -> None:
+        """Make ``feed`` a Ray queue (Ray must be initialised) read by a driver thread; only when ``remote``."""
+        if not (self.enabled and self.remote) or self._queue is not None:
+            return
+        from ray.util.queue import Queue
+
+        self._queue = self.feed = Queue(actor_options={"num_cpus": 0})
+        self._thread = threading.Thread(target=self._drain, name="flowrail-task-progress", daemon=True)
+        self._thread.start()
+
+    def _advance(self, done: int, doing: str) -> None:
+        self.bar.set_postfix_str(doing, refresh=False)
+        if done:
+            self.bar.update(done)
+        else:
+            self.bar.refresh()
+
+    def doing(self, what: str) -> None:
+        """A driver-side phase (loading a classifier, reference statistics, computing metrics)."""
+        if self.bar is not None:
+            self._advance(0, what)
+
+    def _drain(self) -> None:
+        from ray.util.queue import Empty
+
+        try:
+            while not self._stop.is_set() or not self._queue.empty():
+                try:
+                    done, doing = self._queue.get(timeout=0.5)
+                except Empty:
+                    continue
+                self._advance(done, doing)
+        except Exception:  # noqa: BLE001 - the queue actor went away with Ray
+            pass
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.enabled:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self._queue is not None:
+            try:
+                self._queue.shutdown()
+            except Exception:  # noqa: BLE001
+                pass
+        self.bar.close()

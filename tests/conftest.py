@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -88,34 +85,15 @@ def mlflow_server(tmp_path_factory):
 def run_mlflow_server(root: Path, artifacts_destination: str):
     """Start ``mlflow server`` (sqlite backend in ``root``, proxied artifacts in ``artifacts_destination``: a local
     directory or an ``s3://`` URL), yield its URI once healthy, stop it afterwards."""
+    from server_process import serve
+
     port = _free_port()
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", artifacts_destination,
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("mlflow server did not become healthy within 120 s")
-    yield uri
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
+               artifacts_destination, "--workers", "1"]
+    with serve(command, f"{uri}/health", root / "server.log", "mlflow server", healthy=lambda status: status == 200):
+        yield uri
 
 
 def tiny_train_overrides(shards: Path, run_dir: Path, **extra: object) -> list[str]:

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 
 import pytest
@@ -39,31 +36,12 @@ def pytest_configure(config) -> None:
 def run_moto(port: int, log_path, env: dict[str, str] | None = None):
     """Start moto's S3 server on 127.0.0.1:``port``, yield its endpoint once it answers, stop it afterwards.
     ``env``: extra server environment (e.g. ``INITIAL_NO_AUTH_ACTION_COUNT`` to make it check credentials)."""
+    from server_process import serve
+
     endpoint = f"http://127.0.0.1:{port}"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2):
-                break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"moto server exited: {open(log_path).read()[-2000:]}")
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        raise RuntimeError("moto server did not answer within 120 s")
-    try:
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    with serve(command, f"{endpoint}/moto-api/", log_path, "moto server", env={**os.environ, **(env or {})}):
         yield endpoint
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture(scope="session")

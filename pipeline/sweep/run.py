@@ -41,6 +41,10 @@ def run_sweep(cfg: SweepConfig, resume: SweepState | None = None) -> SweepResult
     """Run the sweep ``cfg`` (or continue the interrupted one ``resume``: Tune restores its experiment, finished
     trials keep their results and are not run again, unfinished ones continue from their last checkpoint)."""
     base = base_train_config(cfg)
+    from pipeline.console import is_verbose, quiet_driver_logs
+
+    if not is_verbose(base):  # Ray's start-up, Tune's and MLflow's INFO lines; `flowrail --verbose` shows them
+        quiet_driver_logs()
     uri = tracking_uri(base)
     # trials run in other processes: the store travels to them through Ray's object store (tune.with_parameters),
     # never inside their config, which lands in checkpoints, Tune's experiment files and registered artifacts
@@ -114,10 +118,17 @@ def _run_trials(cfg: SweepConfig, base: TrainJobConfig, parent: str, uri: str, t
                 resume: bool) -> list[TrialOutcome]:
     from ray import tune
 
+    from pipeline.console import is_verbose, quiet_ray_logs
+    from pipeline.sweep.console import TrialTable
     from pipeline.sweep.space import scheduler, searcher, tune_space
     from pipeline.sweep.trainable import run_trial
     from pipeline.cluster import init_ray
 
+    verbose = is_verbose(base)
+    if not verbose:  # a trial table in place of Tune's reporter (pipeline/sweep/console.py)
+        # Tune's new output engine prints its experiment box even at verbose=0; the legacy one is silent there
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        quiet_ray_logs()
     init_ray()
     # a trial's last result ("done") carries no metric, and a checkpoint whose evaluation failed neither
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
@@ -134,8 +145,8 @@ def _run_trials(cfg: SweepConfig, base: TrainJobConfig, parent: str, uri: str, t
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
                                     max_concurrent_trials=cfg.tune.max_concurrent, search_alg=searcher(cfg),
                                     scheduler=scheduler(cfg, base.train.steps)),
-        run_config=tune.RunConfig(name=tune_dir.name, storage_path=str(tune_dir.parent),
-                                  verbose=1),
+        run_config=tune.RunConfig(name=tune_dir.name, storage_path=str(tune_dir.parent), verbose=1 if verbose else 0,
+                                  callbacks=None if verbose else [TrialTable(cfg.tune.metric, cfg.tune.mode)]),
     )
     grid = tuner.fit()
     return [_outcome(res, base, uri, cfg) for res in grid]

@@ -102,8 +102,10 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
             callbacks=[*(callbacks or []), *progress.callbacks], logging_config=train_logging_config(verbose)),
         torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
     )
-    try:
-        result = trainer.fit()
+    from pipeline.train.storage_outage import fit_through_outages
+
+    try:  # an object store that stops answering: fit again from its last stored checkpoint (storage_outage.py)
+        result = fit_through_outages(trainer.fit, storage, tcfg.max_failures)
     except Exception as exc:  # noqa: BLE001
         progress.__exit__(None, None, None)
         user_error = _unwrap(exc)
