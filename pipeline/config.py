@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import first_line
 
@@ -31,12 +31,23 @@ class DataConfig(Section):
     shards: str = "runs/data/digits/train"
     val_shards: str | None = "runs/data/digits/val"
     image_size: int | None = Field(default=16, ge=2)  # resize (bilinear) on the fly; None keeps the stored size
-    batch_size: int = Field(default=64, ge=1)  # per worker
+    # per worker; auto (train.use_gpu=true only): the largest batch whose training step fits in the accelerator's
+    # memory, found by each worker before training (doubling, then bisection; pipeline/train/batch_probe.py)
+    batch_size: int | Literal["auto"] = 64
     shuffle_buffer: int = Field(default=512, ge=0)  # local shuffle of the stream; 0 disables
     bad_sample_policy: Literal["fail", "skip"] = "skip"  # corrupt/malformed samples: raise, or skip and count
     # every shard's sha256 against the manifest before training: once per manifest (cached in verified.json next to
     # it), in parallel Ray tasks (pipeline/data/verify.py)
     verify_checksums: bool = True
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_or_auto(cls, value: Any) -> int | str:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"data.batch_size={value}: must be a whole number >= 1, or auto")
 
 
 class ModelConfig(Section):
@@ -346,6 +357,16 @@ class TrainJobConfig(Section):
         refusal = flow_map_refusal(self)
         if refusal:
             raise ValueError(refusal)
+        return self
+
+    @model_validator(mode="after")
+    def _auto_batch_needs_an_accelerator(self) -> TrainJobConfig:
+        if self.data.batch_size == "auto" and not self.train.use_gpu:
+            raise ValueError("data.batch_size=auto probes the accelerator's memory and needs train.use_gpu=true; "
+                             "on the CPU give a number (e.g. data.batch_size=64)")
+        if self.data.batch_size == "auto" and self.model.name.strip().lower() == "flux":
+            raise ValueError("data.batch_size=auto probes image models (sit, SiT-*, dfm); model.name=flux needs a "
+                             "number")
         return self
 
     @model_validator(mode="before")

@@ -182,6 +182,10 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
     faults = FaultInjection(loop_config.get("fault_injection"), loop_config.get("fault_marker_dir"),
                             loop_config.get("fault_run_storage"), loop_config.get("fault_driver_pid"))
 
+    if cfg.data.batch_size == "auto":  # probed on this worker's GPU, the same on every rank (train/batch_probe.py)
+        from pipeline.train.batch_probe import resolve_auto_batch
+
+        cfg.data.batch_size = resolve_auto_batch(cfg, info, rank)
     setup = set_up_worker(cfg, info, micro_batch=cfg.data.batch_size, world=world, rank=rank)
     engine, ema, objective, device, autocast, state = (setup.engine, setup.ema, setup.objective, setup.device,
                                                        setup.autocast, setup.state)
