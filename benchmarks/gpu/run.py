@@ -95,7 +95,7 @@ def auto_batch(target: Target, limit: int) -> int:
 
     fits = step_fits(lambda: build(target), objective_for(target), lambda b: sample(target, b),
                      torch.device(target.device), autocast(target))
-    found = largest_fitting(fits, limit=limit)
+    found = largest_fitting(fits, start=min(32, limit), limit=limit)  # SiT-XL/2 fits 32 on any card worth timing
     print(f"largest batch whose training step fits: {found}; data.batch_size=auto keeps {with_headroom(found)}",
           flush=True)
     return with_headroom(found)
