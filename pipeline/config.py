@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import first_line
 
@@ -31,7 +31,9 @@ class DataConfig(Section):
     shards: str = "runs/data/digits/train"
     val_shards: str | None = "runs/data/digits/val"
     image_size: int | None = Field(default=16, ge=2)  # resize (bilinear) on the fly; None keeps the stored size
-    batch_size: int = Field(default=64, ge=1)  # per worker
+    # per worker; auto (train.use_gpu=true only): the largest batch whose training step fits in the accelerator's
+    # memory, found by each worker before training (doubling, then bisection; pipeline/train/batch_probe.py)
+    batch_size: int | Literal["auto"] = 64
     # shuffle span: samples are shuffled within windows of whole shards holding at least this many samples
     # (pipeline/data/epoch_stream.py; a resume restarts at its window); 0 keeps the shards' order
     shuffle_buffer: int = Field(default=512, ge=0)
@@ -42,6 +44,15 @@ class DataConfig(Section):
     # CPUs each training worker's Ray Data stream may use (its executor's resource limit; pipeline/data/read_budget.py).
     # None: the cluster's CPUs not reserved by training workers, shared equally between them
     read_cpus: float | None = Field(default=None, gt=0)
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_or_auto(cls, value: Any) -> int | str:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"data.batch_size={value}: must be a whole number >= 1, or auto")
 
 
 class ModelConfig(Section):
@@ -162,6 +173,10 @@ class TrainConfig(Section):
     use_gpu: bool = False
     zero_stage: int = Field(default=2, ge=0, le=3)
     offload: bool = False  # ZeRO-3 CPU offload of parameters and optimizer state
+    # one worker (train.num_workers=1) runs ZeRO-1/2 as DeepSpeed stage 0: one rank partitions nothing, so memory is
+    # the same, but ZeRO-2 copies every gradient into flat buffers (near-free model on CPU: 3.6 vs 1.3 ms per engine
+    # step). Not with train.offload or a DeepSpeed preset, which keep their stage. false: train.zero_stage as given.
+    stage0_single_worker: bool = True
     # DeepSpeed settings merged under flowrail's keys: a shipped preset (zero2, zero3, zero3_offload; it sets
     # zero_stage/offload unless those are given) or a path to a DeepSpeed .json (relative: to where flowrail runs)
     deepspeed_preset: str | None = None
@@ -347,6 +362,16 @@ class TrainJobConfig(Section):
         refusal = flow_map_refusal(self)
         if refusal:
             raise ValueError(refusal)
+        return self
+
+    @model_validator(mode="after")
+    def _auto_batch_needs_an_accelerator(self) -> TrainJobConfig:
+        if self.data.batch_size == "auto" and not self.train.use_gpu:
+            raise ValueError("data.batch_size=auto probes the accelerator's memory and needs train.use_gpu=true; "
+                             "on the CPU give a number (e.g. data.batch_size=64)")
+        if self.data.batch_size == "auto" and self.model.name.strip().lower() == "flux":
+            raise ValueError("data.batch_size=auto probes image models (sit, SiT-*, dfm); model.name=flux needs a "
+                             "number")
         return self
 
     @model_validator(mode="before")

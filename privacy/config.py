@@ -54,6 +54,12 @@ class PrivacyTrainConfig(TrainJobConfig):
     data: PrivacyDataConfig = PrivacyDataConfig()
     privacy: PrivacyConfig = PrivacyConfig()
 
+    @model_validator(mode="after")
+    def _no_auto_batch(self) -> "PrivacyTrainConfig":
+        if self.data.batch_size == "auto":  # the privacy loop sizes its clean/poison batches from the number
+            raise ValueError("data.batch_size=auto is not available for privacy training; give a number")
+        return self
+
     def resolve_paths(self, base: Path | None = None) -> "PrivacyTrainConfig":
         base = base or Path.cwd()
         for name in ("release", "clean_shards"):

@@ -20,9 +20,10 @@ def _data(n: int) -> list[dict[str, torch.Tensor]]:
             for _ in range(n)]
 
 
-def _train(stage: int, accum: int, micro: int, samples: list[dict[str, torch.Tensor]]):
+def _train(stage: int, accum: int, micro: int, samples: list[dict[str, torch.Tensor]], stage0: bool = False):
     """The worker loop's step rule: backward every micro-batch, count a step and update the EMA at a boundary."""
-    cfg = TrainConfig(zero_stage=stage, lr=1e-2, grad_clip=0.5, warmup_steps=2, grad_accum_steps=accum)
+    cfg = TrainConfig(zero_stage=stage, lr=1e-2, grad_clip=0.5, warmup_steps=2, grad_accum_steps=accum,
+                      stage0_single_worker=stage0)  # stage0=True: one worker's ZeRO-2 runs as stage 0
     torch.manual_seed(0)
     model = build_model(MODEL, in_channels=1, input_size=8, num_classes=10)
     engine = build_engine(model, cfg, micro_batch=micro, world_size=1)
@@ -45,11 +46,11 @@ def _train(stage: int, accum: int, micro: int, samples: list[dict[str, torch.Ten
     return steps, weights, ema.state_dict(), engine.global_steps
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_four_micro_batches_of_8_equal_one_batch_of_32(ds_process_group, stage):
+@pytest.mark.parametrize("stage,stage0", [(2, False), (2, True), (3, False)])
+def test_four_micro_batches_of_8_equal_one_batch_of_32(ds_process_group, stage, stage0):
     samples = _data(3 * 32)  # three optimizer steps
-    steps_a, weights_a, ema_a, global_a = _train(stage, accum=4, micro=8, samples=samples)
-    steps_b, weights_b, ema_b, global_b = _train(stage, accum=1, micro=32, samples=samples)
+    steps_a, weights_a, ema_a, global_a = _train(stage, accum=4, micro=8, samples=samples, stage0=stage0)
+    steps_b, weights_b, ema_b, global_b = _train(stage, accum=1, micro=32, samples=samples, stage0=stage0)
     assert steps_a == steps_b == global_a == global_b == 3  # one optimizer step per window
     start = build_model(MODEL, in_channels=1, input_size=8, num_classes=10)
     moved = 0

@@ -416,7 +416,7 @@ def test_flowrail_owned_keys_merge_into_each_preset(name: str) -> None:
 
     stage, offload = PRESETS[name]
     ours = deepspeed_config(TrainConfig(zero_stage=stage, offload=offload, use_gpu=True, precision="bf16",
-                                        grad_clip=0.5), micro_batch=4, world_size=1)
+                                        grad_clip=0.5, stage0_single_worker=False), micro_batch=4, world_size=1)
     merged = preset(name)
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
                 "gradient_clipping", "bf16", "torch_autocast"):

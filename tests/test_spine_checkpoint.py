@@ -18,11 +18,12 @@ def _engine(cfg: TrainJobConfig, seed: int):
     return build_engine(model, cfg.train, micro_batch=4, world_size=1), ema
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_save_restore_gives_identical_weights(ds_process_group, tmp_path, stage):
-    cfg = TrainJobConfig(train=TrainConfig(zero_stage=stage, lr=1e-2),
+@pytest.mark.parametrize("stage,stage0", [(2, False), (2, True), (3, False)])
+def test_save_restore_gives_identical_weights(ds_process_group, tmp_path, stage, stage0):
+    cfg = TrainJobConfig(train=TrainConfig(zero_stage=stage, lr=1e-2, stage0_single_worker=stage0),
                          model={"hidden_size": 32, "depth": 1, "num_heads": 2})
     engine, ema = _engine(cfg, seed=0)
+    assert engine.zero_optimization_stage() == (0 if stage0 and stage < 3 else stage)  # one worker: ZeRO-2 as stage 0
     from pipeline.objective import build_objective
 
     objective = build_objective(cfg, 10)
@@ -73,13 +74,13 @@ def test_missing_checkpoint_is_named(tmp_path):
         ckpt_io.find_latest(tmp_path)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_bf16_engine_trains_with_fp32_master_weights(ds_process_group, stage):
+@pytest.mark.parametrize("stage,stage0", [(2, False), (2, True), (3, False)])
+def test_bf16_engine_trains_with_fp32_master_weights(ds_process_group, stage, stage0):
     """train.precision=bf16 is torch autocast over fp32 weights: the SiT forward (fp32 time embedding, bf16
     matmuls) runs inside engine.forward, the weights stay fp32, and the loss falls on a fixed batch."""
     from pipeline.objective import build_objective
 
-    cfg = TrainJobConfig(train=TrainConfig(zero_stage=stage, lr=3e-3, precision="bf16"),
+    cfg = TrainJobConfig(train=TrainConfig(zero_stage=stage, lr=3e-3, precision="bf16", stage0_single_worker=stage0),
                          model={"hidden_size": 32, "depth": 1, "num_heads": 2})
     engine, _ = _engine(cfg, seed=0)
     objective = build_objective(cfg, 10)

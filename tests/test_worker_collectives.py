@@ -26,7 +26,7 @@ def test_mixed_group_reduces_host_values_over_gloo(monkeypatch: pytest.MonkeyPat
 def _rank_main(rank: int, init_file: str, out: dict) -> None:
     import torch.distributed as dist
 
-    from pipeline.train.collectives import all_reduce_sum, step_flags
+    from pipeline.train.collectives import all_reduce_min, all_reduce_sum, step_flags
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
@@ -35,6 +35,7 @@ def _rank_main(rank: int, init_file: str, out: dict) -> None:
             "clean": step_flags(torch.tensor(0.25), ran_out=False),
             "one_nan_one_ended": step_flags(nan_on_rank0, ran_out=rank == 1),
             "sums": all_reduce_sum([rank + 1.0, 10.0]),
+            "auto_batch": all_reduce_min([96.0 if rank == 0 else 80.0]),  # data.batch_size=auto: smallest GPU wins
         }
     finally:
         dist.destroy_process_group()
@@ -51,6 +52,7 @@ def test_two_gloo_ranks_agree_on_a_nan_and_an_epoch_end_seen_by_one(tmp_path):
         assert results[rank]["clean"] == (False, False)
         assert results[rank]["one_nan_one_ended"] == (True, True)
         assert results[rank]["sums"] == [3.0, 20.0]
+        assert results[rank]["auto_batch"] == [80.0]
 
 
 def test_single_process_flags_need_no_process_group():

@@ -108,3 +108,15 @@ def test_rerun_under_another_world_size_is_refused_on_the_driver(trained_digits,
     with pytest.raises(CheckpointError, match="written by 2 workers but this run has train.num_workers=1") as err:
         fit(fewer)
     assert "\n" not in str(err.value) and "init_from=" in str(err.value)
+
+
+def test_one_worker_runs_zero2_as_stage0_unless_told_otherwise():
+    """train.stage0_single_worker: ZeRO-1/2 on one worker partitions nothing, so DeepSpeed runs stage 0; two workers,
+    ZeRO-3, offload, a preset or the setting off keep the stage given."""
+    def stage(world: int = 1, **train: object) -> int:
+        return deepspeed_config(TrainConfig(**train), micro_batch=4, world_size=world)["zero_optimization"]["stage"]
+
+    assert stage() == 0 and stage(zero_stage=1) == 0
+    assert stage(world=2) == 2 and stage(stage0_single_worker=False) == 2
+    assert stage(zero_stage=3) == 3 and stage(zero_stage=2, offload=True) == 2
+    assert stage(deepspeed_preset="zero2") == 2

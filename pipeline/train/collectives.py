@@ -39,3 +39,12 @@ def step_flags(loss: torch.Tensor, ran_out: bool) -> tuple[bool, bool]:
     dist.all_reduce(flags)
     nonfinite, ended = flags.tolist()
     return nonfinite > 0, ended > 0
+
+
+def all_reduce_min(values: list[float]) -> list[float]:
+    """Each value's minimum over all ranks (unchanged without a process group)."""
+    if not _distributed():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device(str(dist.get_backend())))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.tolist()

@@ -63,15 +63,25 @@ def global_batch(cfg: TrainConfig, micro_batch: int, world_size: int) -> int:
     return micro_batch * cfg.grad_accum_steps * world_size
 
 
+def effective_zero_stage(cfg: TrainConfig, world_size: int) -> int:
+    """The ZeRO stage DeepSpeed runs: ``train.zero_stage``, except 0 for ZeRO-1/2 on one worker when
+    ``train.stage0_single_worker`` (nothing to partition; no preset, no offload)."""
+    if (cfg.stage0_single_worker and world_size == 1 and cfg.zero_stage in (1, 2) and not cfg.offload
+            and not cfg.deepspeed_preset):
+        return 0
+    return cfg.zero_stage
+
+
 def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config that matches a flowrail ``train`` section (over an optional preset).
 
     flowrail owns the batch sizes, clipping, precision, ZeRO stage and offload; a preset supplies the rest
     (bucket sizes, prefetching, ...). A preset whose ZeRO stage disagrees with ``train.zero_stage`` is refused.
     """
-    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    stage = effective_zero_stage(cfg, world_size)
+    zero: dict[str, Any] = {"stage": stage}
     owned_extra: dict[str, Any] = {}
-    if cfg.zero_stage >= 2 and not cfg.deepspeed_preset:
+    if stage >= 2 and not cfg.deepspeed_preset:
         zero.update({"overlap_comm": False, "contiguous_gradients": True})
     if cfg.zero_stage == 3 and not cfg.deepspeed_preset:
         zero.update({"stage3_gather_16bit_weights_on_model_save": False})
@@ -148,6 +158,12 @@ def zero_init(cfg: TrainConfig, micro_batch: int, world_size: int, dtype: torch.
     return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, micro_batch, world_size), dtype=dtype)
 
 
+def fused_adamw(cfg: TrainConfig) -> bool:
+    """AdamW as one fused kernel (over ZeRO's flat fp32 partition) where the optimizer state lives on the GPU: a GPU
+    run without ``train.offload``; else torch's default (foreach) implementation."""
+    return bool(cfg.use_gpu and torch.cuda.is_available() and not cfg.offload)
+
+
 def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_size: int) -> Any:
     """Wrap ``model`` in a DeepSpeed engine with AdamW and a linear warm-up (``torch.compile``d if ``cfg.compile``)."""
     select_accelerator(cfg)
@@ -155,10 +171,8 @@ def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_siz
 
     quiet_deepspeed_deprecations()
     params = [p for p in model.parameters() if p.requires_grad]
-    # fused (one kernel over ZeRO's flat fp32 partition) where the optimizer state lives on the GPU
-    fused = bool(cfg.use_gpu and torch.cuda.is_available() and not cfg.offload)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                                  fused=fused or None)
+                                  fused=fused_adamw(cfg) or None)
     warmup = cfg.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)

@@ -33,6 +33,7 @@ from pipeline.errors import CheckpointError, DataError, FlowrailError, find_in_c
 from pipeline.train import checkpoint as ckpt_io
 from pipeline.train import periodic_eval
 from pipeline.train.collectives import all_reduce_sum, step_flags
+from pipeline.train.reporting import MetricReporter
 
 
 class TooManyBadSteps(FlowrailError):
@@ -182,6 +183,10 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
     faults = FaultInjection(loop_config.get("fault_injection"), loop_config.get("fault_marker_dir"),
                             loop_config.get("fault_run_storage"), loop_config.get("fault_driver_pid"))
 
+    if cfg.data.batch_size == "auto":  # probed on this worker's GPU, the same on every rank (train/batch_probe.py)
+        from pipeline.train.batch_probe import resolve_auto_batch
+
+        cfg.data.batch_size = resolve_auto_batch(cfg, info, rank)
     setup = set_up_worker(cfg, info, micro_batch=cfg.data.batch_size, world=world, rank=rank)
     engine, ema, objective, device, autocast, state = (setup.engine, setup.ema, setup.objective, setup.device,
                                                        setup.autocast, setup.state)
@@ -260,6 +265,8 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
     start_step = state.step
     prefetch = EpochPrefetch(epoch_batches)
     cleanups.callback(prefetch.close)  # also on errors: the background stream must not outlive the loop
+    reporter = MetricReporter()  # metric-only reports to Ray Train off the loop's thread (pipeline/train/reporting.py)
+    cleanups.callback(reporter.close)
     # half-way through an epoch, the next epoch's stream starts in the background (its Ray Data start-up, seconds,
     # would otherwise stall every rank at each epoch boundary; a small set like digits has ~10 batches per epoch)
     prefetch_at = max(1, info.num_samples // max(world * cfg.data.batch_size, 1) // 2)
@@ -320,8 +327,8 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
             if state.step % tcfg.log_every == 0 or last or state.step % tcfg.checkpoint_every == 0:
                 window["loss"] = float(loss_sum)
                 loss_sum.zero_()
-                loss_total, n, samples, skipped = all_reduce_sum([window["loss"], window["n"], window["samples"],
-                                                                  window["skipped"]])
+                loss_total, n, samples, skipped, idle = all_reduce_sum(
+                    [window["loss"], window["n"], window["samples"], window["skipped"], float(reporter.idle())])
                 state.skipped_samples += int(skipped)
                 elapsed = time.perf_counter() - window["t0"]
                 metrics = {"loss": loss_total / max(n, 1), "samples_per_s": samples / max(elapsed, 1e-9),
@@ -350,9 +357,10 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
                               flush=True)
                 window.update(loss=0.0, n=0, samples=0, skipped=0, t0=time.perf_counter(), wait=0.0)
                 if state.step % tcfg.checkpoint_every == 0 or last:
+                    reporter.drain()  # reports keep their order
                     checkpoint_and_report(metrics)
-                else:
-                    ray.train.report(metrics)
+                elif idle >= world:  # every rank's previous report is through: all report this window, or none
+                    reporter.submit(metrics)
             faults.maybe_kill(rank, state.step, state.step // tcfg.checkpoint_every * tcfg.checkpoint_every)
             if last:
                 break

@@ -1,0 +1,293 @@
+"""Host overhead of the training loop itself: a near-free model through a bare loop and through flowrail's worker.
+
+    python benchmarks/train_overhead/host_overhead.py --steps 400 --repeats 3
+
+The model is one ``Linear(C*H*W, C*H*W)`` on the flattened input (8x8x1 digits: 64x64 weights, 4160 parameters),
+so a step's time is what the loop around the model costs. Both loops use the same transport objective (linear path,
+velocity loss), batch 64, one torch thread, gradient clipping, AdamW and an EMA update every step.
+
+(a) bare      in-memory tensors, ``objective.loss -> zero_grad -> backward -> clip -> AdamW.step -> EMA``, run
+              inside the same Ray worker just before and just after flowrail's loop (the mean of the two), so both
+              see the same CPU share of this shared machine.
+(b) flowrail  ``pipeline.train.trainer.fit`` with 1 worker: Ray Data stream from WebDataset shards, Ray Train,
+              the DeepSpeed engine, EMA, NaN guard, MLflow logging every ``--log-every`` steps, ``ray.train.report``.
+              It runs flowrail's real worker loop (``pipeline.train.worker.train_loop_per_worker``); only the model
+              it builds is replaced, inside the Ray worker, by the near-free one (``near_free_worker_loop``), so no
+              model family or config value exists for it.
+
+Step time: the mean time per step between step ``--warmup`` and the step before the last (the final checkpoint is
+left out; the logging and ``ray.train.report`` of every window are in), in microseconds; median over repeats, with
+min-max. Parts: cumulative timers around the loop's parts over the same steps (wrapped methods, no profiler), per
+step; "rest" is what no timer covers (the worker loop's own Python, batch bookkeeping).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+IMAGE = (1, 8, 8)
+
+
+class NearFreeModel(nn.Module):
+    """``v(x, t, y) = W flatten(x) + b``: the cheapest network the transport objective can train."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.linear(x.flatten(1)).view_as(x)
+
+
+class PartTimer:
+    """Cumulative wall time per named part, counted on the thread that made the timer (the training loop's; calls
+    on background threads, e.g. the next epoch's prefetch, cost the loop nothing directly); :meth:`mark` snapshots
+    the totals at a step."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, float] = defaultdict(float)
+        self.marks: dict[str, tuple[float, dict[str, float]]] = {}
+        self.thread = threading.get_ident()
+
+    def _add(self, name: str, t0: float) -> None:
+        if threading.get_ident() == self.thread:
+            self.total[name] += time.perf_counter() - t0
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._add(name, t)
+        return timed
+
+    def wrap_iter(self, name: str, it: Iterator[Any]) -> Iterator[Any]:
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                self._add(name, t)
+                return
+            self._add(name, t)
+            yield item
+
+    def mark(self, key: str) -> None:
+        self.marks[key] = (time.perf_counter(), dict(self.total))
+
+    def per_step(self, start: str, end: str, steps: int) -> dict[str, float]:
+        """Microseconds per step of each part and of the whole interval (``step``), ``rest`` = step - parts."""
+        (t0, a), (t1, b) = self.marks[start], self.marks[end]
+        parts = {k: (b.get(k, 0.0) - a.get(k, 0.0)) / steps * 1e6 for k in b}
+        step = (t1 - t0) / steps * 1e6
+        return {"step": step, **parts, "rest": step - sum(parts.values())}
+
+
+def digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    from pipeline.data.sources import digits_split
+
+    x, y = digits_split()["train"]
+    return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1, torch.from_numpy(y)
+
+
+def bare(steps: int, warmup: int, overrides: list[str], seed: int) -> dict[str, float]:
+    """The bare loop in this process, one torch thread; parts per step in microseconds."""
+    from pipeline.config import TrainJobConfig, load_config
+    from pipeline.objective import build_objective
+    from pipeline.train.ema import EMA
+
+    torch.set_num_threads(1)
+    cfg = load_config(TrainJobConfig, "train", overrides)
+    x, y = digits_tensors()
+    torch.manual_seed(seed)
+    model = NearFreeModel(x[0].numel())
+    ema = EMA(model, cfg.train.ema_decay)
+    objective = build_objective(cfg, 10)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    g = torch.Generator().manual_seed(seed)
+    bs, timer = cfg.data.batch_size, PartTimer()
+    batch = timer.wrap("batch", lambda: (idx := torch.randint(0, len(y), (bs,), generator=g),
+                                         {"image": x[idx], "label": y[idx]})[1])
+    loss_fn, ema_update = timer.wrap("loss", objective.loss), timer.wrap("ema", ema.update)
+
+    def backward(loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def opt_step() -> None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+    backward, opt_step = timer.wrap("backward", backward), timer.wrap("optimizer", opt_step)
+    for step in range(1, steps + 1):
+        if step == warmup:
+            timer.mark("start")
+        loss = loss_fn(model, batch())
+        backward(loss)
+        opt_step()
+        ema_update(model, ema.decay_at(step))
+    timer.mark("end")
+    loss.item()
+    return timer.per_step("start", "end", steps - warmup + 1)
+
+
+def near_free_worker_loop(out_file: str, warmup: int, steps: int) -> Callable[[dict[str, Any]], None]:
+    """flowrail's own ``train_loop_per_worker`` with the near-free model and part timers installed in the worker.
+
+    The model is swapped where the worker builds it (``worker_setup.build_worker_model``); the parts are timed by
+    wrapping the engine's ``backward``/``step``, the objective's ``loss``, the EMA's ``update``, the step-flag
+    agreement, the batch stream's ``next`` and ``ray.train.report``/metric recording. Rank 0 writes the result.
+    """
+
+    def loop(loop_config: dict[str, Any]) -> None:
+        import ray.train
+
+        import pipeline.data.streaming as streaming
+        import pipeline.tracking as tracking
+        from pipeline.train import worker, worker_setup
+
+        timer = PartTimer()
+        build_setup = worker_setup.set_up_worker
+
+        def near_free_model(cfg: Any, info: Any, **_: Any) -> nn.Module:
+            torch.manual_seed(cfg.seed)
+            return NearFreeModel(info.channels * info.size * info.size)
+
+        def set_up(*args: Any, **kwargs: Any) -> Any:
+            setup = build_setup(*args, **kwargs)
+            engine, ema, objective = setup.engine, setup.ema, setup.objective
+            engine.backward = timer.wrap("backward", engine.backward)
+            engine.step = timer.wrap("optimizer", engine.step)
+            objective.loss = timer.wrap("loss", objective.loss)
+            ema_update, count = timer.wrap("ema", ema.update), [0]
+
+            def update(*a: Any, **kw: Any) -> None:
+                count[0] += 1
+                if count[0] == warmup:
+                    timer.mark("start")
+                ema_update(*a, **kw)
+                if count[0] == steps - 1:  # before the last step (its checkpoint is not a per-step cost)
+                    timer.mark("end")
+            ema.update = update
+            return setup
+
+        epoch_dataset = streaming.epoch_dataset
+
+        def timed_epoch_dataset(*args: Any, **kwargs: Any) -> Any:
+            ds, files = epoch_dataset(*args, **kwargs)
+            iter_batches = ds.iter_torch_batches
+
+            class Timed:  # the dataset as the loop uses it, its batch iterator timed
+                def __getattr__(self, name: str) -> Any:
+                    return getattr(ds, name)
+
+                def iter_torch_batches(self, **kw: Any) -> Iterator[Any]:
+                    return timer.wrap_iter("data", iter(iter_batches(**kw)))
+            return Timed(), files
+
+        worker_setup.build_worker_model = near_free_model
+        worker_setup.set_up_worker = set_up
+        streaming.epoch_dataset = timed_epoch_dataset
+        worker.step_flags = timer.wrap("step_flags", worker.step_flags)
+        worker.all_reduce_sum = timer.wrap("all_reduce", worker.all_reduce_sum)
+        ray.train.report = timer.wrap("report", ray.train.report)
+        tracking.MetricLogger.record = timer.wrap("log_record", tracking.MetricLogger.record)
+        cfg = loop_config["cfg"]
+        overrides = [f"data.image_size={cfg['data']['image_size']}", f"data.batch_size={cfg['data']['batch_size']}"]
+        torch.set_num_threads(1)  # as the worker sets it (train.cpus_per_worker=1)
+        bare_before = bare(steps, warmup, overrides, cfg["seed"])  # same process, same CPU share, seconds apart
+        worker.train_loop_per_worker(loop_config)
+        bare_after = bare(steps, warmup, overrides, cfg["seed"])
+        if ray.train.get_context().get_world_rank() == 0:
+            bare_parts = {k: (bare_before[k] + bare_after[k]) / 2 for k in bare_before}
+            Path(out_file).write_text(json.dumps({"flowrail": timer.per_step("start", "end", steps - 1 - warmup),
+                                                  "bare": bare_parts}))
+    return loop
+
+
+def flowrail(steps: int, warmup: int, overrides: list[str], run_dir: Path,
+             name: str) -> tuple[dict[str, float], dict[str, float]]:
+    """One ``fit`` run through flowrail's worker loop with the near-free model, and the bare loop in the same Ray
+    worker just before and just after it (their mean): (flowrail, bare) parts per step in microseconds."""
+    import pipeline.train.worker as worker
+    from pipeline.config import TrainJobConfig, load_config
+    from pipeline.train.trainer import fit
+
+    out = run_dir / f"{name}.json"
+    cfg = load_config(TrainJobConfig, "train", overrides + [
+        f"run_dir={run_dir}", f"run_name={name}", "train.num_workers=1", f"train.checkpoint_every={steps}"])
+    real = worker.train_loop_per_worker
+    worker.train_loop_per_worker = near_free_worker_loop(str(out), warmup, steps)  # fit() looks it up per call
+    try:
+        fit(cfg, make_grid=False)
+    finally:
+        worker.train_loop_per_worker = real
+    result = json.loads(out.read_text())
+    return result["flowrail"], result["bare"]
+
+
+def summary(runs: list[dict[str, float]]) -> dict[str, tuple[float, float, float]]:
+    """Per part: (median, min, max) over repeats."""
+    keys = list(dict.fromkeys(k for r in runs for k in r))
+    return {k: (statistics.median(r.get(k, 0.0) for r in runs), min(r.get(k, 0.0) for r in runs),
+                max(r.get(k, 0.0) for r in runs)) for k in keys}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--log-every", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--flowrail-overrides", nargs="*", default=[],
+                        help="extra flowrail config overrides (e.g. train.zero_stage=0)")
+    args = parser.parse_args()
+    from pipeline.cluster import init_ray
+    from pipeline.data.shards import write_shard_set
+    from pipeline.data.sources import digits_split
+
+    overrides = ["data.image_size=8", "data.batch_size=64", "data.val_shards=null", f"train.steps={args.steps}",
+                 f"train.log_every={args.log_every}", "train.cpus_per_worker=1"]
+    init_ray(num_cpus=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        samples = 64 * (2 * args.steps + 64)  # the next epoch's prefetch (half-way) starts after the run
+        images, labels = digits_split()["train"]
+        write_shard_set(root / "digits", ((f"s{i:07d}", {"image.npy": images[i % len(labels)],
+                                                         "cls": int(labels[i % len(labels)])})
+                                          for i in range(samples)), samples_per_shard=4096,
+                        extra={"kind": "pixels", "field": "image.npy", "shape": list(IMAGE), "num_classes": 10})
+        overrides.append(f"data.shards={root / 'digits'}")
+        bare_runs, flow_runs = [], []
+        for r in range(args.repeats):
+            flow, bare_parts = flowrail(args.steps, args.warmup, overrides + args.flowrail_overrides + [
+                f"seed={args.seed + r}"], root / "runs", f"r{r}")
+            flow_runs.append(flow)
+            bare_runs.append(bare_parts)
+            print(f"repeat {r}: bare {bare_runs[-1]['step']:.0f} us, flowrail {flow_runs[-1]['step']:.0f} us",
+                  flush=True)
+    b, f = summary(bare_runs), summary(flow_runs)
+    print(f"\n| part (us per step, median [min-max] of {args.repeats}) | bare | flowrail |")
+    print("|---|---:|---:|")
+    for key in ["step", *[k for k in dict.fromkeys([*b, *f]) if k != "step"]]:
+        cell = lambda s: f"{s[key][0]:.0f} [{s[key][1]:.0f}-{s[key][2]:.0f}]" if key in s else "-"  # noqa: E731
+        print(f"| {key} | {cell(b)} | {cell(f)} |")
+    gaps = [fr["step"] - br["step"] for fr, br in zip(flow_runs, bare_runs)]
+    print(f"\nflowrail - bare (per repeat): {', '.join(f'{g:.0f}' for g in gaps)} us per step; median "
+          f"{statistics.median(gaps):.0f} (target <= 1000)")
+
+
+if __name__ == "__main__":
+    main()
