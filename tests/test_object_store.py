@@ -81,9 +81,27 @@ def test_training_stream_carries_uint8_and_the_worker_converts(ray_local, digits
                               "cls": np.array([s["cls"] for _, s in _samples_of(files[0], 32)]),
                               "__key__": np.array([k for k, _ in _samples_of(files[0], 32)])})["image"]
     assert converted.dtype == torch.float32 and torch.equal(converted, torch.from_numpy(reference))
-    raw = Decode(info, uint8_pixels=True)({"image.npy": list(np.zeros((2, 8, 8, 1), np.uint8)), "cls": np.array([0, 1]),
-                                           "__key__": np.array(["a", "b"])})["image"]
+    raw = Decode(info, uint8_size=8)({"image.npy": list(np.zeros((2, 8, 8, 1), np.uint8)), "cls": np.array([0, 1]),
+                                      "__key__": np.array(["a", "b"])})["image"]
     assert raw.dtype == np.uint8 and raw.shape == (2, 1, 8, 8)
+
+    # a model size other than the stored one: still uint8 at the stored 8x8 through the object store, resized on the
+    # worker to exactly what the float path (resize in the reader) gives
+    from dataclasses import replace
+
+    bigger = replace(info, size=16)
+    ds, files = epoch_dataset(paths, bigger, policy="skip", seed=0, epoch=0, rank=0, world=1)
+    batch = next(iter(ds.iter_torch_batches(batch_size=32)))
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (32, 1, 8, 8)
+    converted = model_batch(batch, bigger)["image"]
+    samples = _samples_of(files[0], 32)
+    reference = Decode(bigger)({"image.npy": np.stack([s["image.npy"] for _, s in samples]),
+                                "cls": np.array([s["cls"] for _, s in samples]),
+                                "__key__": np.array([k for k, _ in samples])})["image"]
+    assert converted.shape == (32, 1, 16, 16) and torch.equal(converted, torch.from_numpy(reference))
+    empty = Decode(bigger, uint8_size=8)({"image.npy": [np.zeros((3, 3), np.uint8)], "cls": np.array([0]),
+                                          "__key__": np.array(["bad"])})["image"]  # the one sample is malformed
+    assert empty.dtype == np.uint8 and empty.shape == (0, 1, 8, 8)  # concatenates with the stored-size blocks
 
 
 def _samples_of(shard: str, n: int) -> list[tuple[str, dict]]:

@@ -76,10 +76,12 @@ class Decode:
     or raise a one-line :class:`DataError` naming the sample (policy ``fail``).
     """
 
-    def __init__(self, info: DataInfo, policy: str = "skip", uint8_pixels: bool = False, file_index: Any = None) -> None:
+    def __init__(self, info: DataInfo, policy: str = "skip", uint8_size: int | None = None,
+                 file_index: Any = None) -> None:
         self.info = info
         self.policy = policy
-        self.uint8_pixels = uint8_pixels  # pixels stay uint8 (B, C, H, W); the worker converts (pipeline.data.pixels)
+        # pixels stay uint8 (B, C, H, W) at their stored size (this); the worker converts and resizes (pipeline.data.pixels)
+        self.uint8_size = uint8_size
         self.file_index = file_index  # an epoch_stream.FileIndex: adds each sample's file position (column "file")
 
     def _bad(self, key: str, url: str, why: str) -> None:
@@ -143,14 +145,15 @@ class Decode:
             good_y.append(int(label) if label is not None and label == label else -1)
         files = {} if self.file_index is None else {"file": self.file_index.column(good_urls, [1] * len(good_urls))}
         if not good_x:
-            raw = self.uint8_pixels and info.kind == "pixels"
-            out_shape = (0, info.channels, info.size, info.size)
+            raw = self.uint8_size is not None and info.kind == "pixels"
+            size = self.uint8_size if raw else info.size
+            out_shape = (0, info.channels, size, size)
             return {**files, "image": np.zeros(out_shape, np.uint8 if raw else np.float32), "label": np.zeros(0, np.int64),
                     **{f.removesuffix(".npy"): np.zeros((0, *shape), np.float32)
                        for f, shape in (info.cond_fields or {}).items()},
                     "skipped": np.zeros(0, np.int64)}
         stacked = np.stack(good_x)
-        if info.kind == "pixels" and self.uint8_pixels and stacked.dtype == np.uint8:
+        if info.kind == "pixels" and self.uint8_size is not None and stacked.dtype == np.uint8:
             images = hwc_to_chw(stacked)
         elif info.kind == "pixels":
             images = to_model_pixels(torch.from_numpy(hwc_to_chw(stacked)), info.size).numpy()
@@ -216,20 +219,22 @@ def epoch_dataset(paths: list[str], info: DataInfo, *, policy: str, seed: int, e
     files = all_files[start_file:]
     index = FileIndex(files, first=start_file) if file_column else None
     num_cpus = budget.task_cpus if budget is not None else None
-    raw = info.kind == "pixels" and stored_size(all_files) == info.size  # uint8 through the object store (no resize)
+    # pixels cross Ray's object store as uint8 at their stored size (a set of one known size); the worker converts them
+    # to floats and resizes to data.image_size (pipeline.data.pixels.model_batch)
+    raw = stored_size(all_files) if info.kind == "pixels" else None
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False  # a new stream per epoch: its bars would flood the training log
     apply_budget(budget)
     if not info.cond_fields and is_flowrail_shards(all_files):  # flowrail's own shards: parsed in memory, one copy per shard (tar_reader)
-        return read_shards(files, info, policy, uint8_pixels=raw, file_index=index, num_cpus=num_cpus), files
+        return read_shards(files, info, policy, uint8_size=raw, file_index=index, num_cpus=num_cpus), files
     ctx.enable_tensor_extension_casting = False  # a sample missing its array must not fail its whole block
     # refuse_unsafe: members stay bytes and Decode parses them (np.load without pickles), so a sample with a missing
     # or garbled member is one bad sample under data.bad_sample_policy instead of a failed read of the whole block;
     # a pickle/torch member refuses the shard (pipeline.data.safe_decode)
     ds = ray.data.read_webdataset(files, shuffle=None, decoder=refuse_unsafe, num_cpus=num_cpus)
     # whole blocks: the read and the decode fuse into one task (a batch_size would keep them apart, see tar_reader)
-    ds = ds.map_batches(Decode(info, policy, uint8_pixels=raw, file_index=index), batch_format="numpy",
+    ds = ds.map_batches(Decode(info, policy, uint8_size=raw, file_index=index), batch_format="numpy",
                         batch_size=None, zero_copy_batch=True, num_cpus=num_cpus)
     return ds, files
 

@@ -178,14 +178,15 @@ class ParseShards:
     :class:`pipeline.data.streaming.DataInfo`.
     """
 
-    def __init__(self, info: Any, policy: str = "skip", uint8_pixels: bool = False, file_index: Any = None) -> None:
+    def __init__(self, info: Any, policy: str = "skip", uint8_size: int | None = None, file_index: Any = None) -> None:
         if policy not in ("skip", "fail"):
             raise ValueError(f"bad_sample_policy={policy!r} must be 'skip' or 'fail'")
         self.info = info
         # a pipeline.data.epoch_stream.FileIndex: adds each sample's file position (column "file") for the epoch stream
         self.file_index = file_index
         self.policy = policy
-        self.uint8_pixels = uint8_pixels  # pixels stay uint8 (B, C, H, W); the worker converts (pipeline.data.pixels)
+        # pixels stay uint8 (B, C, H, W) at their stored size (this); the worker converts and resizes (pipeline.data.pixels)
+        self.uint8_size = uint8_size
         self.ext = info.field  # e.g. "image.npy": the member extension after the key
 
     def _shape_ok(self, shape: tuple[int, ...]) -> bool:
@@ -272,9 +273,10 @@ class ParseShards:
     def to_batch(self, stacked: np.ndarray | None, labels: np.ndarray, skipped: int) -> dict[str, np.ndarray]:
         """The model batch: pixels ``u8 / 127.5 - 1`` as (B, C, H, W), resized if needed; latents as float32."""
         info = self.info
-        raw = self.uint8_pixels and info.kind == "pixels"
+        raw = self.uint8_size is not None and info.kind == "pixels"
         if stacked is None:
-            return {"image": np.zeros((0, info.channels, info.size, info.size), np.uint8 if raw else np.float32),
+            size = self.uint8_size if raw else info.size
+            return {"image": np.zeros((0, info.channels, size, size), np.uint8 if raw else np.float32),
                     "label": np.zeros(0, np.int64), "skipped": np.zeros(0, np.int64)}
         if raw and stacked.dtype == np.uint8:
             images = hwc_to_chw(stacked)
@@ -307,7 +309,7 @@ class ParseShards:
 
 
 def read_shards(files: list[str], info: Any, policy: str = "skip", *, shuffle_files: bool = False,
-                uint8_pixels: bool = False, file_index: Any = None, num_cpus: float | None = None) -> Any:
+                uint8_size: int | None = None, file_index: Any = None, num_cpus: float | None = None) -> Any:
     """A Ray Dataset of the decoded samples of flowrail-format shard ``files`` (in file order unless shuffled).
 
     Same output columns and bad-sample policy as ``read_webdataset`` + :class:`~pipeline.data.streaming.Decode`.
@@ -319,7 +321,7 @@ def read_shards(files: list[str], info: Any, policy: str = "skip", *, shuffle_fi
         raise ValueError("tar_reader does not read conditioning fields (FLUX embeddings): use read_webdataset + Decode")
     ds = ray.data.read_binary_files(files, include_paths=True, shuffle="files" if shuffle_files else None,
                                     override_num_blocks=len(files), num_cpus=num_cpus)
-    return ds.map_batches(ParseShards(info, policy, uint8_pixels, file_index), batch_format="numpy",
+    return ds.map_batches(ParseShards(info, policy, uint8_size, file_index), batch_format="numpy",
                           batch_size=None, zero_copy_batch=True, num_cpus=num_cpus)
 
 
