@@ -1,6 +1,6 @@
 """The run's checkpoint storage fills up during a real 2-worker run: one line naming the storage and the step
 (exit 2), the previous checkpoint is kept and stays the latest, the MLflow run is FAILED, and Ray Train's restarts
-(``train.max_failures``, default 3) do not repeat the work. A real full filesystem: a tmpfs sized for a checkpoint
+(``train.max_failures``; one here, to keep the test short) do not repeat the work. A real full filesystem: a tmpfs sized for a checkpoint
 and a half (mounting needs root; skipped otherwise)."""
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def test_storage_full_at_checkpoint_keeps_the_previous_one(trained_digits, digit
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
         overrides = tiny_train_overrides(digits_shards, tmp_path, run_name="full", **{
-            "train.storage_path": str(disk), "train.steps": 30, "train.checkpoint_every": 15})
+            "train.storage_path": str(disk), "train.steps": 30, "train.checkpoint_every": 15,
+            "train.max_failures": 1})
         assert main(["train", *overrides]) == 2
         err = flowrail_lines(capsys.readouterr().err, "flowrail train:")
         assert len(err) == 1, err

@@ -58,7 +58,8 @@ def test_nan_losses_skipped_counted_then_abort(ray_local, digits_shards, tmp_pat
     # batches 2 and 3 of rank 0 give a NaN loss: both ranks skip them together; a third bad step aborts
     monkeypatch.setenv("FLOWRAIL_FAULT_INJECT", "nan@0:2,nan@1:3,nan@0:6")
     overrides = tiny_train_overrides(digits_shards, tmp_path, run_name="nan", **{
-        "train.steps": 8, "train.log_every": 2, "train.checkpoint_every": 4, "train.max_bad_steps": 2})
+        "train.steps": 8, "train.log_every": 2, "train.checkpoint_every": 4, "train.max_bad_steps": 2,
+        "train.max_failures": 1})  # one restart shows the recorded error is re-raised at once
     assert main(["train", *overrides]) == 2
     # Ray's own logging also reaches stderr in-process; the CLI's message is the one "flowrail train:" line
     err = flowrail_lines(capsys.readouterr().err, "flowrail train:")
