@@ -242,11 +242,17 @@ class DriverProgress:
     def __exit__(self, *exc: object) -> None:
         if not self.enabled:
             return
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        _stop_feed(self._stop, self._thread, self._queue)
+
+
+def _stop_feed(stop: threading.Event, thread: threading.Thread | None, queue: Any) -> None:
+    """Stop a bar's reader thread and shut its Ray queue down (a queue gone with Ray needs nothing)."""
+    stop.set()
+    if thread is not None:
+        thread.join(timeout=10)
+    if queue is not None:
         try:
-            self._queue.shutdown()
+            queue.shutdown()
         except Exception:  # noqa: BLE001
             pass
 
@@ -331,12 +337,5 @@ class TaskProgress:
     def __exit__(self, *exc: object) -> None:
         if not self.enabled:
             return
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        if self._queue is not None:
-            try:
-                self._queue.shutdown()
-            except Exception:  # noqa: BLE001
-                pass
+        _stop_feed(self._stop, self._thread, self._queue)
         self.bar.close()

@@ -262,10 +262,9 @@ def fit_privacy(cfg: PrivacyTrainConfig, *, make_grid: bool = True):  # noqa: AN
     verbose = is_verbose(cfg)
     if not verbose:
         quiet_ray_logs()
-    from pipeline.tracking import metric_spool
     from pipeline.train import user_errors
 
-    marker = str(metric_spool(base).parent / "user_error.json")
+    marker = user_errors.marker_path(base)
     user_errors.clear(marker)
     progress = DriverProgress(tcfg.steps, f"{cfg.run_name} ({cfg.privacy.method})", enabled=on_driver()).__enter__()
     trainer = TorchTrainer(

@@ -44,6 +44,7 @@ from pipeline.train.checkpoint_read import (  # noqa: F401 - re-exported: readin
     is_complete,
     read_meta,
     registered_checkpoints,
+    world_size_error,
 )
 
 DS_DIR = "deepspeed"
@@ -123,9 +124,7 @@ def restore(ckpt_dir: Path, *, engine: Any, ema: Any, rank: int, world: int | No
     meta = read_meta(ckpt_dir)
     saved_world = int(meta.get("world_size", 1))
     if world is not None and saved_world != world:
-        raise CheckpointError(f"checkpoint {ckpt_dir} was written by {saved_world} workers but this run has "
-                              f"train.num_workers={world}: resume with train.num_workers={saved_world}, or start "
-                              f"a new run_name with init_from={ckpt_dir}")
+        raise world_size_error(ckpt_dir, saved_world, world)
     load_path, _ = engine.load_checkpoint(str(Path(ckpt_dir) / DS_DIR), tag=DS_TAG)
     if load_path is None:
         raise CheckpointError(f"checkpoint {ckpt_dir} has no DeepSpeed state under {DS_DIR}/{DS_TAG}")

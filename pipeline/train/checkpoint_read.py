@@ -117,7 +117,11 @@ def check_resume_world_size(run_storage: str, num_workers: int) -> None:
     ZeRO optimizer state is partitioned per rank)."""
     found = resume_world_size(run_storage)
     if found is not None and found[1] != num_workers:
-        ckpt, saved = found
-        raise CheckpointError(f"checkpoint {ckpt} was written by {saved} workers but this run has "
-                              f"train.num_workers={num_workers}: resume with train.num_workers={saved}, or start a "
-                              f"new run_name with init_from={ckpt}")
+        raise world_size_error(*found, num_workers)
+
+
+def world_size_error(ckpt: str | Path, saved: int, num_workers: int) -> CheckpointError:
+    """The one line for resuming a checkpoint of ``saved`` workers with ``num_workers``."""
+    return CheckpointError(f"checkpoint {ckpt} was written by {saved} workers but this run has "
+                           f"train.num_workers={num_workers}: resume with train.num_workers={saved}, or start a "
+                           f"new run_name with init_from={ckpt}")

@@ -58,8 +58,9 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
     from pipeline.train.checkpoint_read import check_resume_world_size
 
     # a re-run resumes the run's latest registered checkpoint: refuse another world size before anything starts
-    check_resume_world_size(f"{(cfg.train.storage_path or str(Path(cfg.run_dir) / 'ray')).rstrip('/')}/{cfg.run_name}",
-                            cfg.train.num_workers)
+    storage = cfg.train.storage_path or str(Path(cfg.run_dir) / "ray")
+    run_storage = f"{storage.rstrip('/')}/{cfg.run_name}"
+    check_resume_world_size(run_storage, cfg.train.num_workers)
     from pipeline.train.init_from import check_init_from, inherited_privacy, log_import_notes
 
     import_notes = check_init_from(cfg, info.num_classes)  # a checkpoint trained differently is refused here
@@ -73,19 +74,18 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
     init_ray()
     tcfg = cfg.train
     read_budget = worker_read_budget(cfg, uri, run_id)
-    storage = tcfg.storage_path or str(Path(cfg.run_dir) / "ray")
     verbose = is_verbose(cfg)
     if not verbose:
         quiet_ray_logs()
     loop_config = {"cfg": cfg.model_dump(mode="json"), "data": info.to_dict(), "paths": paths, "run_id": run_id,
                    "tracking_uri": uri, "metric_spool": str(metric_spool(cfg)), "verbose": verbose,
-                   "user_error_marker": str(metric_spool(cfg).parent / "user_error.json"),
-                   "checkpoint_storage": f"{storage.rstrip('/')}/{cfg.run_name}", "read_budget": read_budget}
+                   "user_error_marker": user_errors.marker_path(cfg), "checkpoint_storage": run_storage,
+                   "read_budget": read_budget}
     user_errors.clear(loop_config["user_error_marker"])
     if os.environ.get("FLOWRAIL_FAULT_INJECT"):  # reliability tests only: see worker.FaultInjection
         loop_config.update(fault_injection=os.environ["FLOWRAIL_FAULT_INJECT"],
                            fault_marker_dir=str(Path(cfg.run_dir) / "faults" / cfg.run_name),
-                           fault_run_storage=str(Path(storage) / cfg.run_name), fault_driver_pid=os.getpid())
+                           fault_run_storage=run_storage, fault_driver_pid=os.getpid())
     # the progress bar only where a person watches: the driver (a Tune trial's fit runs in a Ray worker)
     progress = DriverProgress(tcfg.steps, cfg.run_name, enabled=on_driver())
     progress.__enter__()

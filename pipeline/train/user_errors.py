@@ -15,6 +15,13 @@ from typing import Any, Callable
 from pipeline.errors import FlowrailError
 
 
+def marker_path(cfg: Any) -> str:
+    """Where a run records its user error: beside its run record and metric spool, in the run's storage."""
+    from pipeline.tracking import metric_spool
+
+    return str(metric_spool(cfg).parent / "user_error.json")
+
+
 def record(marker: str | Path | None, exc: FlowrailError) -> None:
     if not marker:
         return
