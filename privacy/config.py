@@ -58,6 +58,9 @@ class PrivacyTrainConfig(TrainJobConfig):
     def _no_auto_batch(self) -> "PrivacyTrainConfig":
         if self.data.batch_size == "auto":  # the privacy loop sizes its clean/poison batches from the number
             raise ValueError("data.batch_size=auto is not available for privacy training; give a number")
+        if self.data.read_cpus is not None:  # its sets are read once, whole, through Ray Train's datasets
+            raise ValueError(f"data.read_cpus={self.data.read_cpus}: privacy training reads its sets once before "
+                             "training, with no per-worker stream to budget; leave it unset")
         return self
 
     def resolve_paths(self, base: Path | None = None) -> "PrivacyTrainConfig":

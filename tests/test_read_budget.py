@@ -38,6 +38,17 @@ def test_read_cpus_is_a_positive_config_field():
         load_config(TrainJobConfig, "train", ["data.read_cpus=0"])
 
 
+def test_privacy_training_refuses_read_cpus_it_would_not_use():
+    """The privacy stage reads its sets once, whole, through Ray Train's datasets: no stream to budget."""
+    from pipeline.config import load_config
+    from privacy.config import PrivacyTrainConfig
+
+    with pytest.raises(ConfigError, match="data.read_cpus=0.5: privacy training reads its sets once") as err:
+        load_config(PrivacyTrainConfig, None, ["data.read_cpus=0.5"])
+    assert "\n" not in str(err.value)
+    assert load_config(PrivacyTrainConfig, None, []).data.read_cpus is None
+
+
 def test_worker_streams_keep_to_their_budget_beside_the_training_actors(ray_local, digits_shards, monkeypatch):
     """Two actors hold the CPUs of two training workers (0.5 each) on the 2-CPU local Ray; the budget computed from
     the cluster gives each rank's stream 0.5 CPU. Both ranks' real epoch streams run at once: every scheduling step
