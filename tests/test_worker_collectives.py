@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pipeline.train.collectives import collective_device
+from spawn_ranks import run_ranks
 
 
 def test_gloo_reduces_on_the_cpu():
@@ -23,7 +24,7 @@ def test_mixed_group_reduces_host_values_over_gloo(monkeypatch: pytest.MonkeyPat
     assert collective_device("cuda:nccl") == torch.device("cuda", 1)
 
 
-def _rank_main(rank: int, init_file: str, out: dict) -> None:
+def _rank_main(rank: int, init_file: str) -> dict:
     import torch.distributed as dist
 
     from pipeline.train.collectives import all_reduce_min, all_reduce_sum, step_flags
@@ -31,7 +32,7 @@ def _rank_main(rank: int, init_file: str, out: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         nan_on_rank0 = torch.tensor(float("nan") if rank == 0 else 1.5)
-        out[rank] = {
+        return {
             "clean": step_flags(torch.tensor(0.25), ran_out=False),
             "one_nan_one_ended": step_flags(nan_on_rank0, ran_out=rank == 1),
             "sums": all_reduce_sum([rank + 1.0, 10.0]),
@@ -42,12 +43,7 @@ def _rank_main(rank: int, init_file: str, out: dict) -> None:
 
 
 def test_two_gloo_ranks_agree_on_a_nan_and_an_epoch_end_seen_by_one(tmp_path):
-    import torch.multiprocessing as mp
-
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_rank_main, args=(str(tmp_path / "init"), out), nprocs=2, join=True)
-        results = dict(out)
+    results = run_ranks(_rank_main, (str(tmp_path / "init"),), nprocs=2, out_dir=tmp_path / "out", timeout_s=120)
     for rank in (0, 1):  # every rank skips together and ends the epoch together
         assert results[rank]["clean"] == (False, False)
         assert results[rank]["one_nan_one_ended"] == (True, True)

@@ -9,6 +9,7 @@ import torch
 
 from pipeline.config import TrainConfig, TrainJobConfig
 from pipeline.data.streaming import DataInfo
+from spawn_ranks import run_ranks
 
 CFG = TrainJobConfig(model={"hidden_size": 32, "depth": 1, "num_heads": 2},
                      train=TrainConfig(lr=1e-2, ema_decay=0.8, num_workers=2))
@@ -46,7 +47,7 @@ def _probe(model: torch.nn.Module) -> torch.Tensor:
         return model(x, t, y)
 
 
-def _rank_main(rank: int, init_file: str, ckpt_dir: str, out: dict) -> None:
+def _rank_main(rank: int, init_file: str, ckpt_dir: str) -> dict:
     import torch.distributed as dist
 
     from pipeline.train import checkpoint as ckpt_io
@@ -71,21 +72,17 @@ def _rank_main(rank: int, init_file: str, ckpt_dir: str, out: dict) -> None:
         result["restored"] = fresh_ema.state_dict()
         result["restored_shards"] = [s.clone() for s in fresh_ema._shards]
         result["shards"] = [s.clone() for s in ema3._shards]
-        out[rank] = result
+        return result
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_zero3_ema_is_sharded_and_equals_the_zero2_ema(tmp_path):
-    import torch.multiprocessing as mp
-
     from pipeline.train.checkpoint import load_trained
 
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_rank_main, args=(str(tmp_path / "init"), str(tmp_path / "ckpt"), out), nprocs=2, join=True)
-        results = dict(out)
+    results = run_ranks(_rank_main, (str(tmp_path / "init"), str(tmp_path / "ckpt")), nprocs=2,
+                        out_dir=tmp_path / "out")
     for rank in (0, 1):
         r = results[rank]
         assert r["owned"] <= (0.5 + 0.05) * r["trained"], (rank, r["owned"], r["trained"])

@@ -10,6 +10,7 @@ import torch
 
 from pipeline.config import TrainJobConfig, load_config
 from pipeline.data.streaming import DataInfo
+from spawn_ranks import run_ranks
 
 SIT = ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "train.zero_stage=3"]
 PIXELS = DataInfo(kind="pixels", field="image.npy", channels=1, size=8, num_classes=10, num_samples=8)
@@ -33,7 +34,7 @@ def _owned(model: torch.nn.Module) -> tuple[int, int]:
     return (sum(p.ds_tensor.numel() for p in model.parameters()), sum(p.ds_numel for p in model.parameters()))
 
 
-def _rank_main(rank: int, init_file: str, base: str, out: dict) -> None:
+def _rank_main(rank: int, init_file: str, base: str) -> dict:
     import torch.distributed as dist
 
     from pipeline.train.worker_setup import build_worker_model
@@ -43,7 +44,7 @@ def _rank_main(rank: int, init_file: str, base: str, out: dict) -> None:
     try:
         sit = build_worker_model(load_config(TrainJobConfig, None, SIT), PIXELS, micro_batch=4, world=2)
         flux = build_worker_model(_flux(Path(base), "flux.mode=full"), LATENTS, micro_batch=2, world=2)
-        out[rank] = {"sit_partitioned": all(hasattr(p, "ds_id") for p in sit.parameters()),
+        return {"sit_partitioned": all(hasattr(p, "ds_id") for p in sit.parameters()),
                      "sit_owned": _owned(sit), "sit": _gathered(sit),
                      "flux_owned": _owned(flux), "flux": _gathered(flux)}
     finally:
@@ -52,17 +53,13 @@ def _rank_main(rank: int, init_file: str, base: str, out: dict) -> None:
 
 @pytest.mark.slow
 def test_sit_and_flux_are_built_partitioned_with_the_plain_weights(tmp_path):
-    import torch.multiprocessing as mp
-
     from pipeline.flux.model import build_flux_model
     from pipeline.train.worker_setup import build_worker_model
 
     torch.manual_seed(0)
     build_flux_model(None, tiny=True).save_pretrained(tmp_path / "base")
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_rank_main, args=(str(tmp_path / "init"), str(tmp_path / "base"), out), nprocs=2, join=True)
-        results = dict(out)
+    results = run_ranks(_rank_main, (str(tmp_path / "init"), str(tmp_path / "base")), nprocs=2,
+                        out_dir=tmp_path / "out")
     plain_sit = dict(build_worker_model(load_config(TrainJobConfig, None, SIT[:-1]), PIXELS).named_parameters())
     plain_flux = dict(build_flux_model(_flux(tmp_path / "base").flux).named_parameters())
     for rank in (0, 1):
