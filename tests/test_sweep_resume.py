@@ -1,10 +1,12 @@
 """End to end: a sweep tracked at a credentialed MLflow URI is killed after its first trial finishes, resumed with
 ``flowrail sweep --resume NAME``, ends with all trials (the finished one run once), and the password appears in no
 file it wrote (checkpoints, Tune's experiment, sweep state, summary, best config), no MLflow artifact, param or tag,
-and no printed line."""
+and no printed line. The console both sweeps printed is flowrail's trial table (redrawn as states change, the best
+starred), not Tune's reporter output nor Ray's per-report and per-dataset lines."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -77,6 +79,7 @@ def test_killed_sweep_resumes_and_never_leaks_the_tracking_password(digits_shard
     second = _spawn(["sweep", "--resume", "resumable", "--run-dir", str(tmp_path / "runs")], env,
                     tmp_path / "second.log")
     assert second.wait(timeout=900) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    _assert_trial_table_console((tmp_path / "first.log").read_text(), (tmp_path / "second.log").read_text())
 
     exp = c.get_experiment_by_name("sweep-resume")
     trials = c.search_runs([exp.experiment_id], "tags.`flowrail.job` = 'sweep_trial'")
@@ -104,3 +107,30 @@ def test_killed_sweep_resumes_and_never_leaks_the_tracking_password(digits_shard
     assert not hits, hits
     for version in c.search_model_versions("name='flowrail-resume'"):
         assert all(PASSWORD not in str(v) for v in version.tags.values()) and PASSWORD not in (version.description or "")
+
+
+TABLE_HEADER = ["trial", "config", "state", "iter", "step", "fd_pixels", "best", "fd_pixels"]
+TUNE_AND_RAY_DUMPS = ("Trial status:", "started with configuration", "finished iteration", "completed after",
+                      "Configuration for experiment", "View detailed results", "Wrote the latest version",
+                      "Reporting training result", "Execution plan", "Started a local Ray instance",
+                      "MLflow database tables")
+
+
+def _assert_trial_table_console(first: str, second: str) -> None:
+    """Both sweeps' consoles (not a terminal, so each redraw is reprinted): the trial table, redrawn as trial states
+    change; the resumed sweep's last table has both trials TERMINATED at step 20, the lower fd starred."""
+    for console in (first, second):
+        assert sum(ln.split() == TABLE_HEADER for ln in re.split(r"[\r\n]", console)) >= 2, console[-3000:]
+        for dump in TUNE_AND_RAY_DUMPS:
+            assert dump not in console, dump
+        assert "╭" not in console and "│" not in console
+    lines = [ln.rstrip() for ln in re.split(r"[\r\n]", second)]
+    last = max(i for i, ln in enumerate(lines) if ln.split() == TABLE_HEADER)
+    row = re.compile(r"^([* ])\w+_\d{5}\s+transport\.path=(linear|gvp)\s+TERMINATED\s+\d+\s+20\s+(\d+\.?\d*)\s+"
+                     r"(\d+\.?\d*)$")
+    matched = [row.match(ln) for ln in lines[last + 1:last + 3]]
+    assert all(matched), lines[last:last + 3]
+    assert {m.group(2) for m in matched} == {"linear", "gvp"} and sum(m.group(1) == "*" for m in matched) == 1
+    starred = next(m for m in matched if m.group(1) == "*")
+    assert float(starred.group(4)) == min(float(m.group(4)) for m in matched)
+    assert "[flowrail] sweep done" in second

@@ -91,7 +91,29 @@ class TrialTable(Callback):
         row = self.rows.get(trial.trial_id)
         if row is None:
             row = self.rows[trial.trial_id] = TrialRow(trial.trial_id, describe_config(dict(trial.config)))
+            self._restore(row, trial)
         return row
+
+    def _restore(self, row: TrialRow, trial: Any) -> None:
+        """A trial a resumed sweep restored (finished or paused before the kill) shows what it had reported: its
+        last result, and its best value from Tune's per-trial metric summary (``{metric: {"min", "max", ...}}``)."""
+        metadata = getattr(trial, "run_metadata", None)
+        last = dict(getattr(metadata, "last_result", None) or {})
+        if "training_iteration" not in last:
+            return
+        self._record(row, last)
+        best = (getattr(metadata, "metric_analysis", None) or {}).get(self.metric, {}).get(self.mode)
+        if isinstance(best, (int, float)) and best == best:
+            row.best = float(best)
+
+    def _record(self, row: TrialRow, result: dict) -> None:
+        row.iteration = int(result.get("training_iteration", row.iteration + 1))
+        row.step = int(result["step"]) if "step" in result else row.step
+        value = result.get(self.metric)
+        if isinstance(value, (int, float)) and value == value:  # not NaN
+            row.metric = float(value)
+            better = row.best is None or (value < row.best if self.mode == "min" else value > row.best)
+            row.best = float(value) if better else row.best
 
     def _draw(self, trials: list[Any], state_changed: bool) -> None:
         for trial in trials:
@@ -102,18 +124,12 @@ class TrialTable(Callback):
             self._block = LiveBlock(sys.stderr, in_place=sys.stderr.isatty())
         now = time.monotonic()
         if state_changed or (self._block.in_place and now - self._drawn_at >= 0.5):
-            self._block.show(render(list(self.rows.values()), self.metric, self.mode))
+            ordered = sorted(self.rows.values(), key=lambda r: r.trial_id)  # Tune numbers its trials _00000, _00001
+            self._block.show(render(ordered, self.metric, self.mode))
             self._drawn_at = now
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
-        row = self._row(trial)
-        row.iteration = int(result.get("training_iteration", row.iteration + 1))
-        row.step = int(result["step"]) if "step" in result else row.step
-        value = result.get(self.metric)
-        if isinstance(value, (int, float)) and value == value:  # not NaN
-            row.metric = float(value)
-            better = row.best is None or (value < row.best if self.mode == "min" else value > row.best)
-            row.best = float(value) if better else row.best
+        self._record(self._row(trial), result)
         self._draw(trials, state_changed=False)
 
     def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
