@@ -44,4 +44,4 @@ def run_ranks(fn: Callable[..., Any], args: tuple, *, nprocs: int, out_dir: Path
                 if process.is_alive():
                     process.kill()
             pytest.fail(f"{fn.__name__}: {nprocs} ranks still running after {timeout_s:.0f} s; killed")
-    return {rank: torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(nprocs)}
+    return {rank: torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(nprocs)}
