@@ -1,4 +1,4 @@
-"""Per-rank memory of the flowrail ZeRO path: ZeRO-2 vs ZeRO-3, world size 1 and 2, FLUX LoRA and SiT full.
+"""Per-rank memory of the flowrail ZeRO path: ZeRO-2 vs ZeRO-3, world size 1 and 2, FLUX LoRA and full, SiT full.
 
 Each configuration runs ``world`` processes on gloo (CPU). Every rank builds its model the way the training worker
 does (``build_worker_model``: under ZeRO-3 inside ``deepspeed.zero.Init``), wraps it in the DeepSpeed engine
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-FLUX_REAL_WIDTH = ["model.name=flux", "flux.mode=lora", "flux.lora_rank=16", "flux.grad_checkpointing=false"]
+FLUX_REAL_WIDTH = ["model.name=flux", "flux.grad_checkpointing=false"]
 MODELS = {
     # FLUX.1 widths (hidden 3072 = 24 heads x 128, T5 4096, CLIP 768), 1 double + 1 single block: 545.5 M params
-    "flux_lora": FLUX_REAL_WIDTH,
+    "flux_lora": [*FLUX_REAL_WIDTH, "flux.mode=lora", "flux.lora_rank=16"],
+    "flux_full": [*FLUX_REAL_WIDTH, "flux.mode=full"],
     # SiT-XL/2 widths (hidden 1152, 16 heads, patch 2, 4-channel 32x32 latents) with `depth` blocks instead of 28
     "sit_xl2": ["model.name=sit", "model.hidden_size=1152", "model.num_heads=16", "model.patch_size=2",
                 "model.learn_sigma=true"],
@@ -34,7 +35,7 @@ FLUX1_1X1 = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=1, 
 
 
 def _batch(model: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    if model == "flux_lora":
+    if model.startswith("flux"):
         return {"latent": torch.randn(1, 16, 4, 4, generator=gen), "t5": torch.randn(1, 4, 4096, generator=gen),
                 "clip_pooled": torch.randn(1, 768, generator=gen)}
     return {"image": torch.randn(1, 4, 32, 32, generator=gen), "label": torch.randint(0, 1000, (1,), generator=gen)}
@@ -55,7 +56,7 @@ def _rank(rank: int, world: int, model: str, stage: int, depth: int, base: str, 
     from pipeline.train.worker_setup import build_worker_model
 
     overrides = [*MODELS[model], f"train.zero_stage={stage}", "train.precision=fp32", "train.lr=1e-4"]
-    if model == "flux_lora":
+    if model.startswith("flux"):
         overrides.append(f"flux.weights={base}")
         info = DataInfo(kind="latents", field="latent.npy", channels=16, size=4, num_classes=0, num_samples=2)
     else:
@@ -136,7 +137,7 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     base = args.flux_base or str(Path(tempfile.gettempdir()) / "flowrail-memory-flux-base")
-    if "flux_lora" in args.models and not (Path(base) / "config.json").is_file():
+    if any(m.startswith("flux") for m in args.models) and not (Path(base) / "config.json").is_file():
         from diffusers import FluxTransformer2DModel
 
         torch.manual_seed(0)
