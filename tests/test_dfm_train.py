@@ -36,6 +36,7 @@ def test_dfm_trains_on_digits_and_makes_a_grid(ray_local, digits_shards, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive  # CI: named sizes are built in test_models_sit.py and test_settings_honoured.py (SiT-S/8)
 def test_named_sit_s2_trains_on_digits(ray_local, digits_shards, tmp_path) -> None:
     """The paper's SiT-S/2 (33M parameters) by name; a few small-batch steps keep it affordable on a CPU."""
     from pipeline.train.trainer import fit

@@ -88,6 +88,7 @@ def test_cli_errors_are_one_line(tmp_path, digits_shards, tiny_vae, capsys) -> N
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive  # CI: test_sweep_e2e.py trains latent SiT through Ray Train and scores decoded images
 def test_latent_sit_run_end_to_end(ray_local, digit_latents, tmp_path) -> None:
     """`flowrail train` on latent shards: loss falls, and the sample grid is decoded back to 16x16 RGB images."""
     from conftest import tiny_train_overrides
