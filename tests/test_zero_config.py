@@ -124,3 +124,25 @@ def test_one_worker_runs_zero2_as_stage0_unless_told_otherwise():
     assert stage(world=2) == 2 and stage(stage0_single_worker=False) == 2
     assert stage(zero_stage=3) == 3 and stage(zero_stage=2, offload=True) == 2
     assert stage(deepspeed_preset="zero2") == 2
+
+
+def test_zero3_buckets_follow_the_model_width_unless_a_preset_sets_them():
+    """DeepSpeed's default 5e8-element reduce bucket is 1.9 GiB of fp32 gradients per rank whatever the world size:
+    without a preset, ZeRO-3 sizes its buckets from the model's width (h², 0.9 h², 10 h)."""
+    from pipeline.config import ModelConfig
+    from pipeline.flux.model import build_flux_model, tiny_flux_config
+    from pipeline.models import build_model
+    from pipeline.train.engine import model_width
+
+    sit = build_model(ModelConfig(hidden_size=48, depth=1, num_heads=2, patch_size=2), in_channels=1, input_size=8,
+                      num_classes=10)
+    assert model_width(sit) == 48
+    tiny = tiny_flux_config()
+    assert model_width(build_flux_model(None, tiny=True)) == tiny["num_attention_heads"] * tiny["attention_head_dim"]
+    zero = deepspeed_config(TrainConfig(zero_stage=3), micro_batch=4, world_size=2, width=48)["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
+            zero["stage3_param_persistence_threshold"]) == (48 * 48, int(0.9 * 48 * 48), 480)
+    assert "reduce_bucket_size" not in deepspeed_config(TrainConfig(zero_stage=2), 4, 2, width=48)["zero_optimization"]
+    preset = load_config(TrainJobConfig, None, ["train.deepspeed_preset=zero3"]).train
+    shipped = json.loads(preset_path("zero3").read_text())["zero_optimization"]["reduce_bucket_size"]
+    assert deepspeed_config(preset, 4, 2, width=48)["zero_optimization"]["reduce_bucket_size"] == shipped
