@@ -1,5 +1,6 @@
 """End to end: a sweep tracked at a credentialed MLflow URI is killed after its first trial finishes, resumed with
-``flowrail sweep --resume NAME``, ends with all trials (the finished one run once), and the password appears in no
+``flowrail sweep --resume NAME``, ends with all trials (the finished one run once, ranked by its final checkpoint
+although Tune's saved state never saw that result), and the password appears in no
 file it wrote (checkpoints, Tune's experiment, sweep state, summary, best config), no MLflow artifact, param or tag,
 and no printed line. The console both sweeps printed is flowrail's trial table (redrawn as states change, the best
 starred), not Tune's reporter output nor Ray's per-report and per-dataset lines."""
@@ -59,7 +60,9 @@ def test_killed_sweep_resumes_and_never_leaks_the_tracking_password(digits_shard
     cfg = _config(tmp_path, digits_shards)
     c = MlflowClient(mlflow_server)
 
-    first = _spawn(["sweep", str(cfg)], env, tmp_path / "first.log")
+    # Tune writes its experiment state at most every 10 s (and less often for large sweeps): here only when the sweep
+    # starts, so the resumed sweep deterministically finds the trial that had finished as never having reported
+    first = _spawn(["sweep", str(cfg)], {**env, "TUNE_GLOBAL_CHECKPOINT_S": "3600"}, tmp_path / "first.log")
     deadline = time.time() + 900
     finished = []
     while time.time() < deadline and first.poll() is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
 
 class EvalReportCallback(TuneReportCallback):
@@ -55,4 +55,26 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep: dict[str, 
             "flowrail.trial_id": trial_id}
     callback = EvalReportCallback(sweep["metrics"], sweep["num_samples"], sweep["seed"], cpus=sweep["eval_cpus"],
                                   gpus=1 if cfg.train.use_gpu else 0)
-    fit(cfg, tags=tags, make_grid=True, callbacks=[callback])
+    out = fit(cfg, tags=tags, make_grid=True, callbacks=[callback])
+    if not out.new_checkpoint:
+        forward_final_checkpoint(callback, out)
+
+
+def forward_final_checkpoint(callback: EvalReportCallback, out: Any) -> None:
+    """Score the run's final checkpoint and report it to Tune: a trial restarted by ``sweep --resume`` whose run had
+    already stored its last checkpoint trains no step and reports nothing, while Tune's saved experiment state (it
+    is written at most every 10 s, and less often for large sweeps) may hold an older result of it or none. Without
+    this the resumed sweep would rank the trial by a stale metric."""
+    import ray.tune
+
+    from pipeline.sweep.evaluation import score_remotely
+
+    result = dict(out.metrics)
+    scored = score_remotely(out.stored_checkpoint or out.checkpoint, callback.metrics, callback.num_samples,
+                            callback.seed, cpus=callback.cpus, gpus=callback.gpus)
+    step = scored.pop("step")  # the checkpoint's own step, if the run's stored metrics lack it
+    result.update(scored)
+    result.setdefault("step", step)
+    stored = out.stored_checkpoint
+    result[CHECKPOINT_PATH_KEY] = stored.path if stored is not None else str(out.checkpoint)  # as the callback does
+    ray.tune.report(result)

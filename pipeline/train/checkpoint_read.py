@@ -112,14 +112,6 @@ def resume_world_size(run_storage: str) -> tuple[str, int] | None:
     return ckpt, int(meta.get("world_size", 1))
 
 
-def check_resume_world_size(run_storage: str, num_workers: int) -> None:
-    """One line, on the driver, when a re-run would resume a checkpoint written by another number of workers (its
-    ZeRO optimizer state is partitioned per rank)."""
-    found = resume_world_size(run_storage)
-    if found is not None and found[1] != num_workers:
-        raise world_size_error(*found, num_workers)
-
-
 def world_size_error(ckpt: str | Path, saved: int, num_workers: int) -> CheckpointError:
     """The one line for resuming a checkpoint of ``saved`` workers with ``num_workers``."""
     return CheckpointError(f"checkpoint {ckpt} was written by {saved} workers but this run has "

@@ -18,6 +18,8 @@ class TrainResult:
     metrics: dict[str, Any]
     tracking_uri: str
     grid: Path | None = None
+    stored_checkpoint: Any = None  # the ``ray.train.Checkpoint`` in the run's storage (``checkpoint`` is local)
+    new_checkpoint: bool = True  # False: the run had stored its last checkpoint before this call and trained no step
 
 
 def _unwrap(exc: BaseException) -> BaseException | None:
@@ -55,12 +57,14 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
         check_writable(cfg.train.storage_path, "train.storage_path")
     if cfg.init_from and "://" not in cfg.init_from and not Path(cfg.init_from).exists():
         raise CheckpointError(f"init_from={cfg.init_from}: file or directory does not exist")
-    from pipeline.train.checkpoint_read import check_resume_world_size
+    from pipeline.train.checkpoint_read import resume_world_size, world_size_error
 
     # a re-run resumes the run's latest registered checkpoint: refuse another world size before anything starts
     storage = cfg.train.storage_path or str(Path(cfg.run_dir) / "ray")
     run_storage = f"{storage.rstrip('/')}/{cfg.run_name}"
-    check_resume_world_size(run_storage, cfg.train.num_workers)
+    resume_from = resume_world_size(run_storage)
+    if resume_from is not None and resume_from[1] != cfg.train.num_workers:
+        raise world_size_error(*resume_from, cfg.train.num_workers)
     from pipeline.train.init_from import check_init_from, inherited_privacy, log_import_notes
 
     import_notes = check_init_from(cfg, info.num_classes)  # a checkpoint trained differently is refused here
@@ -117,9 +121,17 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
     if result.checkpoint is None:
         raise FlowrailError(f"run {cfg.run_name} finished without a checkpoint")
     checkpoint = local_checkpoint(result.checkpoint, Path(cfg.run_dir) / "checkpoints" / cfg.run_name)
-    out = TrainResult(run_id=run_id, checkpoint=checkpoint, metrics=dict(result.metrics or {}), tracking_uri=uri)
+    out = TrainResult(run_id=run_id, checkpoint=checkpoint, metrics=dict(result.metrics or {}), tracking_uri=uri,
+                      stored_checkpoint=result.checkpoint,
+                      new_checkpoint=resume_from is None
+                      or _dir_name(result.checkpoint.path) != _dir_name(resume_from[0]))
     finish_run(cfg, out, make_grid)
     return out
+
+
+def _dir_name(location: str) -> str:
+    """``checkpoint_2026-...`` of a local path, ``s3://bucket/run/checkpoint_...`` or ``bucket/run/checkpoint_...``."""
+    return str(location).rstrip("/").rsplit("/", 1)[-1]
 
 
 def worker_read_budget(cfg: TrainJobConfig, uri: str, run_id: str) -> dict[str, float]:
