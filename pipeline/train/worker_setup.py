@@ -126,7 +126,11 @@ def set_up_worker(cfg: TrainJobConfig, info: DataInfo, *, micro_batch: int, worl
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = ckpt_io.restore(Path(ckpt_dir), engine=engine, ema=ema, rank=rank, world=world)
+        from pipeline.train.restore_download import restored_checkpoint_dir
+
+        ctx = ray.train.get_context()
+        with restored_checkpoint_dir(checkpoint, local_rank=ctx.get_local_rank(),
+                                     node_rank=ctx.get_node_rank()) as ckpt_dir:
+            state = ckpt_io.restore(ckpt_dir, engine=engine, ema=ema, rank=rank, world=world)
     return WorkerSetup(engine=engine, ema=ema, objective=build_objective(cfg, info.num_classes), device=device,
                        autocast=autocast, state=state, resumed=bool(checkpoint))
