@@ -50,6 +50,10 @@ def count_grads(ledger: Ledger, engine: Any) -> None:
     for group in getattr(opt, "averaged_gradients", {}).values():  # ZeRO-1/2
         for g in group or []:
             ledger.add("grads", g)
+    if not hasattr(opt, "optimizer"):  # stage 0 (ZeRO-1/2 on one worker): the torch optimizer, grads on the params
+        for p in engine.module.parameters():
+            if p.grad is not None:
+                ledger.add("grads", p.grad)
 
 
 def count_optimizer(ledger: Ledger, engine: Any) -> None:
@@ -57,7 +61,7 @@ def count_optimizer(ledger: Ledger, engine: Any) -> None:
     for master in (getattr(opt, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
                    or getattr(opt, "fp32_partitioned_groups_flat", None) or []):  # ZeRO-3
         ledger.add("optimizer", master)
-    for state in opt.optimizer.state.values():
+    for state in getattr(opt, "optimizer", opt).state.values():  # stage 0: no fp32 master copy, the moments only
         for value in state.values():
             if torch.is_tensor(value):
                 ledger.add("optimizer", value)

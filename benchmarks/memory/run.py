@@ -55,7 +55,9 @@ def _rank(rank: int, world: int, model: str, stage: int, depth: int, base: str, 
     from pipeline.train.engine import build_engine
     from pipeline.train.worker_setup import build_worker_model
 
-    overrides = [*MODELS[model], f"train.zero_stage={stage}", "train.precision=fp32", "train.lr=1e-4"]
+    # stage0_single_worker=false: a ZeRO-2 row at world 1 is ZeRO-2 (flowrail would run stage 0 there by default)
+    overrides = [*MODELS[model], f"train.zero_stage={stage}", "train.precision=fp32", "train.lr=1e-4",
+                 "train.stage0_single_worker=false"]
     if model.startswith("flux"):
         overrides.append(f"flux.weights={base}")
         info = DataInfo(kind="latents", field="latent.npy", channels=16, size=4, num_classes=0, num_samples=2)
