@@ -177,6 +177,10 @@ class TrainConfig(Section):
     # the same, but ZeRO-2 copies every gradient into flat buffers (near-free model on CPU: 3.6 vs 1.3 ms per engine
     # step). Not with train.offload or a DeepSpeed preset, which keep their stage. false: train.zero_stage as given.
     stage0_single_worker: bool = True
+    # deepspeed: DeepSpeed's engine (ZeRO, presets, offload). torch: a plain PyTorch engine for one worker without
+    # partitioning (pipeline/train/torch_engine.py), ~2.7 ms less host work per step than DeepSpeed's; its checkpoints
+    # resume only under train.engine=torch
+    engine: Literal["deepspeed", "torch"] = "deepspeed"
     # DeepSpeed settings merged under flowrail's keys: a shipped preset (zero2, zero3, zero3_offload; it sets
     # zero_stage/offload unless those are given) or a path to a DeepSpeed .json (relative: to where flowrail runs)
     deepspeed_preset: str | None = None

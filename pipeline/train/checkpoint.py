@@ -6,6 +6,7 @@ Layout of one checkpoint directory (Ray merges the ranks' directories into one):
     ema.safetensors        EMA of the trained parameters, the weights used for sampling (rank 0); frozen
                            parameters and buffers are not saved: they come from building the model
     deepspeed/state/...    DeepSpeed ``save_checkpoint`` output (every rank writes its shard)
+    torch_engine/state/engine.pt   instead of deepspeed/, under ``train.engine=torch`` (one rank)
     rng/rank<R>.pt         torch RNG state of rank R
 
 A half-written checkpoint is never the latest:
@@ -49,6 +50,14 @@ from pipeline.train.checkpoint_read import (  # noqa: F401 - re-exported: readin
 
 DS_DIR = "deepspeed"
 DS_TAG = "state"
+TORCH_ENGINE_DIR = "torch_engine"  # train.engine=torch: torch_engine/state/engine.pt in place of deepspeed/state/
+
+
+def engine_dir(engine: Any) -> str:
+    """Where ``engine`` keeps its state in a checkpoint: ``deepspeed`` or ``torch_engine``."""
+    from pipeline.train.torch_engine import TorchEngine
+
+    return TORCH_ENGINE_DIR if isinstance(engine, TorchEngine) else DS_DIR
 
 
 @dataclass
@@ -95,7 +104,7 @@ def save(local_dir: Path, *, engine: Any, ema: Any, state: TrainState, cfg: Trai
     """
     try:
         local_dir.mkdir(parents=True, exist_ok=True)
-        engine.save_checkpoint(str(local_dir / DS_DIR), tag=DS_TAG, client_state={"step": state.step})
+        engine.save_checkpoint(str(local_dir / engine_dir(engine)), tag=DS_TAG, client_state={"step": state.step})
         (local_dir / "rng").mkdir(exist_ok=True)
         torch.save({"torch": torch.get_rng_state(), "data_position": state.data_position},
                    local_dir / "rng" / f"rank{rank}.pt")
@@ -125,9 +134,15 @@ def restore(ckpt_dir: Path, *, engine: Any, ema: Any, rank: int, world: int | No
     saved_world = int(meta.get("world_size", 1))
     if world is not None and saved_world != world:
         raise world_size_error(ckpt_dir, saved_world, world)
-    load_path, _ = engine.load_checkpoint(str(Path(ckpt_dir) / DS_DIR), tag=DS_TAG)
+    running = engine_dir(engine)
+    written = TORCH_ENGINE_DIR if (Path(ckpt_dir) / TORCH_ENGINE_DIR).is_dir() else DS_DIR
+    if written != running:
+        names = {DS_DIR: "deepspeed", TORCH_ENGINE_DIR: "torch"}
+        raise CheckpointError(f"checkpoint {ckpt_dir} was written with train.engine={names[written]} and this run has "
+                              f"train.engine={names[running]}: resume with train.engine={names[written]}")
+    load_path, _ = engine.load_checkpoint(str(Path(ckpt_dir) / running), tag=DS_TAG)
     if load_path is None:
-        raise CheckpointError(f"checkpoint {ckpt_dir} has no DeepSpeed state under {DS_DIR}/{DS_TAG}")
+        raise CheckpointError(f"checkpoint {ckpt_dir} has no engine state under {running}/{DS_TAG}")
     try:
         ema.load_state_dict(load_file(str(Path(ckpt_dir) / EMA_FILE)))
     except ValueError as exc:

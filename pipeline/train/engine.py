@@ -184,7 +184,9 @@ def fused_adamw(cfg: TrainConfig) -> bool:
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_size: int) -> Any:
-    """Wrap ``model`` in a DeepSpeed engine with AdamW and a linear warm-up (``torch.compile``d if ``cfg.compile``)."""
+    """Wrap ``model`` in a DeepSpeed engine (or, ``train.engine=torch``, flowrail's single-rank
+    :class:`~pipeline.train.torch_engine.TorchEngine`) with AdamW and a linear warm-up (``torch.compile``d if
+    ``cfg.compile``)."""
     select_accelerator(cfg)
     import deepspeed
 
@@ -195,6 +197,14 @@ def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_siz
     warmup = cfg.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    if cfg.engine == "torch":
+        from pipeline.train.torch_engine import TorchEngine, check_torch_engine, engine_device
+
+        check_torch_engine(cfg, world_size)
+        engine = TorchEngine(model, optimizer, scheduler, cfg, engine_device(cfg))
+        if cfg.compile:
+            engine.compile(backend=cfg.compile_backend)
+        return engine
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, micro_batch, world_size, width=model_width(model)), dist_init_required=False)

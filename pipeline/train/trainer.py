@@ -48,6 +48,10 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
     from pipeline.objective import validate_settings
 
     validate_settings(cfg)  # a setting the model family would ignore is refused here, before anything starts
+    if cfg.train.engine == "torch":
+        from pipeline.train.torch_engine import check_torch_engine
+
+        check_torch_engine(cfg.train, cfg.train.num_workers)
     paths, info = describe(cfg.data.shards, cfg.data.image_size, job="train")
     # once per manifest, in parallel Ray tasks (pipeline/data/verify.py); before the MLflow run exists
     if cfg.data.verify_checksums and ensure_verified(cfg.data.shards, start_ray=init_ray) == "verified":
