@@ -170,8 +170,8 @@ def write_latents(root: Path, n: int, target: Target) -> Path:
 
 
 def flowrail(batch: int, steps: int, root: Path, tracking_uri: str | None = None, compile_model: bool = False,
-             target: Target = GPU) -> float:
-    """Images/s of flowrail's training path (median logged window) on one worker."""
+             target: Target = GPU, engine: str = "deepspeed") -> float:
+    """Images/s of flowrail's training path (median logged window) on one worker, with ``train.engine=engine``."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.config import TrainJobConfig, load_config
@@ -187,7 +187,7 @@ def flowrail(batch: int, steps: int, root: Path, tracking_uri: str | None = None
         "train.lr=1e-4", f"train.log_every={log_every}", f"train.checkpoint_every={steps}",
         f"run_dir={root / 'runs'}", f"train.compile={str(compile_model).lower()}",
         f"train.compile_backend={target.compile_backend}", "run_name=gpu-bench", "data.verify_checksums=false",
-        *([f"tracking.tracking_uri={tracking_uri}"] if tracking_uri else [])])
+        f"train.engine={engine}", *([f"tracking.tracking_uri={tracking_uri}"] if tracking_uri else [])])
     result = fit(cfg, make_grid=False)
     hist = sorted((m.step, m.value) for m in
                   MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "samples_per_s"))
@@ -208,6 +208,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also time the bare loop with torch.compile and flowrail with train.compile=true")
     parser.add_argument("--skip-flowrail", action="store_true")
+    parser.add_argument("--engine", choices=["deepspeed", "torch"], default="torch",
+                        help="flowrail's train.engine (one worker: torch is the plain PyTorch engine)")
     parser.add_argument("--flops-only", action="store_true")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny SiT, few steps: checks the script only")
     parser.add_argument("--peak-tflops", type=float, default=None)
@@ -281,9 +283,10 @@ def main() -> None:
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 ips = timed(f"flowrail {mode} batch {b}", flowrail, b, flow_steps, Path(tmp), args.tracking_uri,
-                            compiled, target)
+                            compiled, target, args.engine)
             if ips is not None:
-                emit(f"flowrail ({mode}{', train.compile=true' if compiled else ''})", b, ips, bare_ips)
+                emit(f"flowrail ({mode}{', train.compile=true' if compiled else ''}, train.engine={args.engine})", b,
+                     ips, bare_ips)
     print("\n".join(header + rows), flush=True)
     if not rows:
         sys.exit("no path was measured")
