@@ -182,23 +182,16 @@ def near_free_worker_loop(out_file: str, warmup: int, steps: int) -> Callable[[d
             ema.update = update
             return setup
 
-        epoch_dataset = streaming.epoch_dataset
+        epoch_stream = streaming.epoch_stream
 
-        def timed_epoch_dataset(*args: Any, **kwargs: Any) -> Any:
-            ds, files = epoch_dataset(*args, **kwargs)
-            iter_batches = ds.iter_torch_batches
-
-            class Timed:  # the dataset as the loop uses it, its batch iterator timed
-                def __getattr__(self, name: str) -> Any:
-                    return getattr(ds, name)
-
-                def iter_torch_batches(self, **kw: Any) -> Iterator[Any]:
-                    return timer.wrap_iter("data", iter(iter_batches(**kw)))
-            return Timed(), files
+        def timed_epoch_stream(*args: Any, **kwargs: Any) -> Any:
+            """The worker's batch stream (Ray Data iterator to numpy batches), each ``next`` timed as ``data``."""
+            stream, files = epoch_stream(*args, **kwargs)
+            return timer.wrap_iter("data", stream), files
 
         worker_setup.build_worker_model = near_free_model
         worker_setup.set_up_worker = set_up
-        streaming.epoch_dataset = timed_epoch_dataset
+        streaming.epoch_stream = timed_epoch_stream
         worker.step_flags = timer.wrap("step_flags", worker.step_flags)
         worker.all_reduce_sum = timer.wrap("all_reduce", worker.all_reduce_sum)
         ray.train.report = timer.wrap("report", ray.train.report)
