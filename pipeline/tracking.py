@@ -142,8 +142,6 @@ def run_record(cfg: TrainJobConfig) -> Path:
 
 def start_or_resume_run(cfg: TrainJobConfig, tags: dict[str, str] | None = None) -> tuple[str, bool]:
     """The MLflow run of this training run: resumed when the run record exists, else created with params."""
-    from mlflow.entities import Param, RunTag
-
     uri = tracking_uri(cfg)
     record = run_record(cfg)
     if record.is_file():
@@ -151,21 +149,35 @@ def start_or_resume_run(cfg: TrainJobConfig, tags: dict[str, str] | None = None)
         if saved.get("tracking_uri_sha256") == uri_fingerprint(uri) or saved.get("tracking_uri") == uri:
             check_reachable(uri)
             try:
-                client(uri).update_run(saved["run_id"], status="RUNNING")
+                c = client(uri)
+                c.update_run(saved["run_id"], status="RUNNING")
+                if SET_UP_TAG not in c.get_run(saved["run_id"]).data.tags:  # killed while its params were logged
+                    _set_up(c, saved["run_id"], cfg)
                 return saved["run_id"], True
             except Exception:  # noqa: BLE001 - the run was deleted or the store replaced: start a new one
                 pass
     experiment_id = ensure_experiment(uri, cfg.tracking.experiment)
     c = client(uri)
     run = c.create_run(experiment_id, run_name=cfg.run_name, tags={"flowrail.job": "train", **(tags or {})})
-    params = [Param(k, v) for k, v in loggable_params(cfg).items()]
-    for i in range(0, len(params), 90):
-        c.log_batch(run.info.run_id, params=params[i:i + 90])
-    c.log_batch(run.info.run_id, tags=[RunTag("mlflow.note.content", f"flowrail run {cfg.run_name}")])
+    # the record first: a driver killed while the params are logged leaves a run its re-run finds, not an orphan
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": redact(uri),
                                   "tracking_uri_sha256": uri_fingerprint(uri)}))
+    _set_up(c, run.info.run_id, cfg)
     return run.info.run_id, False
+
+
+SET_UP_TAG = "mlflow.note.content"  # written last when a run is set up
+
+
+def _set_up(c: Any, run_id: str, cfg: TrainJobConfig) -> None:
+    """The new run's params (the resolved config), then its note: the note marks a run whose set-up finished."""
+    from mlflow.entities import Param, RunTag
+
+    params = [Param(k, v) for k, v in loggable_params(cfg).items()]
+    for i in range(0, len(params), 90):
+        c.log_batch(run_id, params=params[i:i + 90])
+    c.log_batch(run_id, tags=[RunTag(SET_UP_TAG, f"flowrail run {cfg.run_name}")])
 
 
 def metric_spool(cfg: TrainJobConfig) -> Path:

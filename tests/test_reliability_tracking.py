@@ -182,3 +182,27 @@ def test_safe_defaults():
 
     cfg = TrainJobConfig()
     assert (cfg.tracking.on_unreachable, cfg.train.max_failures) == ("buffer", 3)
+
+
+def test_a_driver_killed_while_its_run_was_set_up_resumes_that_run(tmp_path, monkeypatch):
+    """The run record is written right after the MLflow run is created: a driver killed while the params are logged
+    leaves a run its re-run finds and finishes setting up (the killed sweep left a second, orphan run before)."""
+    from pipeline import tracking
+    from pipeline.config import TrainJobConfig
+
+    cfg = TrainJobConfig(run_dir=str(tmp_path), run_name="killed-early",
+                         tracking={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    real_set_up = tracking._set_up
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the driver dies here, after create_run
+    monkeypatch.setattr(tracking, "_set_up", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tracking.start_or_resume_run(cfg)
+    monkeypatch.setattr(tracking, "_set_up", real_set_up)
+    run_id, resumed = tracking.start_or_resume_run(cfg)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert resumed and [r.info.run_id for r in runs] == [run_id]  # one run, the first one
+    run = client.get_run(run_id)
+    assert run.data.params["train.lr"] == str(cfg.train.lr) and tracking.SET_UP_TAG in run.data.tags
