@@ -1,6 +1,11 @@
 """Host overhead of the training loop itself: a near-free model through a bare loop and through flowrail's worker.
 
-    python benchmarks/train_overhead/host_overhead.py --steps 400 --repeats 3
+    python benchmarks/train_overhead/host_overhead.py --repeats 3 --seed 1 [--flowrail-overrides train.engine=torch]
+
+By default a steady state over several epochs: 1,500 steps on a shard set of 256 batches per epoch, measured from
+step 300 on (the first epoch's one-off start-up, Ray spawning the read tasks' worker processes, left out), so the
+window holds about five epoch boundaries, each with the next epoch's stream started in the background as in
+training. ``--epoch-batches 0``: one epoch longer than the run (the measurement of sessions 7-10).
 
 The model is one ``Linear(C*H*W, C*H*W)`` on the flattened input (8x8x1 digits: 64x64 weights, 4160 parameters),
 so a step's time is what the loop around the model costs. Both loops use the same transport objective (linear path,
@@ -18,12 +23,15 @@ velocity loss), batch 64, one torch thread, gradient clipping, AdamW and an EMA 
 Step time: the mean time per step between step ``--warmup`` and the step before the last (the final checkpoint is
 left out; the logging and ``ray.train.report`` of every window are in), in microseconds; median over repeats, with
 min-max. Parts: cumulative timers around the loop's parts over the same steps (wrapped methods, no profiler), per
-step; "rest" is what no timer covers (the worker loop's own Python, batch bookkeeping).
+step; "rest" is what no timer covers (the worker loop's own Python, batch bookkeeping). Also printed for each
+repeat: the CPU time per step of each thread of the worker (``/proc/self/task``) and of every process on the machine
+(``/proc/<pid>/stat``), which tell the loop's own CPU cost from the time it waits for a core or the GIL.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import tempfile
 import threading
@@ -59,6 +67,9 @@ class PartTimer:
         self.total: dict[str, float] = defaultdict(float)
         self.marks: dict[str, tuple[float, dict[str, float]]] = {}
         self.thread = threading.get_ident()
+        self.native_thread = threading.get_native_id()
+        self.cpu_marks: dict[str, dict[str, float]] = {}
+        self.proc_marks: dict[str, dict[str, tuple[str, float]]] = {}
 
     def _add(self, name: str, t0: float) -> None:
         if threading.get_ident() == self.thread:
@@ -86,6 +97,22 @@ class PartTimer:
 
     def mark(self, key: str) -> None:
         self.marks[key] = (time.perf_counter(), dict(self.total))
+        self.cpu_marks[key] = thread_cpu_seconds(self.native_thread)
+        self.proc_marks[key] = process_cpu_seconds()
+
+    def cpu_per_step(self, start: str, end: str, steps: int) -> dict[str, float]:
+        """CPU microseconds per step of each thread of this process between two marks, by thread name."""
+        a, b = self.cpu_marks[start], self.cpu_marks[end]
+        return {k: (v - a.get(k, 0.0)) / steps * 1e6 for k, v in b.items() if v - a.get(k, 0.0) > 0}
+
+    def process_cpu_per_step(self, start: str, end: str, steps: int) -> dict[str, float]:
+        """CPU microseconds per step of the machine's processes between two marks, summed by the name each has at
+        the end; processes started in between under ``(started in the window)``: their whole CPU time."""
+        a, b = self.proc_marks[start], self.proc_marks[end]
+        out: dict[str, float] = defaultdict(float)
+        for pid, (name, cpu) in b.items():
+            out[name if pid in a else "(started in the window)"] += (cpu - a[pid][1] if pid in a else cpu)
+        return {k: v / steps * 1e6 for k, v in out.items() if v > 0}
 
     def per_step(self, start: str, end: str, steps: int) -> dict[str, float]:
         """Microseconds per step of each part and of the whole interval (``step``), ``rest`` = step - parts."""
@@ -93,6 +120,51 @@ class PartTimer:
         parts = {k: (b.get(k, 0.0) - a.get(k, 0.0)) / steps * 1e6 for k in b}
         step = (t1 - t0) / steps * 1e6
         return {"step": step, **parts, "rest": step - sum(parts.values())}
+
+
+CPU_KEY = "thread CPU"  # the bare loop's own thread's CPU time per step (not a part of its step time)
+
+
+def thread_cpu_seconds(loop_thread: int | None = None) -> dict[str, float]:
+    """User + system CPU seconds of each thread of this process (``/proc/self/task``), keyed by the Python thread's
+    name where Python started it (``loop`` for the training loop's, native id ``loop_thread``), else the OS name,
+    summed over equal names."""
+    import os
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    names[threading.main_thread().native_id] = "main"
+    if loop_thread is not None:
+        names[loop_thread] = "loop"
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = defaultdict(float)
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            comm = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+        except OSError:
+            continue
+        name = re.sub(r"[_-]?\d+$", "", names.get(int(tid), comm))  # ThreadPoolExecutor-0_1 -> ThreadPoolExecutor-0
+        out[name] += (int(fields[11]) + int(fields[12])) / tick
+    return dict(out)
+
+
+def process_cpu_seconds() -> dict[str, tuple[str, float]]:
+    """pid -> (command, user + system CPU seconds) of every process on the machine (``/proc/<pid>/stat``); this
+    process is ``this worker``, a Ray worker is named by the task it runs at the time of reading."""
+    import os
+
+    tick, me = os.sysconf("SC_CLK_TCK"), os.getpid()
+    out: dict[str, tuple[str, float]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        head, fields = stat.rsplit(")", 1)
+        name = "this worker" if int(pid) == me else (cmd.rsplit("/", 1)[-1] or head.split("(", 1)[1])[:40]
+        out[pid] = (name, (int(fields.split()[11]) + int(fields.split()[12])) / tick)
+    return out
 
 
 def digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,13 +205,15 @@ def bare(steps: int, warmup: int, overrides: list[str], seed: int) -> dict[str, 
     for step in range(1, steps + 1):
         if step == warmup:
             timer.mark("start")
+            cpu0 = time.thread_time()
         loss = loss_fn(model, batch())
         backward(loss)
         opt_step()
         ema_update(model, ema.decay_at(step))
+    cpu = (time.thread_time() - cpu0) / (steps - warmup + 1) * 1e6
     timer.mark("end")
     loss.item()
-    return timer.per_step("start", "end", steps - warmup + 1)
+    return {**timer.per_step("start", "end", steps - warmup + 1), CPU_KEY: cpu}
 
 
 def near_free_worker_loop(out_file: str, warmup: int, steps: int) -> Callable[[dict[str, Any]], None]:
@@ -193,6 +267,7 @@ def near_free_worker_loop(out_file: str, warmup: int, steps: int) -> Callable[[d
         worker_setup.set_up_worker = set_up
         streaming.epoch_stream = timed_epoch_stream
         worker.step_flags = timer.wrap("step_flags", worker.step_flags)
+        worker.EpochPrefetch.take = timer.wrap("epoch_start", worker.EpochPrefetch.take)
         worker.all_reduce_sum = timer.wrap("all_reduce", worker.all_reduce_sum)
         ray.train.report = timer.wrap("report", ray.train.report)
         tracking.MetricLogger.record = timer.wrap("log_record", tracking.MetricLogger.record)
@@ -205,14 +280,17 @@ def near_free_worker_loop(out_file: str, warmup: int, steps: int) -> Callable[[d
         if ray.train.get_context().get_world_rank() == 0:
             bare_parts = {k: (bare_before[k] + bare_after[k]) / 2 for k in bare_before}
             Path(out_file).write_text(json.dumps({"flowrail": timer.per_step("start", "end", steps - 1 - warmup),
-                                                  "bare": bare_parts}))
+                                                  "bare": bare_parts,
+                                                  "threads": timer.cpu_per_step("start", "end", steps - 1 - warmup),
+                                                  "processes": timer.process_cpu_per_step("start", "end",
+                                                                                          steps - 1 - warmup)}))
     return loop
 
 
-def flowrail(steps: int, warmup: int, overrides: list[str], run_dir: Path,
-             name: str) -> tuple[dict[str, float], dict[str, float]]:
+def flowrail(steps: int, warmup: int, overrides: list[str], run_dir: Path, name: str) -> dict[str, Any]:
     """One ``fit`` run through flowrail's worker loop with the near-free model, and the bare loop in the same Ray
-    worker just before and just after it (their mean): (flowrail, bare) parts per step in microseconds."""
+    worker just before and just after it (their mean): ``flowrail`` and ``bare`` parts per step in microseconds,
+    ``threads`` and ``processes`` CPU microseconds per step over flowrail's window."""
     import pipeline.train.worker as worker
     from pipeline.config import TrainJobConfig, load_config
     from pipeline.train.trainer import fit
@@ -227,7 +305,22 @@ def flowrail(steps: int, warmup: int, overrides: list[str], run_dir: Path,
     finally:
         worker.train_loop_per_worker = real
     result = json.loads(out.read_text())
-    return result["flowrail"], result["bare"]
+    print("thread CPU (us per step): " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(
+        result["threads"].items(), key=lambda kv: -kv[1]) if v >= 5), flush=True)
+    print("process CPU (us per step): " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(
+        result["processes"].items(), key=lambda kv: -kv[1]) if v >= 5), flush=True)
+    return result
+
+
+def cpu_summary(result: dict[str, Any], bare_cpu: float) -> dict[str, float]:
+    """CPU microseconds per step: the bare loop's thread; flowrail's loop thread, the worker's other threads, the
+    read tasks, Ray's other processes (the whole machine during flowrail's window)."""
+    threads, procs = result["threads"], result["processes"]
+    reads = sum(v for k, v in procs.items() if k.startswith("ray::Read"))
+    ray_other = sum(v for k, v in procs.items() if k != "this worker" and not k.startswith("ray::Read"))
+    return {"bare loop thread": bare_cpu, "flowrail loop thread": threads.get("loop", 0.0),
+            "flowrail worker, other threads": sum(v for k, v in threads.items() if k != "loop"),
+            "read tasks (shard parsing)": reads, "all other processes": ray_other}
 
 
 def summary(runs: list[dict[str, float]]) -> dict[str, tuple[float, float, float]]:
@@ -239,11 +332,15 @@ def summary(runs: list[dict[str, float]]) -> dict[str, tuple[float, float, float
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epoch-batches", type=int, default=256,
+                        help="batches per epoch (shard set of that many batches, whole 4096-sample shards): a "
+                             "steady state over several epochs, each epoch's stream started a quarter into the "
+                             "one before as in training; 0: one epoch longer than the run")
     parser.add_argument("--flowrail-overrides", nargs="*", default=[],
                         help="extra flowrail config overrides (e.g. train.zero_stage=0)")
     args = parser.parse_args()
@@ -256,19 +353,25 @@ def main() -> None:
     init_ray(num_cpus=2)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        samples = 64 * (2 * args.steps + 64)  # the next epoch's prefetch (half-way) starts after the run
+        per_shard = 4096
+        if not args.epoch_batches:
+            samples = 64 * (4 * args.steps + 64)  # the next epoch's prefetch (a quarter in) starts after the run
+        else:
+            samples = -(-64 * args.epoch_batches // per_shard) * per_shard
         images, labels = digits_split()["train"]
         write_shard_set(root / "digits", ((f"s{i:07d}", {"image.npy": images[i % len(labels)],
                                                          "cls": int(labels[i % len(labels)])})
-                                          for i in range(samples)), samples_per_shard=4096,
+                                          for i in range(samples)), samples_per_shard=per_shard,
                         extra={"kind": "pixels", "field": "image.npy", "shape": list(IMAGE), "num_classes": 10})
         overrides.append(f"data.shards={root / 'digits'}")
-        bare_runs, flow_runs = [], []
+        bare_runs, flow_runs, cpu_runs = [], [], []
         for r in range(args.repeats):
-            flow, bare_parts = flowrail(args.steps, args.warmup, overrides + args.flowrail_overrides + [
+            result = flowrail(args.steps, args.warmup, overrides + args.flowrail_overrides + [
                 f"seed={args.seed + r}"], root / "runs", f"r{r}")
-            flow_runs.append(flow)
-            bare_runs.append(bare_parts)
+            bare_parts = result["bare"]
+            flow_runs.append(result["flowrail"])
+            bare_runs.append({k: v for k, v in bare_parts.items() if k != CPU_KEY})
+            cpu_runs.append(cpu_summary(result, bare_parts[CPU_KEY]))
             print(f"repeat {r}: bare {bare_runs[-1]['step']:.0f} us, flowrail {flow_runs[-1]['step']:.0f} us",
                   flush=True)
     b, f = summary(bare_runs), summary(flow_runs)
@@ -277,6 +380,10 @@ def main() -> None:
     for key in ["step", *[k for k in dict.fromkeys([*b, *f]) if k != "step"]]:
         cell = lambda s: f"{s[key][0]:.0f} [{s[key][1]:.0f}-{s[key][2]:.0f}]" if key in s else "-"  # noqa: E731
         print(f"| {key} | {cell(b)} | {cell(f)} |")
+    c = summary(cpu_runs)
+    print(f"\n| CPU time (us per step, median [min-max] of {args.repeats}) | |\n|---|---:|")
+    for key in c:
+        print(f"| {key} | {c[key][0]:.0f} [{c[key][1]:.0f}-{c[key][2]:.0f}] |")
     gaps = [fr["step"] - br["step"] for fr, br in zip(flow_runs, bare_runs)]
     print(f"\nflowrail - bare (per repeat): {', '.join(f'{g:.0f}' for g in gaps)} us per step; median "
           f"{statistics.median(gaps):.0f} (target <= 1000)")

@@ -1,6 +1,8 @@
 """The few host values training ranks agree on each step (epoch end, a NaN/Inf loss, window sums)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -31,9 +33,9 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 
 def step_flags(loss: torch.Tensor, ran_out: bool) -> tuple[bool, bool]:
     """(some rank's loss is NaN/Inf, some rank's stream has ended): one all-reduce, the step's one host sync."""
+    if not _distributed():  # one rank: the loss value itself is the host sync
+        return not math.isfinite(loss.detach().item()), ran_out
     bad = (~torch.isfinite(loss.detach())).to(torch.float64).reshape(1)
-    if not _distributed():
-        return bool(bad.item()), ran_out
     device = collective_device(str(dist.get_backend()))
     flags = torch.cat([bad.to(device), torch.tensor([float(ran_out)], dtype=torch.float64, device=device)])
     dist.all_reduce(flags)

@@ -36,6 +36,18 @@ from pipeline.train.collectives import all_reduce_sum, step_flags
 from pipeline.train.reporting import MetricReporter
 
 
+# Recorded windows reach MLflow at most this often (the last at once). A send costs the worker milliseconds of CPU
+# (an sqlite store ~7 ms, mostly holding the GIL): sent every window of a fast loop (log_every=20 at 2 ms a step,
+# 25 sends a second) it took 0.33 ms of every step from the loop's thread (benchmarks/RESULTS.md, host overhead).
+METRIC_SEND_INTERVAL_S = 1.0
+
+
+def send_due(previous: Future | None, final: bool, sent_at: float, now: float) -> bool:
+    """Whether the loop hands the recorded metrics to the send thread now: the previous send is done, and
+    :data:`METRIC_SEND_INTERVAL_S` has passed since it was handed over (the run's last window at once)."""
+    return (previous is None or previous.done()) and (final or now - sent_at >= METRIC_SEND_INTERVAL_S)
+
+
 class TooManyBadSteps(FlowrailError):
     """The loss was NaN/Inf more often than ``train.max_bad_steps`` allows."""
 
@@ -261,15 +273,17 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
     if log_thread is not None:
         cleanups.callback(log_thread.shutdown, wait=True)
     logged: Future | None = None
+    sent_at = -float("inf")
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     start_step = state.step
     prefetch = EpochPrefetch(epoch_batches)
     cleanups.callback(prefetch.close)  # also on errors: the background stream must not outlive the loop
     reporter = MetricReporter()  # metric-only reports to Ray Train off the loop's thread (pipeline/train/reporting.py)
     cleanups.callback(reporter.close)
-    # half-way through an epoch, the next epoch's stream starts in the background (its Ray Data start-up, seconds,
-    # would otherwise stall every rank at each epoch boundary; a small set like digits has ~10 batches per epoch)
-    prefetch_at = max(1, info.num_samples // max(world * cfg.data.batch_size, 1) // 2)
+    # a quarter into an epoch, the next epoch's stream starts in the background: its Ray Data start-up (seconds on a
+    # cluster; 0.2-0.3 s on the benchmark machine) would otherwise stall every rank at each epoch boundary, and a
+    # small set like digits has ~10-30 batches per epoch (started half-way, a 256-batch epoch still waited 40 ms)
+    prefetch_at = max(1, info.num_samples // max(world * cfg.data.batch_size, 1) // 4)
     while state.step < tcfg.steps:
         t_wait = time.perf_counter()
         consumed_before = state.batch_in_epoch
@@ -345,10 +359,10 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
                     # recorded (memory + the run's spool file) now; sent on the background thread, which may be
                     # waiting out MLflow's retries: training does not wait for it, the next send takes all pending
                     logger.record({k: v for k, v in metrics.items() if k != "step"}, state.step)
-                    if logged is None or logged.done():
+                    if send_due(logged, last, sent_at, time.monotonic()):
                         if logged is not None:
                             logged.result()  # the previous send: surfaces a TrackingError (on_unreachable=fail)
-                        logged = log_thread.submit(logger.flush)
+                        logged, sent_at = log_thread.submit(logger.flush), time.monotonic()
                     if verbose:  # the driver's progress bar shows the same, from this report
                         done = state.step - start_step
                         eta = elapsed / max(window["n"], 1) * tcfg.grad_accum_steps * (tcfg.steps - state.step)
