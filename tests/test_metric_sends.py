@@ -33,3 +33,27 @@ def test_the_last_window_is_sent_at_once_but_never_beside_a_running_send():
     assert send_due(_done(), final=True, sent_at=10.0, now=10.001)
     assert not send_due(running, final=True, sent_at=10.0, now=10.001)  # the loop's final flush sends it after
     assert not send_due(running, final=False, sent_at=0.0, now=100.0)
+
+
+def test_a_failing_loop_sends_what_it_recorded_and_never_raises_over_its_error(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import MetricLogger, TrackingError
+    from pipeline.train.worker import send_after_failure
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("sends")).info.run_id
+    logger = MetricLogger(uri, run_id, "fail", spool=tmp_path / "spool.jsonl")
+    logger.record({"bad_steps": 2.0}, step=4)  # recorded inside the send interval, not sent yet
+    send_after_failure(logger)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "bad_steps")] == [(4, 2.0)]
+    assert not logger.pending and not (tmp_path / "spool.jsonl").exists()
+
+    class Unreachable:
+        pending = ["x"]
+
+        def flush(self) -> bool:
+            raise TrackingError("MLflow tracking server http://127.0.0.1:9 is unreachable")
+
+    send_after_failure(Unreachable())  # the loop's own error is the one that propagates

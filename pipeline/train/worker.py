@@ -48,6 +48,16 @@ def send_due(previous: Future | None, final: bool, sent_at: float, now: float) -
     return (previous is None or previous.done()) and (final or now - sent_at >= METRIC_SEND_INTERVAL_S)
 
 
+def send_after_failure(logger: Any) -> None:
+    """A failing loop's last act: one attempt to send the windows recorded but not yet sent (at most
+    :data:`METRIC_SEND_INTERVAL_S` of them), so the failed run shows its metrics up to the failure. It never raises
+    over the loop's own error; what it cannot send stays in the run's spool for a restart or re-run."""
+    try:
+        logger.flush()
+    except Exception:  # noqa: BLE001 - the tracking server is unreachable too; the spool keeps the metrics
+        pass
+
+
 class TooManyBadSteps(FlowrailError):
     """The loss was NaN/Inf more often than ``train.max_bad_steps`` allows."""
 
@@ -269,6 +279,8 @@ def _train_loop(loop_config: dict[str, Any], cleanups: ExitStack) -> None:
     # Per step one host sync (the NaN-guard flag) and one collective: the agreement on "this loss is finite" and
     # on "every rank has a next batch" travel together, the next batch being fetched before that agreement.
     # The window's loss stays on the device until a log step; MLflow logging runs on a background thread.
+    if logger is not None:  # registered before the send thread's shutdown, so it runs after that on the way out
+        cleanups.push(lambda exc_type, *_: send_after_failure(logger) if exc_type is not None else None)
     log_thread = ThreadPoolExecutor(1, thread_name_prefix="flowrail-mlflow") if logger is not None else None
     if log_thread is not None:
         cleanups.callback(log_thread.shutdown, wait=True)
