@@ -51,9 +51,15 @@ def test_a_failing_loop_sends_what_it_recorded_and_never_raises_over_its_error(t
     assert not logger.pending and not (tmp_path / "spool.jsonl").exists()
 
     class Unreachable:
-        pending = ["x"]
+        pending, failures, tries = ["x"], 0, 0
 
         def flush(self) -> bool:
+            self.tries += 1
             raise TrackingError("MLflow tracking server http://127.0.0.1:9 is unreachable")
 
-    send_after_failure(Unreachable())  # the loop's own error is the one that propagates
+    gone = Unreachable()
+    send_after_failure(gone)  # the loop's own error is the one that propagates
+    assert gone.tries == 1
+    gone.failures = 1  # a send already failed: no new attempt (MLflow's retries would take minutes)
+    send_after_failure(gone)
+    assert gone.tries == 1

@@ -51,7 +51,10 @@ def send_due(previous: Future | None, final: bool, sent_at: float, now: float) -
 def send_after_failure(logger: Any) -> None:
     """A failing loop's last act: one attempt to send the windows recorded but not yet sent (at most
     :data:`METRIC_SEND_INTERVAL_S` of them), so the failed run shows its metrics up to the failure. It never raises
-    over the loop's own error; what it cannot send stays in the run's spool for a restart or re-run."""
+    over the loop's own error; what it cannot send stays in the run's spool for a restart or re-run. After a failed
+    send it does not try (MLflow's HTTP retries would hold the failing worker for minutes)."""
+    if logger.failures:
+        return
     try:
         logger.flush()
     except Exception:  # noqa: BLE001 - the tracking server is unreachable too; the spool keeps the metrics
