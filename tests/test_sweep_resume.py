@@ -122,8 +122,10 @@ TUNE_AND_RAY_DUMPS = ("Trial status:", "started with configuration", "finished i
 def _assert_trial_table_console(first: str, second: str) -> None:
     """Both sweeps' consoles (not a terminal, so each redraw is reprinted): the trial table, redrawn as trial states
     change; the resumed sweep's last table has both trials TERMINATED at step 20, the lower fd starred."""
-    for console in (first, second):
-        assert sum(ln.split() == TABLE_HEADER for ln in re.split(r"[\r\n]", console)) >= 2, console[-3000:]
+    # the first sweep is killed at an arbitrary point of its second trial's start (as soon as the test sees the first
+    # trial's MLflow run FINISHED, maybe before Tune has marked that trial TERMINATED and redrawn): one table at least
+    for console, tables in ((first, 1), (second, 2)):
+        assert sum(ln.split() == TABLE_HEADER for ln in re.split(r"[\r\n]", console)) >= tables, console[-3000:]
         for dump in TUNE_AND_RAY_DUMPS:
             assert dump not in console, dump
         assert "╭" not in console and "│" not in console
