@@ -97,6 +97,10 @@ class PartTimer:
 
     def mark(self, key: str) -> None:
         self.marks[key] = (time.perf_counter(), dict(self.total))
+
+    def mark_cpu(self, key: str) -> None:
+        """Snapshot every thread's and every process's CPU time (a /proc scan of a few ms: taken outside the timed
+        window, before its start mark and after its end mark)."""
         self.cpu_marks[key] = thread_cpu_seconds(self.native_thread)
         self.proc_marks[key] = process_cpu_seconds()
 
@@ -125,6 +129,13 @@ class PartTimer:
 CPU_KEY = "thread CPU"  # the bare loop's own thread's CPU time per step (not a part of its step time)
 
 
+def _stat_cpu_seconds(stat: str, tick: int) -> tuple[str, float]:
+    """(command name, user + system CPU seconds) from the text of a ``/proc/.../stat`` file."""
+    head, tail = stat.rsplit(")", 1)
+    fields = tail.split()
+    return head.split("(", 1)[1], (int(fields[11]) + int(fields[12])) / tick
+
+
 def thread_cpu_seconds(loop_thread: int | None = None) -> dict[str, float]:
     """User + system CPU seconds of each thread of this process (``/proc/self/task``), keyed by the Python thread's
     name where Python started it (``loop`` for the training loop's, native id ``loop_thread``), else the OS name,
@@ -139,12 +150,11 @@ def thread_cpu_seconds(loop_thread: int | None = None) -> dict[str, float]:
     out: dict[str, float] = defaultdict(float)
     for tid in os.listdir("/proc/self/task"):
         try:
-            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-            comm = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+            comm, cpu = _stat_cpu_seconds(Path(f"/proc/self/task/{tid}/stat").read_text(), tick)
         except OSError:
             continue
         name = re.sub(r"[_-]?\d+$", "", names.get(int(tid), comm))  # ThreadPoolExecutor-0_1 -> ThreadPoolExecutor-0
-        out[name] += (int(fields[11]) + int(fields[12])) / tick
+        out[name] += cpu
     return dict(out)
 
 
@@ -157,13 +167,11 @@ def process_cpu_seconds() -> dict[str, tuple[str, float]]:
     out: dict[str, tuple[str, float]] = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
+            comm, cpu = _stat_cpu_seconds(Path(f"/proc/{pid}/stat").read_text(), tick)
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
         except OSError:
             continue
-        head, fields = stat.rsplit(")", 1)
-        name = "this worker" if int(pid) == me else (cmd.rsplit("/", 1)[-1] or head.split("(", 1)[1])[:40]
-        out[pid] = (name, (int(fields.split()[11]) + int(fields.split()[12])) / tick)
+        out[pid] = ("this worker" if int(pid) == me else (cmd.rsplit("/", 1)[-1] or comm)[:40], cpu)
     return out
 
 
@@ -249,10 +257,12 @@ def near_free_worker_loop(out_file: str, warmup: int, steps: int) -> Callable[[d
             def update(*a: Any, **kw: Any) -> None:
                 count[0] += 1
                 if count[0] == warmup:
+                    timer.mark_cpu("start")
                     timer.mark("start")
                 ema_update(*a, **kw)
                 if count[0] == steps - 1:  # before the last step (its checkpoint is not a per-step cost)
                     timer.mark("end")
+                    timer.mark_cpu("end")
             ema.update = update
             return setup
 
