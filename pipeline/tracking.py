@@ -3,8 +3,10 @@
 The run id is kept beside the Ray run so that re-running the same ``run_name`` resumes the same MLflow run.
 Metrics go through :class:`MetricLogger`, which either fails when the server stays unreachable or buffers the
 metrics (default) and flushes them when it returns (``tracking.on_unreachable``). MLflow's own HTTP retries (7, with
-exponential backoff) stay on; only the reachability probe before a run starts is quick, so an unreachable server
-fails a run at once instead of after minutes of retries.
+exponential backoff) stay on for the driver's calls and for ``fail``; a buffering logger retries by itself, so each of
+its sends is one request of at most ``tracking.buffer_grace_s`` (the run's last send: what is left of it), and an
+unresponsive server cannot hold a finished run's GPUs for MLflow's ~20 minutes (120 s timeout x 8 attempts). The
+reachability probe before a run starts is quick, so an unreachable server fails a run at once.
 """
 from __future__ import annotations
 
@@ -87,20 +89,38 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         raise _unreachable(uri, exc) from None
 
 
+_RETRY_ENV = threading.RLock()  # MLflow reads its HTTP settings from os.environ at each request
+
+
 @contextmanager
 def few_retries(retries: int = 1, timeout_s: int = 10) -> Iterator[None]:
-    """MLflow calls inside use at most ``retries`` HTTP retries: for the calls made after something already failed
-    (a run's FAILED status), which must not keep the user waiting for minutes. Process-wide while it lasts."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES=str(retries), MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout_s))
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    """MLflow calls inside use at most ``retries`` HTTP retries of at most ``timeout_s`` each
+    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``MLFLOW_HTTP_REQUEST_TIMEOUT``, read by MLflow at every request): for
+    calls that must not keep a user or a finished run waiting for minutes. Process-wide while it lasts; one such
+    block at a time (a lock), so two threads never undo each other's setting."""
+    keys = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    with _RETRY_ENV:
+        saved = {k: os.environ.get(k) for k in keys}
+        os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES=str(retries), MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout_s))
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+MLFLOW_DEFAULT_TIMEOUT_S = 120  # MLflow's MLFLOW_HTTP_REQUEST_TIMEOUT default
+
+
+def request_timeout(budget_s: float) -> int:
+    """The timeout of one MLflow request that must end within ``budget_s``: ``clamp(ceil(budget_s), 1, 120)`` s
+    (MLflow takes whole seconds)."""
+    import math
+
+    return int(min(MLFLOW_DEFAULT_TIMEOUT_S, max(1, math.ceil(budget_s))))
 
 
 def mark_terminated(uri: str, run_id: str, status: str) -> bool:
@@ -193,7 +213,12 @@ class MetricLogger:
     worker group or a re-run of the run sends what a killed rank 0 had not sent yet. A metric re-sent after a crash
     between "sent" and "spool rewritten" is the same (key, step, timestamp, value): MLflow's SQL store ignores it.
     ``record`` is cheap (memory + one appended line) and safe to call from the training loop; ``flush`` does the
-    network I/O and may block for MLflow's retries, so the loop runs it on a background thread.
+    network I/O, so the loop runs it on a background thread. Under ``buffer`` a send is one HTTP request (no MLflow
+    retries: the pending metrics are retried by the next flush) with a timeout of ``grace_s`` (1-120 s), and the
+    final flush gives each attempt only what is left of its ``grace_s``: a run's end waits for the tracking server
+    at most about ``2 * grace_s`` (a send in flight, then the final flush), never MLflow's ~20 minutes.
+    ``failures`` counts the sends failed since the last one that went through (0 once the server takes metrics
+    again); each outage prints one line when it starts and one when it ends.
     """
 
     def __init__(self, uri: str, run_id: str, policy: str = "buffer", grace_s: float = 60.0,
@@ -224,7 +249,15 @@ class MetricLogger:
         self.record(metrics, step)
         self.flush()
 
-    def _send(self) -> None:
+    def _send(self, budget_s: float | None = None) -> None:
+        """Send the pending metrics in batches; under ``buffer`` each request bounded by ``budget_s`` (no retries)."""
+        if self.policy == "buffer":
+            with few_retries(retries=0, timeout_s=request_timeout(self.grace_s if budget_s is None else budget_s)):
+                self._send_batches()
+        else:
+            self._send_batches()
+
+    def _send_batches(self) -> None:
         c = client(self.uri)
         while True:
             with self._lock:
@@ -251,7 +284,11 @@ class MetricLogger:
         deadline = time.monotonic() + (self.grace_s if final and self.policy == "buffer" else 0.0)
         while self.pending:
             try:
-                self._send()
+                self._send(budget_s=deadline - time.monotonic() if final else None)
+                if self.failures:
+                    print(f"[flowrail] tracking server {redact(self.uri)} reachable again: buffered metric values "
+                          f"sent", flush=True)
+                self.failures = 0
             except Exception as exc:  # noqa: BLE001
                 self.failures += 1
                 if self.policy == "fail":

@@ -206,3 +206,88 @@ def test_a_driver_killed_while_its_run_was_set_up_resumes_that_run(tmp_path, mon
     assert resumed and [r.info.run_id for r in runs] == [run_id]  # one run, the first one
     run = client.get_run(run_id)
     assert run.data.params["train.lr"] == str(cfg.train.lr) and tracking.SET_UP_TAG in run.data.tags
+
+
+def test_failure_count_resets_after_a_send_goes_through(tmp_path, capsys):
+    """Two outages of one run: each prints its line when it starts and when it ends, ``failures`` is 0 again once
+    the server takes metrics, and a failing loop's last send (``send_after_failure``) is attempted after a
+    recovered outage (before, the count stayed > 0 and that send was skipped)."""
+    from pipeline.tracking import MetricLogger
+    from pipeline.train.worker import send_after_failure
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = MlflowClient(store).create_run(MlflowClient(store).create_experiment("reset")).info.run_id
+    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens: refused at once
+    logger = MetricLogger(store, run_id, "buffer", grace_s=1, spool=tmp_path / "spool.jsonl")
+    for outage, step in ((1, 5), (2, 15)):
+        logger.uri = dead  # the server goes away ...
+        logger.log({"loss": 1.0 / step}, step=step)
+        assert logger.failures == 1 and len(logger.pending) == 1
+        logger.uri = store  # ... and comes back
+        logger.log({"loss": 1.0 / (step + 5)}, step=step + 5)
+        assert logger.failures == 0 and logger.pending == [], outage
+    out = capsys.readouterr().out
+    assert out.count("unreachable: 1 metric values buffered") == 2, out
+    assert out.count("reachable again") == 2, out
+    logger.record({"loss": 0.01}, step=25)  # the loop fails with this window unsent: its last act sends it
+    send_after_failure(logger)
+    steps = sorted(m.step for m in MlflowClient(store).get_metric_history(run_id, "loss"))
+    assert steps == [5, 10, 15, 20, 25], steps
+
+
+class BlackHole:
+    """A TCP server that accepts connections and never answers: an unresponsive (not refusing) tracking server."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.uri = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list = []
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                self.held.append(self.sock.accept()[0])
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+        for conn in self.held:
+            conn.close()
+        self.sock.close()
+
+
+@pytest.mark.timeout(120)
+def test_final_send_to_an_unresponsive_server_is_bounded_by_buffer_grace_s(tmp_path, capsys):
+    """A run's final flush against a server that accepts and never answers returns within ``grace_s`` (+ one
+    request's rounding and the 1 s pause), not after MLflow's 120 s request timeout x 8 attempts; so does a send
+    started during the loop (its timeout is ``grace_s``); the metrics stay in the spool."""
+    import os
+
+    from pipeline.tracking import MetricLogger
+
+    hole = BlackHole()
+    before = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")}
+    try:
+        logger = MetricLogger(hole.uri, "0" * 32, "buffer", grace_s=3, spool=tmp_path / "spool.jsonl")
+        logger.record({"loss": 0.5}, step=5)
+        start = time.monotonic()
+        assert logger.flush() is False  # a send during the loop: one request, timeout grace_s
+        during = time.monotonic() - start
+        start = time.monotonic()
+        assert logger.flush(final=True) is False
+        final = time.monotonic() - start
+    finally:
+        hole.close()
+    assert during < 3 + 2, during
+    assert final < 3 + 3, final
+    assert len(hole.held) >= 2  # the requests did reach the server (and were never answered)
+    assert len((tmp_path / "spool.jsonl").read_text().splitlines()) == 1
+    assert {k: os.environ.get(k) for k in before} == before  # the bound lasts only as long as the send
