@@ -207,7 +207,10 @@ def log_evaluation(trained: Any, cfg: Any, result: EvalResult, grid: Path | None
     uri = tracking_uri(cfg)
     experiment_id = ensure_experiment(uri, cfg.tracking.experiment)
     c = client(uri)
-    tags = {"flowrail.job": "evaluate", "flowrail.checkpoint": str(trained.path)}
+    from pipeline.config import sampler_line
+
+    tags = {"flowrail.job": "evaluate", "flowrail.checkpoint": str(trained.path),
+            "flowrail.sampler": sampler_line(cfg.sampler, cfg.guidance)}  # the resolved sampler, in one line
     if trained.run_id:
         tags["flowrail.source_run_id"] = trained.run_id
     run = c.create_run(experiment_id, run_name=f"{cfg.run_name}-eval-step{trained.step}", tags=tags)

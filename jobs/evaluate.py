@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.config import (SHORTHANDS, ConfigError, TrainJobConfig, deep_merge, format_validation_error,
+from pipeline.config import (SHORTHANDS, ConfigError, TrainJobConfig, format_validation_error, layer_sampler,
                              parse_overrides)
 
 EVAL_TIME_KEYS = ("sampler", "guidance", "eval", "samples", "tracking", "run_dir")
@@ -31,7 +31,8 @@ def eval_config(checkpoint_config: dict, overrides: list[str]) -> TrainJobConfig
                               "(the weights were trained with the rest)")
     tree = parse_overrides(overrides)
     try:
-        cfg = TrainJobConfig.model_validate(deep_merge(checkpoint_config, tree))
+        # a preset given now replaces the checkpoint's stored sampler fields; keys given now win over the preset
+        cfg = TrainJobConfig.model_validate(layer_sampler(checkpoint_config, tree))
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, TrainJobConfig)) from None
     cfg.resolve_paths()
@@ -51,7 +52,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
 
     from evals.evaluate import examples_grid, log_evaluation, metrics_table, run_evaluation
-    from pipeline.config import tracking_uri
+    from pipeline.config import sampler_line, tracking_uri
+    from pipeline.tracking import redact
     from pipeline.console import is_verbose, quiet_driver_logs
     from pipeline.train.checkpoint import find_latest, load_trained, read_meta
     from privacy.gate import require_audit_passed
@@ -67,7 +69,7 @@ def main(argv: list[str]) -> int:
     grid = examples_grid(result.examples, trained.num_classes,
                          Path(cfg.run_dir) / "evaluations" / cfg.run_name / f"eval_step{trained.step:07d}.png")
     uri, run_id = log_evaluation(trained, cfg, result, grid)
-    print(f"[flowrail] evaluate {ckpt} (step {trained.step}, {cfg.sampler.method}/{cfg.sampler.solver}, "
-          f"{cfg.sampler.steps} steps, guidance {cfg.guidance.scale}):\n{metrics_table(result.metrics)}")
-    print(f"[flowrail] MLflow run {run_id} at {uri}" + (f"; grid {grid}" if grid else ""))
+    print(f"[flowrail] evaluate {ckpt} (step {trained.step}; sampler {sampler_line(cfg.sampler, cfg.guidance)}):\n"
+          f"{metrics_table(result.metrics)}")
+    print(f"[flowrail] MLflow run {run_id} at {redact(uri)}" + (f"; grid {grid}" if grid else ""))
     return 0

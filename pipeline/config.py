@@ -149,6 +149,68 @@ SAMPLER_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+def check_preset(name: Any) -> None:
+    """A named sampler preset must exist (None: no preset); one-line :class:`ConfigError` otherwise."""
+    if name is not None and name not in SAMPLER_PRESETS:
+        raise ConfigError(f"config error: sampler.preset={name} is unknown (presets: {', '.join(SAMPLER_PRESETS)})")
+
+
+def layer_sampler(base: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``base`` (a config mapping: a YAML file's, a checkpoint's stored config, a trial's) with ``given`` (the keys
+    given now: the command line, a sweep override, a sampling variant) merged over it, the one sampler resolution
+    every path uses. A preset named in ``given`` sits between them: base < preset named now < keys given now, so a
+    checkpoint's stored sampler never overrides a preset given now and an explicit key wins over the preset.
+    (A preset named only in ``base`` is filled by :func:`expand_sampler_preset` at validation: ``base``'s keys win.)
+    """
+    sampler = given.get("sampler") if isinstance(given.get("sampler"), dict) else {}
+    name = sampler.get("preset")
+    if name is None:
+        return deep_merge(base, given)
+    check_preset(name)
+    return deep_merge(deep_merge(base, SAMPLER_PRESETS[name]), given)
+
+
+def resolve_sampler(base_sampler: dict[str, Any], base_guidance: dict[str, Any],
+                    sampler: dict[str, Any] | None = None, guidance: dict[str, Any] | None = None,
+                    where: str = "config error") -> tuple[SamplerConfig, GuidanceConfig]:
+    """Validated sampler and guidance settings: ``base_*`` (stored) with the keys given now layered by
+    :func:`layer_sampler`; a bad value is a one-line :class:`ConfigError` starting with ``where``."""
+    tree = layer_sampler({"sampler": dict(base_sampler), "guidance": dict(base_guidance)},
+                         {"sampler": dict(sampler or {}), "guidance": dict(guidance or {})})
+    tree = expand_sampler_preset(tree)
+    out = []
+    for schema, section in ((SamplerConfig, "sampler"), (GuidanceConfig, "guidance")):
+        try:
+            out.append(schema.model_validate(tree[section]))
+        except ValidationError as err:
+            msg = format_validation_error(err, schema).replace("config error: ", "")
+            if not msg.startswith(f"{section}."):
+                msg = f"{section}.{msg}"
+            raise ConfigError(f"{where}: {msg}") from None
+    return out[0], out[1]
+
+
+SAMPLER_LINE_FIELDS = {"ode": ("solver", "steps", "time_shift"),
+                       "sde": ("solver", "steps", "time_shift", "diffusion", "diffusion_norm", "last_step",
+                               "last_step_size"),
+                       "flow_map": ("steps", "time_shift")}
+
+
+def sampler_line(sampler: SamplerConfig, guidance: GuidanceConfig) -> str:
+    """The resolved sampler in one line (the fields its method uses), for consoles and MLflow tags."""
+    fields = list(SAMPLER_LINE_FIELDS[sampler.method])
+    if sampler.method == "ode" and sampler.solver == "dopri5":
+        fields = [f for f in fields if f != "steps"] + ["atol", "rtol"]
+    parts = [f"preset={sampler.preset}"] if sampler.preset else []
+    parts += [f"method={sampler.method}"] + [f"{f}={getattr(sampler, f)}" for f in fields]
+    parts += [f"guidance.scale={guidance.scale}"]
+    if guidance.scale != 1.0:
+        parts += [f"guidance.t=[{guidance.t_min}, {guidance.t_max}]"]
+    if guidance.channels is not None:
+        parts += [f"guidance.channels={guidance.channels}"]
+    return " ".join(parts)
+
+
 def expand_sampler_preset(data: Any) -> Any:
     """Fill the settings of ``sampler.preset`` that ``data`` (a raw config mapping) does not give explicitly."""
     if not isinstance(data, dict) or not isinstance(data.get("sampler"), dict):
@@ -478,7 +540,7 @@ def load_config(schema: type[BaseModel], name_or_path: str | None, overrides: li
             raise ConfigError(f"config file {path} is not valid YAML: {first_line(exc)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    data = deep_merge(data, parse_overrides(overrides or []))
+    data = layer_sampler(data, parse_overrides(overrides or []))  # a preset on the command line beats the file's keys
     try:
         cfg = schema.model_validate(data)
     except ValidationError as err:

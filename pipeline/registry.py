@@ -59,18 +59,18 @@ class FlowrailImageModel(mlflow.pyfunc.PythonModel):
         self.trained = load_bundle(context.artifacts)
 
     def _settings(self, row: dict[str, Any]) -> tuple[Any, Any, int]:
-        from pipeline.config import GuidanceConfig, SamplerConfig
+        from pipeline.config import resolve_sampler
 
         cfg = self.trained.config
-        sampler = {**cfg.sampler.model_dump(), **self.default_sampler}
-        guidance = {**cfg.guidance.model_dump(), **self.default_guidance}
+        sampler, guidance = dict(self.default_sampler), dict(self.default_guidance)
         for key in ("steps", "method", "solver", "diffusion", "diffusion_norm"):
             if _present(row.get(key)):
                 sampler[key] = int(row[key]) if key == "steps" else row[key]
         if _present(row.get("guidance")):
             guidance["scale"] = float(row["guidance"])
         seed = int(row["seed"]) if _present(row.get("seed")) else 0
-        return SamplerConfig.model_validate(sampler), GuidanceConfig.model_validate(guidance), seed
+        s, g = resolve_sampler(cfg.sampler.model_dump(), cfg.guidance.model_dump(), sampler, guidance)
+        return s, g, seed
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - untyped: MLflow reads hints
         """DataFrame rows (label, seed, steps, sampler settings) -> (N, H, W, C) uint8 images."""
@@ -102,17 +102,6 @@ class FlowrailImageModel(mlflow.pyfunc.PythonModel):
                 out = np.zeros((len(frame), *images.shape[1:]), dtype=np.uint8)
             out[rows] = images
         return out if out is not None else np.zeros((0, 0, 0, 0), dtype=np.uint8)
-
-
-def _validated(schema: Any, values: dict[str, Any], section: str) -> dict[str, Any]:
-    from pydantic import ValidationError
-
-    from pipeline.config import ConfigError, format_validation_error
-
-    try:
-        return schema.model_validate(values).model_dump()
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, schema).replace("config error: ", f"{section}.")) from None
 
 
 def _present(value: Any) -> bool:
@@ -320,12 +309,12 @@ def resolve_checkpoint(source: str, tracking_uri: str) -> tuple[Path, str | None
     path = Path(source)
     if path.exists():
         return find_latest(path), None
-    from pipeline.tracking import client
+    from pipeline.tracking import client, redact
 
     try:
         run = client(tracking_uri).get_run(source)
     except Exception:  # noqa: BLE001 - MLflow raises RestException/MlflowException for an unknown id
-        raise FlowrailError(f"'{source}' is neither a checkpoint path nor a run id on {tracking_uri}") from None
+        raise FlowrailError(f"'{source}' is neither a checkpoint path nor a run id on {redact(tracking_uri)}") from None
     ckpt = run.data.tags.get("flowrail.checkpoint")
     if not ckpt:
         raise CheckpointError(f"run {source} has no flowrail.checkpoint tag (was it a flowrail training run?)")
@@ -377,15 +366,15 @@ def register(checkpoint: str | Path, name: str, tracking_uri: str, *, run_id: st
     """
     import mlflow
 
-    from pipeline.config import GuidanceConfig, SamplerConfig
+    from pipeline.config import resolve_sampler
     from pipeline.train.checkpoint import find_latest, read_meta
 
     ckpt = find_latest(checkpoint)
     meta = read_meta(ckpt)
     accept_checkpoint(ckpt, meta)
     cfg = meta["config"]
-    sampler = _validated(SamplerConfig, {**cfg["sampler"], **(sampler or {})}, "sampler")
-    guidance = _validated(GuidanceConfig, {**cfg["guidance"], **(guidance or {})}, "guidance")
+    s_cfg, g_cfg = resolve_sampler(cfg["sampler"], cfg["guidance"], sampler, guidance, where="register")
+    sampler, guidance = s_cfg.model_dump(), g_cfg.model_dump()
     with tempfile.TemporaryDirectory(prefix="flowrail-register-") as tmp:
         artifacts, shape, kind = prepare_artifacts(ckpt, meta, Path(tmp))  # refuses before anything is logged
         mlflow.set_tracking_uri(tracking_uri)  # the fluent log_model below writes to the current tracking URI

@@ -22,7 +22,8 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from pipeline.config import (CONFIG_DIR, ConfigError, GuidanceConfig, SamplerConfig, Section, TrainJobConfig,
-                             deep_merge, format_validation_error, load_config, parse_overrides)
+                             deep_merge, format_validation_error, layer_sampler, load_config, parse_overrides,
+                             resolve_sampler)
 from pipeline.errors import first_line
 
 DISTRIBUTIONS = ("grid", "choice", "loguniform", "uniform", "randint")
@@ -65,23 +66,13 @@ class SamplingVariant(Section):
 
     def resolve(self, cfg: TrainJobConfig) -> tuple[SamplerConfig, GuidanceConfig]:
         """The trial's sampler/guidance settings with this variant's keys replaced."""
-        try:
-            sampler = SamplerConfig.model_validate({**cfg.sampler.model_dump(), **self.sampler})
-            guidance = GuidanceConfig.model_validate({**cfg.guidance.model_dump(), **self.guidance})
-        except ValidationError as err:
-            raise ConfigError(format_validation_error(err, SamplerConfig).replace("config error:",
-                                                                                  f"sampling variant {self.label}:"))
-        return sampler, guidance
+        return resolve_sampler(cfg.sampler.model_dump(), cfg.guidance.model_dump(), self.sampler, self.guidance,
+                               where=f"sampling variant {self.label}")
 
     def resolve_dicts(self, sampler: dict[str, Any], guidance: dict[str, Any]) -> tuple[dict, dict]:
         """Like :meth:`resolve`, on dumped settings (a checkpoint's ``config.sampler``/``config.guidance``)."""
-        try:
-            s = SamplerConfig.model_validate({**sampler, **self.sampler}).model_dump()
-            g = GuidanceConfig.model_validate({**guidance, **self.guidance}).model_dump()
-        except ValidationError as err:
-            raise ConfigError(format_validation_error(err, SamplerConfig).replace("config error:",
-                                                                                  f"sampling variant {self.label}:"))
-        return s, g
+        s, g = resolve_sampler(sampler, guidance, self.sampler, self.guidance, where=f"sampling variant {self.label}")
+        return s.model_dump(), g.model_dump()
 
     @property
     def label(self) -> str:
@@ -219,7 +210,7 @@ def base_train_config(cfg: SweepConfig, base: Path | None = None) -> TrainJobCon
 def trial_config(base: TrainJobConfig, params: dict[str, Any], run_name: str | None = None,
                  where: str = "space") -> TrainJobConfig:
     """``base`` with the dotted ``params`` applied (validated like any override)."""
-    data = deep_merge(base.model_dump(mode="json"), nest(params))
+    data = layer_sampler(base.model_dump(mode="json"), nest(params))  # a sampler.preset here beats the base's keys
     if run_name:
         data["run_name"] = run_name
     try:

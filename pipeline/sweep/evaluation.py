@@ -23,11 +23,10 @@ def score_checkpoint(checkpoint: Any, metrics: list[str], num_samples: int, seed
 
         trained = materialise(load_trained(ckpt_dir))
         if sampler or guidance:
-            from pipeline.config import GuidanceConfig, SamplerConfig
+            from pipeline.config import resolve_sampler
 
-            trained = with_sampler(
-                trained, SamplerConfig.model_validate({**trained.config.sampler.model_dump(), **(sampler or {})}),
-                GuidanceConfig.model_validate({**trained.config.guidance.model_dump(), **(guidance or {})}))
+            trained = with_sampler(trained, *resolve_sampler(trained.config.sampler.model_dump(),
+                                                             trained.config.guidance.model_dump(), sampler, guidance))
         with torch.no_grad():
             out: dict[str, Any] = dict(evaluate(trained, metrics, num_samples, seed))
     out.update(step=int(trained.step), mlflow_run_id=trained.run_id or "")

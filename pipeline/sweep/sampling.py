@@ -54,7 +54,7 @@ def candidates(cfg: Any, base_sampler: Any, base_guidance: Any) -> Iterator[tupl
     reports a score (``None``: the configuration was refused) to the searcher."""
     import optuna
 
-    from pipeline.config import GuidanceConfig, SamplerConfig
+    from pipeline.config import resolve_sampler
 
     s = cfg.sampling
     if s.searcher == "optuna":
@@ -89,8 +89,8 @@ def candidates(cfg: Any, base_sampler: Any, base_guidance: Any) -> Iterator[tupl
         drawn = suggest(trial, s.space)
         ds, dg = split(drawn)
         try:
-            sampler = SamplerConfig.model_validate({**base_sampler, **ds}).model_dump()
-            guidance = GuidanceConfig.model_validate({**base_guidance, **dg}).model_dump()
+            s_cfg, g_cfg = resolve_sampler(base_sampler, base_guidance, ds, dg, where="sampling search")
+            sampler, guidance = s_cfg.model_dump(), g_cfg.model_dump()
             if guidance["t_min"] > guidance["t_max"]:
                 raise ValueError("guidance interval t_min > t_max")
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
