@@ -238,7 +238,7 @@ def fit_privacy(cfg: PrivacyTrainConfig, *, make_grid: bool = True):  # noqa: AN
 
     from pipeline.config import flatten, tracking_uri
     from pipeline.errors import FlowrailError
-    from pipeline.tracking import client, start_or_resume_run
+    from pipeline.tracking import client, redact, start_or_resume_run
     from pipeline.train.trainer import TrainResult, _unwrap, init_ray
 
     sched = schedule_for(cfg)
@@ -254,7 +254,7 @@ def fit_privacy(cfg: PrivacyTrainConfig, *, make_grid: bool = True):  # noqa: AN
         params = [Param(k, str(v)[:500]) for k, v in flatten(cfg.privacy, "privacy.").items()]
         params.append(Param("privacy.noise_std", str(s)))
         client(uri).log_batch(run_id, params=params)
-    print(f"[flowrail privacy] {cfg.privacy.method}: MLflow run {run_id} at {uri}", flush=True)
+    print(f"[flowrail privacy] {cfg.privacy.method}: MLflow run {run_id} at {redact(uri)}", flush=True)
     tcfg = cfg.train
     from pipeline.console import DriverProgress, is_verbose, on_driver, quiet_ray_logs, train_logging_config
     from pipeline.tracking import mark_terminated
