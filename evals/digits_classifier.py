@@ -94,6 +94,7 @@ def _shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return padded[..., dy:dy + x.shape[-2], dx:dx + x.shape[-1]]
 
 
+@torch.enable_grad()  # callers may score under torch.no_grad() (pipeline/sweep/evaluation.py)
 def train_classifier() -> DigitsClassifier:
     """Train on the digits train split only (deterministic); sets ``val_accuracy`` on the val split."""
     threads = torch.get_num_threads()
