@@ -1,16 +1,17 @@
 """``flowrail privacy train``: SFBD, SFBD flow and their baselines as a Ray Train + DeepSpeed job.
 
 Driver: the release's clean and noisy shard sets become two Ray Datasets (the lead's streaming decoder; noisy
-copies are float CHW and pass through unresized), one MLflow run, a ``TorchTrainer``. Worker: the spine's model,
-DeepSpeed engine, EMA and checkpoint helpers, with its own loop: each worker keeps its split of the clean set and of
-the noisy set in memory (SFBD needs random access to its pool), denoises its own slice when the
-:class:`privacy.sfbd.Schedule` says so, and trains on the mixed loss of :mod:`privacy.sfbd`.
+copies are float CHW and pass through unresized), one MLflow run, a ``TorchTrainer``. Worker: the spine's one
+training loop (:mod:`pipeline.train.loop`: NaN guard, accumulation, metric spool, checkpoints, resume, console) over
+a :class:`PrivacyStage`: each worker keeps its slice of the clean set and of the noisy set in memory (SFBD needs
+random access to its pool), denoises its own slice when the :class:`privacy.sfbd.Schedule` says so, and trains on
+the mixed loss of :mod:`privacy.sfbd`.
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 import torch
 
 from pipeline.errors import DataError
+from pipeline.train.checkpoint import TrainState
+from pipeline.train.loop import LoopContext, Stage
 from privacy.config import PrivacyTrainConfig
 from privacy.sfbd import DenoisedPool, Schedule, denoise, mixed_loss, sample_clean
 
@@ -30,153 +33,195 @@ def schedule_for(cfg: PrivacyTrainConfig) -> Schedule:
                     rounds=p.rounds, refresh_every=p.refresh_every, ramp_start=ramp_start, ramp_end=ramp_end)
 
 
-def _materialize(shard: Any, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass over this worker's split of a dataset, kept in memory."""
+POOL_DIR = "privacy_pool"  # in a checkpoint: each rank's denoised pool and compute counters (rank<R>.safetensors)
+
+
+def _materialize(shard: Any, rank: int, world: int, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's slice of a whole (not split) dataset, kept in memory: every row in a canonical order (by label,
+    then by a fixed random projection of its pixels), then rows ``rank::world``. The same rows in the same order on
+    every attempt, whatever order Ray Data read them in, so a resumed run draws the batches an uninterrupted one
+    would."""
+    import numpy as np
+
     xs, ys = [], []
     for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=False):
         xs.append(batch["image"].float())
         ys.append(batch["label"].long())
     if not xs:
         return torch.zeros(0), torch.zeros(0, dtype=torch.long)
-    return torch.cat(xs), torch.cat(ys)
+    x, y = torch.cat(xs), torch.cat(ys)
+    direction = torch.randn(x[0].numel(), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    order = torch.from_numpy(np.lexsort(((x.flatten(1).double() @ direction).numpy(), y.numpy())))
+    mine = order[rank::world]
+    return x[mine].contiguous(), y[mine].contiguous()
 
 
-def privacy_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train's entry point: :func:`_privacy_loop` under the user-error record (a bad input is not retried)."""
-    from pipeline.train import user_errors
-
-    user_errors.run_recorded(_privacy_loop, loop_config)
+def _draw_seed(seed: int, rank: int, draw: int) -> int:
+    """The seed of micro-batch ``draw``'s clean and pool draws on ``rank``: a function of the position only."""
+    return ((seed * 1_000_003 + rank) * 1_000_033 + draw) % (2 ** 63)
 
 
-def _privacy_loop(loop_config: dict[str, Any]) -> None:
-    import ray.train
+class PrivacyStage(Stage):
+    """The privacy stage of the one loop: batches drawn from this rank's in-memory clean slice and denoised pool
+    (micro-batch ``i`` draws with a generator seeded by ``(seed, rank, i)``), the pool refreshed before the steps
+    the :class:`privacy.sfbd.Schedule` names, the loss ``(n_c L_c + w n_d L_d) / (n_c + w n_d)``. The pool and the
+    compute counters are part of each checkpoint, so a resumed run takes the steps an uninterrupted one takes."""
 
-    from pipeline.data.streaming import DataInfo
-    from pipeline.tracking import MetricLogger
-    from pipeline.train import checkpoint as ckpt_io
-    from pipeline.train.collectives import all_reduce_sum, step_flags
-    from pipeline.train.worker import TooManyBadSteps
-    from pipeline.train.worker_setup import set_up_worker
+    def __init__(self, ctx: LoopContext, cfg: PrivacyTrainConfig, s: float, restored: dict[str, torch.Tensor]) -> None:
+        import ray.train
 
-    cfg = PrivacyTrainConfig.model_validate(loop_config["cfg"])
-    base = cfg.base()
-    if not loop_config.get("verbose"):
-        from pipeline.console import quiet_ray_logs
+        from pipeline.train.collectives import all_reduce_sum
 
-        quiet_ray_logs()
-    info = DataInfo(**loop_config["data"])
-    s = float(loop_config["noise_std"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    tcfg, pcfg = cfg.train, cfg.privacy
-    sched = schedule_for(cfg)
+        self.ctx, self.cfg, self.pcfg, self.s = ctx, cfg, cfg.privacy, s
+        self.sched = sched = schedule_for(cfg)
+        self.batch_size = int(cfg.data.batch_size)
+        rank, world = ctx.rank, ctx.world
+        clean_x, clean_y = (_materialize(ray.train.get_dataset_shard("clean"), rank, world) if sched.uses_clean
+                            else (None, None))
+        noisy_x, noisy_y = (_materialize(ray.train.get_dataset_shard("noisy"), rank, world) if sched.uses_pool
+                            else (None, None))
+        n_clean_local = 0 if clean_x is None else clean_x.shape[0]
+        n_pool_local = 0 if noisy_x is None else noisy_x.shape[0]
+        self.n_clean, self.n_pool = (int(v) for v in all_reduce_sum([n_clean_local, n_pool_local]))
+        if sched.uses_clean and n_clean_local == 0:
+            raise DataError(f"worker {rank} got no clean samples from {cfg.clean_dir} (too few for {world} workers)")
+        if sched.uses_pool and n_pool_local == 0:
+            raise DataError(f"worker {rank} got no noisy samples from {cfg.noisy_dir} (too few for {world} workers)")
+        self.clean_x, self.clean_y = clean_x, clean_y
+        self.pool = DenoisedPool(noisy_x, noisy_y, keep_noisy=not sched.denoises) if sched.uses_pool else None
+        # compute spent by this worker over the run (attempts included): sample-gradients (samples in a backward
+        # pass) and denoising sample-evaluations (samples x NFE, forward only)
+        self.counters = {"sample_gradients": 0, "denoise_sample_nfe": 0, "denoise_nfe": 0}
+        self.denoise_s, self.w, self._samples = 0.0, 0.0, 0
+        self.refresh_all = False
+        if restored:
+            self._load(restored)
+        elif ctx.setup.resumed and sched.denoises and ctx.state.step > sched.warmup_steps:
+            self.refresh_all = True  # a checkpoint without its pool: re-denoise the whole slice first
 
-    setup = set_up_worker(base, info, micro_batch=cfg.data.batch_size, world=world, rank=rank)
-    engine, ema, objective, device, autocast, state = (setup.engine, setup.ema, setup.objective, setup.device,
-                                                       setup.autocast, setup.state)
-    torch.manual_seed(cfg.seed * 1009 + rank + 7919 * state.step)
-    gen = torch.Generator().manual_seed(cfg.seed * 104729 + rank + 7919 * state.step)
+    def _load(self, saved: dict[str, torch.Tensor]) -> None:
+        for name in self.counters:
+            self.counters[name] = int(saved[name])
+        if self.pool is not None:
+            if "data" in saved:
+                self.pool.data = saved["data"].clone()
+            self.pool.valid = saved["valid"].bool().clone()
+            self.pool.cursor, self.pool.refreshes = int(saved["cursor"]), int(saved["refreshes"])
+            self.pool.last_change = float(saved["last_change"])
 
-    clean_x, clean_y = _materialize(ray.train.get_dataset_shard("clean")) if sched.uses_clean else (None, None)
-    noisy_x, noisy_y = _materialize(ray.train.get_dataset_shard("noisy")) if sched.uses_pool else (None, None)
-    n_clean_local = 0 if clean_x is None else clean_x.shape[0]
-    n_pool_local = 0 if noisy_x is None else noisy_x.shape[0]
-    n_clean, n_pool = (int(v) for v in all_reduce_sum([n_clean_local, n_pool_local]))
-    if sched.uses_clean and n_clean_local == 0:
-        raise DataError(f"worker {rank} got no clean samples from {cfg.clean_dir} (too few for {world} workers)")
-    if sched.uses_pool and n_pool_local == 0:
-        raise DataError(f"worker {rank} got no noisy samples from {cfg.noisy_dir} (too few for {world} workers)")
-    pool = DenoisedPool(noisy_x, noisy_y, keep_noisy=not sched.denoises) if sched.uses_pool else None
+    def save_files(self, local_dir: Path, rank: int) -> None:
+        from safetensors.torch import save_file
 
-    logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"], cfg.tracking.on_unreachable) \
-        if rank == 0 and loop_config.get("run_id") else None
-    window = {"loss": 0.0, "n": 0, "samples": 0, "t0": time.perf_counter(), "denoise_s": 0.0}
-    denoise_nfe = 0
-    # compute spent by this worker in this process: sample-gradients (samples in a backward pass) and
-    # denoising sample-evaluations (samples x NFE, forward only)
-    compute = {"sample_gradients": 0, "denoise_sample_nfe": 0}
+        tensors = {k: torch.tensor(v) for k, v in self.counters.items()}
+        if self.pool is not None:
+            tensors.update(valid=self.pool.valid.to(torch.uint8), cursor=torch.tensor(self.pool.cursor),
+                           refreshes=torch.tensor(self.pool.refreshes),
+                           last_change=torch.tensor(self.pool.last_change, dtype=torch.float64))
+            if self.sched.denoises:  # noisy_only's pool is the released noisy copies themselves
+                tensors["data"] = self.pool.data.contiguous()
+        (local_dir / POOL_DIR).mkdir(exist_ok=True)
+        save_file(tensors, str(local_dir / POOL_DIR / f"rank{rank}.safetensors"))
 
-    def refresh(kind: str) -> None:
-        nonlocal denoise_nfe
+    def epoch_batches(self, state: TrainState) -> Iterator[dict[str, Any]]:
+        """Endless: micro-batch ``i`` is a draw index, materialised in :meth:`loss` after the step's refresh."""
+        draw = state.batch_in_epoch
+        while True:
+            yield {"draw": draw}
+            draw += 1
+
+    def before_step(self, state: TrainState) -> None:
+        kind = "full" if self.refresh_all else self.sched.refresh(state.step)
+        self.refresh_all = False
+        if kind is not None:
+            self._refresh(kind)
+        self.w = self.sched.weight(state.step)
+
+    def _refresh(self, kind: str) -> None:
+        """Denoise the pool's next chunk (or all of it) with the EMA (or live) model, from ``alpha(t*) y``."""
+        pool, setup, pcfg = self.pool, self.ctx.setup, self.pcfg
         assert pool is not None
         t0 = time.perf_counter()
         idx = pool.next_indices(None if kind == "full" else pcfg.refresh_size)
-        net = ema.model if pcfg.denoise_with == "ema" else engine.module
+        net = setup.ema.model if pcfg.denoise_with == "ema" else setup.engine.module
         net.eval()
-        with autocast:
-            x_hat, denoise_nfe = denoise(objective, net, pool.noisy[idx].to(device), s, pool.labels[idx].to(device),
-                                         steps=pcfg.denoise_steps, solver=pcfg.denoise_solver,
-                                         batch_size=pcfg.denoise_batch)
-        engine.module.train()
+        with setup.autocast:
+            x_hat, nfe = denoise(setup.objective, net, pool.noisy[idx].to(setup.device), self.s,
+                                 pool.labels[idx].to(setup.device), steps=pcfg.denoise_steps,
+                                 solver=pcfg.denoise_solver, batch_size=pcfg.denoise_batch)
+        setup.engine.module.train()
         pool.update(idx, x_hat.float().cpu().clamp(-1.5, 1.5))
-        compute["denoise_sample_nfe"] += int(idx.numel()) * int(denoise_nfe)
-        window["denoise_s"] += time.perf_counter() - t0
+        self.counters["denoise_nfe"] = int(nfe)
+        self.counters["denoise_sample_nfe"] += int(idx.numel()) * int(nfe)
+        self.denoise_s += time.perf_counter() - t0
 
-    def checkpoint_and_report(metrics: dict[str, float]) -> None:
-        tmp = Path(tempfile.mkdtemp(prefix=f"flowrail-privacy-ckpt-r{rank}-"))
-        try:
-            ckpt_io.save(tmp, engine=engine, ema=ema, state=state, cfg=base, info=info, rank=rank,
-                         extra={"mlflow_run_id": loop_config.get("run_id"),
-                                "privacy": pcfg.model_dump(mode="json")})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    def loss(self, engine: Any, batch: dict[str, Any]) -> torch.Tensor:
+        setup, bs = self.ctx.setup, self.batch_size
+        gen = torch.Generator().manual_seed(_draw_seed(self.cfg.seed, self.ctx.rank, int(batch["draw"])))
 
-    resumed_mid_run = sched.denoises and state.step > sched.warmup_steps
-    while state.step < tcfg.steps:
-        step = state.step
-        kind = "full" if resumed_mid_run else sched.refresh(step)
-        resumed_mid_run = False
-        if kind is not None:
-            refresh(kind)
-        w = sched.weight(step)
-        with autocast:
-            loss_c = objective.loss(engine, {k: v.to(device) for k, v in sample_clean(
-                clean_x, clean_y, cfg.data.batch_size, gen).items()}) if sched.uses_clean else None
-            loss_p = objective.loss(engine, {k: v.to(device) for k, v in pool.sample(
-                cfg.data.batch_size, gen).items()}) if pool is not None and w > 0 else None
-            loss = mixed_loss(loss_c, loss_p, n_clean, n_pool, w)
-        if step_flags(loss, ran_out=False)[0]:  # every rank skips together
-            state.bad_steps += 1
-            engine.zero_grad() if hasattr(engine, "zero_grad") else None
-            if state.bad_steps > tcfg.max_bad_steps:
-                raise TooManyBadSteps(f"loss was NaN/Inf in {state.bad_steps} steps "
-                                      f"(train.max_bad_steps={tcfg.max_bad_steps}); last step {state.step}")
-            continue
-        engine.backward(loss)
-        engine.step()
-        ema.update(engine.module)
-        state.step += 1
-        window["loss"] += loss.detach().float()  # on the device: no host sync per step
-        window["n"] += 1
-        window["samples"] += cfg.data.batch_size * (int(loss_c is not None) + int(loss_p is not None))
-        compute["sample_gradients"] += cfg.data.batch_size * (int(loss_c is not None) + int(loss_p is not None))
+        def on_device(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.to(setup.device, non_blocking=True) for k, v in b.items()}
 
-        last = state.step >= tcfg.steps
-        if state.step % tcfg.log_every == 0 or last or state.step % tcfg.checkpoint_every == 0:
-            loss_sum, n, samples, den_s, grads, den_nfe = all_reduce_sum(
-                [float(window["loss"]), window["n"], window["samples"], window["denoise_s"],
-                 compute["sample_gradients"], compute["denoise_sample_nfe"]])
-            elapsed = time.perf_counter() - window["t0"]
-            metrics = {"loss": loss_sum / max(n, 1), "samples_per_s": samples / max(elapsed, 1e-9),
-                       "denoised_weight": w, "denoise_seconds": den_s / world, "step": state.step,
-                       "bad_steps": state.bad_steps, "sample_gradients": grads, "denoise_sample_nfe": den_nfe}
-            if pool is not None:
-                refreshes, change = all_reduce_sum([pool.refreshes, 0.0 if pool.last_change != pool.last_change
-                                                    else pool.last_change])
-                metrics.update({"pool_refreshes": refreshes / world, "pool_change": change / world,
-                                "denoise_nfe": denoise_nfe})
-            if logger is not None:
-                logger.log({k: v for k, v in metrics.items() if k != "step"}, step=state.step)
-                print(f"[flowrail privacy] {pcfg.method} step {state.step}/{tcfg.steps}  loss {metrics['loss']:.4f}  "
-                      f"w {w:.2f}  {metrics['samples_per_s']:.0f} samples/s", flush=True)
-            window.update(loss=0.0, n=0, samples=0, t0=time.perf_counter(), denoise_s=0.0)
-            if state.step % tcfg.checkpoint_every == 0 or last:
-                checkpoint_and_report(metrics)
-            else:
-                ray.train.report(metrics)
-    if logger is not None and not logger.flush():
-        print(f"[flowrail privacy] {len(logger.pending)} metrics could not be logged: tracking server unreachable")
+        loss_c = (setup.objective.loss(engine, on_device(sample_clean(self.clean_x, self.clean_y, bs, gen)))
+                  if self.sched.uses_clean else None)
+        loss_p = (setup.objective.loss(engine, on_device(self.pool.sample(bs, gen)))
+                  if self.pool is not None and self.w > 0 else None)
+        self._samples = bs * (int(loss_c is not None) + int(loss_p is not None))
+        return mixed_loss(loss_c, loss_p, self.n_clean, self.n_pool, self.w)
+
+    def samples(self, batch: dict[str, Any]) -> int:
+        self.counters["sample_gradients"] += self._samples  # called after the backward pass only
+        return self._samples
+
+    def window_values(self) -> dict[str, float]:
+        pool = self.pool
+        change = 0.0 if pool is None or pool.last_change != pool.last_change else pool.last_change  # NaN: none yet
+        values = {"denoise_s": self.denoise_s, "sample_gradients": self.counters["sample_gradients"],
+                  "denoise_sample_nfe": self.counters["denoise_sample_nfe"],
+                  "pool_refreshes": 0 if pool is None else pool.refreshes, "pool_change": change}
+        self.denoise_s = 0.0
+        return values
+
+    def window_metrics(self, summed: dict[str, float], world: int) -> dict[str, float]:
+        metrics = {"denoised_weight": self.w, "denoise_seconds": summed["denoise_s"] / world,
+                   "sample_gradients": summed["sample_gradients"], "denoise_sample_nfe": summed["denoise_sample_nfe"]}
+        if self.pool is not None:
+            metrics.update(pool_refreshes=summed["pool_refreshes"] / world, pool_change=summed["pool_change"] / world,
+                           denoise_nfe=self.counters["denoise_nfe"])
+        return metrics
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"privacy": self.pcfg.model_dump(mode="json")}
+
+
+def privacy_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's entry point: the one training loop (:mod:`pipeline.train.loop`) over a :class:`PrivacyStage`,
+    under the user-error record (a bad input is not retried)."""
+    from pipeline.train import user_errors
+
+    user_errors.run_recorded(_privacy_worker, loop_config)
+
+
+def _privacy_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+
+    from pipeline.data.streaming import DataInfo
+    from pipeline.train import loop as train_loop
+    from pipeline.train.worker import start_worker
+
+    cfg = PrivacyTrainConfig.model_validate(loop_config["cfg"])
+    restored: dict[str, torch.Tensor] = {}
+
+    def restore_pool(ckpt_dir: Path) -> None:
+        from safetensors.torch import load_file
+
+        saved = ckpt_dir / POOL_DIR / f"rank{ray.train.get_context().get_world_rank()}.safetensors"
+        if saved.is_file():
+            restored.update(load_file(str(saved)))
+
+    with ExitStack() as cleanups:
+        ctx = start_worker(loop_config, cfg.base(), DataInfo(**loop_config["data"]), cleanups,
+                           restore_extra=restore_pool)
+        train_loop.run(ctx, PrivacyStage(ctx, cfg, float(loop_config["noise_std"]), restored))
 
 
 def build_datasets(cfg: PrivacyTrainConfig, sched: Schedule) -> tuple[dict[str, Any], Any, float]:
@@ -267,10 +312,17 @@ def fit_privacy(cfg: PrivacyTrainConfig, *, make_grid: bool = True):  # noqa: AN
     marker = user_errors.marker_path(base)
     user_errors.clear(marker)
     progress = DriverProgress(tcfg.steps, f"{cfg.run_name} ({cfg.privacy.method})", enabled=on_driver()).__enter__()
+    from pipeline.tracking import metric_spool
+    from pipeline.train.fault_injection import loop_config_entries
+
+    run_storage = str(Path(cfg.run_dir) / "ray" / cfg.run_name)
+    loop_config = {"cfg": cfg.model_dump(mode="json"), "data": info.to_dict(), "run_id": run_id, "tracking_uri": uri,
+                   "noise_std": s, "verbose": verbose, "user_error_marker": marker,
+                   "metric_spool": str(metric_spool(base)), "checkpoint_storage": run_storage,
+                   **loop_config_entries(cfg.run_dir, cfg.run_name, run_storage)}  # tests' faults only
     trainer = TorchTrainer(
         privacy_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "data": info.to_dict(), "run_id": run_id,
-                           "tracking_uri": uri, "noise_std": s, "verbose": verbose, "user_error_marker": marker},
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                                resources_per_worker={"CPU": tcfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -279,6 +331,8 @@ def fit_privacy(cfg: PrivacyTrainConfig, *, make_grid: bool = True):  # noqa: AN
             failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
             callbacks=progress.callbacks, logging_config=train_logging_config(verbose)),
         datasets=datasets,
+        # every worker reads the whole sets and keeps its slice of their canonical order (_materialize)
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
     )
     try:

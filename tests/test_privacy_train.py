@@ -1,4 +1,5 @@
-"""SFBD flow as a Ray Train + DeepSpeed job: 2 workers, the denoised pool refreshes, MLflow holds it; audit runs."""
+"""SFBD flow as a Ray Train + DeepSpeed job: 2 workers, the denoised pool refreshes, MLflow holds it; audit runs;
+a SIGKILLed worker resumes through the shared training loop to the weights of an uninterrupted run."""
 from __future__ import annotations
 
 import shutil
@@ -101,24 +102,38 @@ class Scanner:
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # Ray Train run + audit (300 samples) + 2 registrations + the scan, on a loaded machine
 def test_sfbd_flow_run_leaks_nothing_and_leaves_the_stage_only_through_the_audit(ray_local, released, mlflow_server,
-                                                                                capfd):
-    """SFBD flow on 2 workers (ZeRO-2): the pool refreshes on schedule; no sample grid and no registration before the
-    audit (an override is recorded); after a passing audit the grid is logged and `register` accepts it. Then every
-    checkpoint, MLflow artifact, MLflow database and log line of the run is scanned for the non-consented sensitive
-    images (bytes in uint8 / float32 / float16, sha256 of each image and shard): zero hits outside the fence."""
+                                                                                capfd, monkeypatch):
+    """SFBD flow on 2 workers (ZeRO-2), rank 1 SIGKILLed after step 27: the group resumes from the checkpoint of
+    step 20 (its denoised pool and counters included) and ends with the EMA weights and metrics of an uninterrupted
+    run. The pool refreshes on schedule; no sample grid and no registration before the audit (an override is
+    recorded); after a passing audit the grid is logged and `register` accepts it. Then every checkpoint, MLflow
+    artifact, MLflow database and log line of the run is scanned for the non-consented sensitive images (bytes in
+    uint8 / float32 / float16, sha256 of each image and shard): zero hits outside the fence."""
     import ray
     from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
 
     from jobs.cli import main
+    from pipeline.train.checkpoint import EMA_FILE
     from privacy.audit_run import audit_checkpoint
     from privacy.train import fit_privacy
 
     root, sensitive, out = released
-    cfg = _cfg(root, out.out_dir, run_name="flow", **{"train.num_workers": 2, "train.zero_stage": 2,
-                                                      "tracking.tracking_uri": mlflow_server,
-                                                      "tracking.experiment": "privacy-e2e"})
+    settings = {"train.num_workers": 2, "train.zero_stage": 2, "train.checkpoint_every": 10}
+    monkeypatch.setenv("FLOWRAIL_FAULT_INJECT", "kill@1:27")  # after the checkpoint of step 20 and 3 refreshes
+    cfg = _cfg(root, out.out_dir, run_name="flow", **settings, **{
+        "train.max_failures": 1, "tracking.tracking_uri": mlflow_server, "tracking.experiment": "privacy-e2e"})
     result = fit_privacy(cfg)
+    assert (root / "runs" / "faults" / "flow" / ".fault-kill-r1-s27").is_file(), "the worker was not killed"
+    monkeypatch.delenv("FLOWRAIL_FAULT_INJECT")
+    uninterrupted = fit_privacy(_cfg(root, out.out_dir, run_name="flow-uninterrupted", **settings))
+    ours, theirs = load_file(str(result.checkpoint / EMA_FILE)), load_file(str(uninterrupted.checkpoint / EMA_FILE))
+    assert ours.keys() == theirs.keys()
+    worst = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
+    assert worst < 1e-5, worst
     m = result.metrics
+    for key in ("loss", "pool_refreshes", "pool_change", "sample_gradients", "denoise_sample_nfe"):
+        assert m[key] == pytest.approx(uninterrupted.metrics[key], rel=1e-5), key
     assert m["step"] == 30
     # refreshes at steps 10 (whole slice), 15, 20, 25 on each worker; each refresh changed reconstructions
     assert m["pool_refreshes"] == 4 and m["pool_change"] > 0 and m["denoised_weight"] == 1.0
@@ -126,6 +141,8 @@ def test_sfbd_flow_run_leaks_nothing_and_leaves_the_stage_only_through_the_audit
     # compute: 10 warm-up steps of one batch, step 10 (w = 0) one batch, 19 steps of two; x 2 workers x 32
     assert m["sample_gradients"] == 2 * 32 * (11 + 2 * 19)
     client = MlflowClient(mlflow_server)
+    # the shared loop's resume record and metric spool: the same MLflow run went on from step 20
+    assert [(x.step, x.value) for x in client.get_metric_history(result.run_id, "resumed_from_step")] == [(20, 20.0)]
     weights = [x.value for x in client.get_metric_history(result.run_id, "denoised_weight")]
     assert weights[0] == 0.0 and 0 < weights[2] < 1 and weights[-1] == 1.0
     params = client.get_run(result.run_id).data.params

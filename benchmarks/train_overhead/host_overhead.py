@@ -237,6 +237,7 @@ def near_free_worker_loop(out_file: str, warmup: int, steps: int) -> Callable[[d
 
         import pipeline.data.streaming as streaming
         import pipeline.tracking as tracking
+        from pipeline.train import loop as train_loop
         from pipeline.train import worker, worker_setup
 
         timer = PartTimer()
@@ -276,9 +277,9 @@ def near_free_worker_loop(out_file: str, warmup: int, steps: int) -> Callable[[d
         worker_setup.build_worker_model = near_free_model
         worker_setup.set_up_worker = set_up
         streaming.epoch_stream = timed_epoch_stream
-        worker.step_flags = timer.wrap("step_flags", worker.step_flags)
+        train_loop.step_flags = timer.wrap("step_flags", train_loop.step_flags)
         worker.EpochPrefetch.take = timer.wrap("epoch_start", worker.EpochPrefetch.take)
-        worker.all_reduce_sum = timer.wrap("all_reduce", worker.all_reduce_sum)
+        train_loop.all_reduce_sum = timer.wrap("all_reduce", train_loop.all_reduce_sum)
         ray.train.report = timer.wrap("report", ray.train.report)
         tracking.MetricLogger.record = timer.wrap("log_record", tracking.MetricLogger.record)
         cfg = loop_config["cfg"]

@@ -1,4 +1,4 @@
-"""What every training worker builds before its first step, shared by the main loop and the privacy loop.
+"""What every training worker builds before its first step, for every stage of the one loop (pipeline/train/loop.py).
 
 CPU threads → the model (same seeded weights on every rank, optionally ``init_from``) → EMA → DeepSpeed engine →
 objective and autocast → the state restored from Ray Train's latest checkpoint, if the group was restarted.
@@ -6,6 +6,7 @@ objective and autocast → the state restored from Ray Train's latest checkpoint
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,8 +100,10 @@ class WorkerSetup:
     resumed: bool  # restored from a checkpoint of this run
 
 
-def set_up_worker(cfg: TrainJobConfig, info: DataInfo, *, micro_batch: int, world: int, rank: int) -> WorkerSetup:
-    """Build this rank's engine, EMA and objective; restore them from Ray Train's latest checkpoint if there is one."""
+def set_up_worker(cfg: TrainJobConfig, info: DataInfo, *, micro_batch: int, world: int, rank: int,
+                  restore_extra: Callable[[Path], None] | None = None) -> WorkerSetup:
+    """Build this rank's engine, EMA and objective; restore them from Ray Train's latest checkpoint if there is one
+    (``restore_extra`` then reads the stage's own files from the checkpoint's directory)."""
     import ray.train
 
     from pipeline.objective import build_objective
@@ -132,5 +135,7 @@ def set_up_worker(cfg: TrainJobConfig, info: DataInfo, *, micro_batch: int, worl
         with restored_checkpoint_dir(checkpoint, local_rank=ctx.get_local_rank(),
                                      node_rank=ctx.get_node_rank()) as ckpt_dir:
             state = ckpt_io.restore(ckpt_dir, engine=engine, ema=ema, rank=rank, world=world)
+            if restore_extra is not None:
+                restore_extra(Path(ckpt_dir))
     return WorkerSetup(engine=engine, ema=ema, objective=build_objective(cfg, info.num_classes), device=device,
                        autocast=autocast, state=state, resumed=bool(checkpoint))
