@@ -120,7 +120,21 @@ def refusals(cfg: TrainJobConfig, spec: FamilySpec | None = None) -> list[Refusa
             hint = spec.notes.get(key, "")
             out.append(Refusal(key, value, f"it has no effect on this family{'; ' + hint if hint else ''}"))
     out.extend(spec.refuse(cfg))
+    out.extend(null_label_refusals(cfg, spec))
     return out
+
+
+def null_label_refusals(cfg: TrainJobConfig, spec: FamilySpec) -> list[Refusal]:
+    """Classifier-free guidance ``v_u + w (v_c - v_u)`` needs ``v_u``, the model at the null label, which it learns
+    only when labels are dropped in training (``model.class_dropout_prob > 0``); families whose unconditional branch
+    is not the null label (FLUX: empty-prompt embeddings) do not honour ``model.class_dropout_prob``."""
+    if cfg.guidance.scale == 1.0 or "model.class_dropout_prob" not in spec.honours:
+        return []
+    if cfg.model.class_dropout_prob == 0:
+        return [Refusal("guidance.scale", cfg.guidance.scale,
+                        "the null label was never trained (model.class_dropout_prob=0), so there is no unconditional "
+                        "model to guide away from")]
+    return []
 
 
 def refusal_line(r: Refusal, family: str) -> str:

@@ -16,6 +16,34 @@ import torch
 from pipeline.errors import FlowrailError
 
 OWN_METRICS = ("fd_pixels",)
+# fd_pixels fits a full covariance over every pixel value: d dimensions cost d^2 doubles (4,096: 134 MB) and an
+# O(d^3) matrix square root, and need far more than d samples to mean anything; above this it is refused
+FD_PIXELS_MAX_DIM = 4096
+VAE_FACTOR = 8  # latent sets decode to RGB images this many times larger per side (SD-style autoencoders)
+
+
+def fd_pixels_dim(kind: str, channels: int, size: int) -> int:
+    """Dimensions of the flattened images fd_pixels compares (latent sets: their decoded RGB images)."""
+    return 3 * (VAE_FACTOR * size) ** 2 if kind == "latents" else channels * size * size
+
+
+def check_fd_pixels(kind: str, channels: int, size: int) -> None:
+    """Refuse, in one line, ``fd_pixels`` on images with more than :data:`FD_PIXELS_MAX_DIM` values."""
+    dim = fd_pixels_dim(kind, channels, size)
+    if dim > FD_PIXELS_MAX_DIM:
+        side = VAE_FACTOR * size if kind == "latents" else size
+        raise FlowrailError(
+            f"metric fd_pixels on {3 if kind == 'latents' else channels}x{side}x{side} images has {dim:,} dimensions "
+            f"(a {8 * dim * dim / 1e9:,.0f} GB covariance), above its cap of {FD_PIXELS_MAX_DIM:,}: use fd_digits "
+            "(digits) or fid (eval.inception_weights) instead")
+
+
+def check_fd_pixels_shards(shards: str, image_size: int | None) -> None:
+    """:func:`check_fd_pixels` for a shard set (its manifest's shape), before any work starts."""
+    from pipeline.data.streaming import describe
+
+    _, info = describe(shards, image_size, job="evaluation")
+    check_fd_pixels(info.kind, info.channels, info.size)
 
 
 @lru_cache(maxsize=4)
@@ -37,6 +65,7 @@ def fd_pixels(trained: Any, num_samples: int, seed: int) -> tuple[float, int]:
     from pipeline.sampling import sample_classes
 
     data = trained.config.data
+    check_fd_pixels(trained.data.kind, trained.data.channels, trained.data.size)
     shards = data.val_shards or data.shards
     mu_r, sigma_r = _real_pixel_stats(str(shards), data.image_size)
     labels = torch.arange(num_samples) % max(trained.num_classes, 1)

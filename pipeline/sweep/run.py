@@ -41,6 +41,10 @@ def run_sweep(cfg: SweepConfig, resume: SweepState | None = None) -> SweepResult
     """Run the sweep ``cfg`` (or continue the interrupted one ``resume``: Tune restores its experiment, finished
     trials keep their results and are not run again, unfinished ones continue from their last checkpoint)."""
     base = base_train_config(cfg)
+    if "fd_pixels" in cfg.eval.metrics:  # refused before any trial starts, not inside the first scoring task
+        from pipeline.sweep.metric import check_fd_pixels_shards
+
+        check_fd_pixels_shards(base.data.val_shards or base.data.shards, base.data.image_size)
     from pipeline.console import is_verbose, quiet_driver_logs
 
     if not is_verbose(base):  # Ray's start-up, Tune's and MLflow's INFO lines; `flowrail --verbose` shows them
