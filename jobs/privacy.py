@@ -7,6 +7,8 @@
   privacy train [--config PATH] key=value ...        SFBD / SFBD flow / baselines (privacy.method=...)
   privacy audit CHECKPOINT --sensitive DIR [--release DIR] [--num-samples N]
                                                      memorization audit; a pass unlocks sample grids and `register`
+  privacy resolve RELEASE_ID                         a release reserved in the ledger but never committed (a killed
+                                                     release): count it as released at its level, unblocking releases
 """
 from __future__ import annotations
 
@@ -73,7 +75,7 @@ def _train(argv: list[str]) -> int:
 
 def _audit(argv: list[str]) -> int:
     from privacy.audit_run import MAX_EXTRACTION_RATE, MIN_SAMPLES, NN_FLOOR_FACTOR, audit_checkpoint
-    from privacy.gate import log_sample_grid
+    from privacy.gate import LOOSENED, is_loosened, log_sample_grid
 
     p = argparse.ArgumentParser(prog="flowrail privacy audit", description="memorization audit of a checkpoint")
     p.add_argument("checkpoint", help="a flowrail checkpoint or run directory")
@@ -90,7 +92,10 @@ def _audit(argv: list[str]) -> int:
     out = audit_checkpoint(args.checkpoint, args.sensitive, release=release, num_samples=args.num_samples,
                            seed=args.seed, features=args.features, denoise_steps=args.denoise_steps,
                            max_rate=args.max_extraction_rate, nn_factor=args.nn_floor_factor)
-    print(json.dumps(out, indent=2, sort_keys=True))
+    print(json.dumps(out, indent=2, sort_keys=True))  # aggregates only (privacy.audit_run drops per-sample minima)
+    if out["passed"] and is_loosened(out["criterion"]):
+        print(f"[flowrail privacy] audit {LOOSENED} (recorded); `flowrail register` needs --accept-loosened-audit")
+        return 0
     if out["passed"]:
         grid = log_sample_grid(args.checkpoint)
         print(f"[flowrail privacy] audit passed; sample grid logged ({grid})")
@@ -99,13 +104,26 @@ def _audit(argv: list[str]) -> int:
     return 1
 
 
+def _resolve(argv: list[str]) -> int:
+    from privacy.ledger import home, resolve
+
+    p = argparse.ArgumentParser(prog="flowrail privacy resolve",
+                                description="count a reserved, never committed release as released at its level")
+    p.add_argument("release_id", help="the id the refusal named")
+    args = p.parse_args(argv)
+    record = resolve(args.release_id)
+    print(f"[flowrail privacy] release {args.release_id} (s={record['noise_std']:g}, {record['out']}) now counts as "
+          f"released in {home()}; it cannot be derived from")
+    return 0
+
+
 def _release_of(checkpoint: str) -> str | None:
     from pipeline.train.checkpoint import find_latest, read_meta
 
     return read_meta(find_latest(checkpoint)).get("privacy", {}).get("release")
 
 
-SUBCOMMANDS = {"mark": _mark, "release": _release, "train": _train, "audit": _audit}
+SUBCOMMANDS = {"mark": _mark, "release": _release, "train": _train, "audit": _audit, "resolve": _resolve}
 
 
 def main(argv: list[str]) -> int:

@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--experiment", default="flowrail", help="experiment for the logging run of a checkpoint path")
     parser.add_argument("--override-privacy-audit", action="store_true",
                         help="register a privacy-stage checkpoint whose audit has not passed (recorded on run and version)")
+    parser.add_argument("--accept-loosened-audit", action="store_true",
+                        help="register a privacy-stage checkpoint whose audit passed with loosened thresholds (recorded)")
     parser.add_argument("settings", nargs="*", help="sampler/guidance defaults, e.g. sampler.solver=heun guidance.scale=2")
     return parser
 
@@ -93,7 +95,8 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"register settings: unknown section(s) {sorted(unknown)} (allowed: sampler, guidance)")
     checkpoint, run_id = resolve_checkpoint(args.source, args.tracking_uri)
     from privacy.gate import require_audit_passed
-    privacy_tags = require_audit_passed(checkpoint, override=args.override_privacy_audit, tracking_uri=args.tracking_uri)
+    privacy_tags = require_audit_passed(checkpoint, override=args.override_privacy_audit, tracking_uri=args.tracking_uri,
+                                        accept_loosened=args.accept_loosened_audit)
     tags = dict(privacy_tags)
     score, gate = None, None
     if args.promote_on:

@@ -108,11 +108,16 @@ def nn_floor(released: torch.Tensor, train: torch.Tensor, released_index: torch.
     return _quantiles(dist.min(dim=1).values, prefix)
 
 
-def split_extraction(ext: Extraction, consented: torch.Tensor) -> dict[str, float]:
+def split_extraction(ext: Extraction, consented: torch.Tensor, noisy: Extraction | None = None) -> dict[str, float]:
     """Extraction counted separately by whom it copies: a released (noisy-only) image - a leak - or a consented one
-    (given in the clear); ``consented[j]`` marks training image j. The released rate comes with its 95% bound."""
+    (given in the clear); ``consented[j]`` marks training image j. ``noisy`` is the extraction of the same samples
+    against the released noisy copies: a sample that copies a noisy copy counts as a released-image extraction too
+    (copying the release is memorisation, whatever the release alone reveals). The released rate comes with its
+    95% bound."""
     n = int(ext.ratio.shape[0])
     hit_released = ext.extracted & ~consented[ext.nearest]
+    if noisy is not None:
+        hit_released = hit_released | (noisy.extracted & ~(ext.extracted & consented[ext.nearest]))
     hit_consented = ext.extracted & consented[ext.nearest]
     k = int(hit_released.sum())
     return {"released_extracted_count": float(k), "released_extracted_frac": k / n,

@@ -23,22 +23,24 @@ Output layout::
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import os
 import secrets as _secrets
-import shutil
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
+from pipeline.data.fence import check_no_links, check_path, check_readable, fence_of, inside, is_sensitive
 from privacy import ledger
-from privacy.boundary import check_readable, fence_of, is_sensitive
 from privacy.noise import extra_std, sample_noise
-from privacy.secret import MIN_BITS, load_or_create
+from privacy.secret import check_strength, load_or_create
 
 RELEASE_MANIFEST = "release.json"
 NOISY_KIND = "noisy_pixels"
@@ -67,12 +69,20 @@ def to_signed_chw(image: np.ndarray) -> np.ndarray:
     return np.transpose(image.astype(np.float64) / 127.5 - 1.0, (2, 0, 1))
 
 
-def read_consent_list(path: str | os.PathLike, known: set[str]) -> list[str]:
-    """The consented sensitive keys, one per line (``#`` comments); a key not in the set is refused."""
+def read_consent_list(path: str | os.PathLike, known: set[str], fence: Path | None = None) -> tuple[list[str], str]:
+    """The consented sensitive keys, one per line (``#`` comments), and the list's sha256. The list must lie inside
+    the sensitive set's fence ``fence`` (written by the data owner; links resolved); a key not in the set is
+    refused."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"consent list not found: {p}")
-    keys = [line.split("#", 1)[0].strip() for line in p.read_text().splitlines()]
+    if fence is not None:
+        where = fence_of(os.path.realpath(p))
+        if where is None or os.path.realpath(where) != os.path.realpath(fence):
+            raise ValueError(f"consent list {p} lies outside the sensitive set's fence {fence}; the data owner writes "
+                             f"it inside (e.g. {Path(fence) / 'consent.txt'})")
+    data = Path(os.path.realpath(p)).read_bytes()
+    keys = [line.split("#", 1)[0].strip() for line in data.decode().splitlines()]
     keys = list(dict.fromkeys(k for k in keys if k))
     unknown = [k for k in keys if k not in known]
     if unknown:
@@ -80,7 +90,7 @@ def read_consent_list(path: str | os.PathLike, known: set[str]) -> list[str]:
                          f"'{unknown[0]}')")
     if not keys:
         raise ValueError(f"consent list {p} names no key")
-    return keys
+    return keys, hashlib.sha256(data).hexdigest()
 
 
 def _public_key(prefix: str, taken: set[str]) -> str:
@@ -91,25 +101,99 @@ def _public_key(prefix: str, taken: set[str]) -> str:
             return key
 
 
-def _check_level(src: Path, noise_std: float, derive_from: str | os.PathLike | None) -> dict[str, Any] | None:
-    """The ledger record to derive from (None for a first release); refuses a second independent release and any
-    level not above every earlier one."""
-    earlier = ledger.earlier_releases(src)
-    if derive_from is None:
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _tar_samples(data: bytes, where: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(key, {field: value})`` of one tar held in memory (already verified by hash; never unpickles)."""
+    from pipeline.data.shards import decode_member
+
+    current: str | None = None
+    sample: dict[str, Any] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                raise ValueError(f"{where}: member {member.name} is not a plain file")
+            key, _, name = member.name.partition(".")
+            if current is not None and key != current:
+                yield current, sample
+                sample = {}
+            current = key
+            sample[name] = decode_member(name, tar.extractfile(member).read(), key, where)  # type: ignore[union-attr]
+    if current is not None:
+        yield current, sample
+
+
+def _verified_source(derive_from: str | os.PathLike) -> tuple[dict[str, Any], list[tuple[str, np.ndarray, int]]]:
+    """The ledger's record of the earlier release and its noisy copies ``(public key, y1, label)``.
+
+    The earlier release is identified by its recorded id; every file read from it (``release.json``, the noisy
+    manifest and shards) is read once into memory and must match the sha256 the ledger recorded when it was
+    committed. A link anywhere in the directory, a path into a fence, an unknown id or a changed file is refused."""
+    d = Path(derive_from)
+    check_path(d, "privacy release (--derive-from)")
+    if not (d / RELEASE_MANIFEST).is_file():
+        raise FileNotFoundError(f"--derive-from {d} is not a privacy release: {RELEASE_MANIFEST} not found")
+    check_no_links(d, "--derive-from release")
+    rid = json.loads((d / RELEASE_MANIFEST).read_bytes()).get("release_id")
+    if not isinstance(rid, str):
+        raise ValueError(f"--derive-from {d}: {RELEASE_MANIFEST} holds no release_id (an old format or not a release)")
+    record = ledger.read_record(None, rid)
+    files = record.get("files")
+    if not files:
+        raise ValueError(f"--derive-from {d}: release {rid} has no recorded file hashes and cannot be derived from")
+    verified: dict[str, bytes] = {}
+    for rel, sha in files.items():
+        if not (rel == RELEASE_MANIFEST or rel.startswith("noisy/")):
+            continue
+        path = d / rel
+        if not path.is_file():
+            raise ValueError(f"--derive-from {d}: {rel} of release {rid} is missing")
+        data = check_path(path, "privacy release (--derive-from)").read_bytes()
+        if _sha(data) != sha:
+            raise ValueError(f"--derive-from {d}: {rel} differs from what the ledger recorded for release {rid}; "
+                             f"refused")
+        verified[rel] = data
+    noisy_manifest = json.loads(verified["noisy/manifest.json"])
+    items = []
+    for entry in noisy_manifest["shards"]:
+        rel = f"noisy/{entry['name']}"
+        if rel not in verified:
+            raise ValueError(f"--derive-from {d}: shard {rel} is not one the ledger recorded for release {rid}")
+        for key, sample in _tar_samples(verified[rel], str(d / rel)):
+            items.append((key, np.asarray(sample["image.npy"]).astype(np.float64), int(sample.get("cls", -1))))
+    return record, items
+
+
+def _read_sensitive(src: Path, field: str) -> list[tuple[str, np.ndarray, int]]:
+    """Every ``(key, uint8 HWC image, label)`` of the sensitive set (read inside its fence)."""
+    from pipeline.data.shards import iter_samples
+
+    with inside(src):
+        return [(key, np.asarray(sample[field]), int(sample.get("cls", -1))) for key, sample in iter_samples(src)]
+
+
+def _files_of(out: Path) -> dict[str, str]:
+    """sha256 of every file of a finished release, by its path relative to the release."""
+    return {p.relative_to(out).as_posix(): _sha(p.read_bytes()) for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _level_check(hashes: set[str], noise_std: float, source: dict[str, Any] | None, src: Path) -> None:
+    """Refuse a second independent release of any of these images, and any level not above every earlier one."""
+    earlier = ledger.overlapping(hashes)
+    if source is None:
         if earlier:
-            levels = ", ".join(f"s={r['noise_std']:g}" for r in earlier)
-            raise ValueError(f"{src} was already released ({levels}); a second independent release would let noise "
-                             f"average out - derive one at a higher level with --derive-from RELEASE_DIR")
-        return None
-    rid = read_release(derive_from).get("release_id")
-    if rid is None:
-        raise ValueError(f"{derive_from} is a release of an old format (no release_id) and cannot be derived from")
-    record = ledger.read_record(src, rid)
-    top = max(r["noise_std"] for r in earlier)
+            shared = len(hashes & set().union(*(r["image_hashes"] for r in earlier)))
+            levels = ", ".join(f"{r['release_id'][:8]} s={r['noise_std']:g}" for r in earlier)
+            raise ValueError(f"{shared} of the {len(hashes)} images of {src} were already released ({levels}); a "
+                             f"second independent release would let noise average out - derive one at a higher "
+                             f"level with --derive-from RELEASE_DIR")
+        return
+    top = max(r["noise_std"] for r in earlier) if earlier else source["noise_std"]
     if not noise_std > top:
-        raise ValueError(f"--noise-std {noise_std:g} is not above the earlier release level s={top:g} of {src}; "
-                         f"a lower-level release would undo the earlier noise")
-    return record
+        raise ValueError(f"--noise-std {noise_std:g} is not above the earlier release level s={top:g} of these "
+                         f"images; a lower-level release would undo the earlier noise")
 
 
 def release(sensitive_dir: str | os.PathLike, out_dir: str | os.PathLike, noise_std: float, *,
@@ -120,8 +204,9 @@ def release(sensitive_dir: str | os.PathLike, out_dir: str | os.PathLike, noise_
             dtype: str = "float16", samples_per_shard: int = 1000) -> ReleaseResult:
     """Write the noisy release of ``sensitive_dir`` (and the clean subset) into ``out_dir``.
 
-    ``secret`` (bytes, >= 128 bits) is for tests and library callers; otherwise ``secret_file`` or the fence's
-    generated secret. Every check runs before anything is written.
+    ``secret`` (bytes, >= 128 bits, not guessable) is for tests and library callers; otherwise ``secret_file`` or
+    the fence's generated secret. Every check runs before anything is written; the release is reserved in the
+    ledger before its first byte and committed after its last (:mod:`privacy.ledger`).
     """
     from pipeline.data.shards import ShardSetWriter, iter_samples, read_manifest
 
@@ -133,24 +218,28 @@ def release(sensitive_dir: str | os.PathLike, out_dir: str | os.PathLike, noise_
         raise ValueError("--derive-from keeps the earlier release's clean subset; drop --clean-from/--consent-list")
     if dtype not in ("float16", "float32"):
         raise ValueError(f"--dtype {dtype} must be float16 or float32")
-    if secret is not None and len(secret) * 8 < MIN_BITS:
-        raise ValueError(f"the secret holds {len(secret) * 8} bits; at least {MIN_BITS} random bits are needed")
+    if secret is not None:
+        check_strength(secret, "the secret")
     src = Path(sensitive_dir)
-    manifest = read_manifest(src)
+    with inside(src):
+        manifest = read_manifest(src)
     if not is_sensitive(manifest):
         raise ValueError(f"{src} is not marked sensitive; run `flowrail privacy mark {src}` first")
-    check_readable(src, job="privacy release", allow_sensitive=True)
+    check_no_links(src, "sensitive set")
     if manifest.get("kind", "pixels") != "pixels":
         raise ValueError(f"{src} holds {manifest.get('kind')}; the release adds noise in pixel scale and needs a "
                          f"pixel shard set (uint8 images)")
     out = Path(out_dir)
     if fence_of(out) is not None:
         raise ValueError(f"--out {out} lies inside the sensitive set {fence_of(out)}; a release must be outside it")
+    if out.is_symlink():
+        raise ValueError(f"--out {out} is a symbolic link; choose a plain new directory")
     if (out / RELEASE_MANIFEST).exists():
         raise ValueError(f"{out} already holds a release ({RELEASE_MANIFEST}); choose a new --out")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {out} is not empty; choose a new directory")
-    source = _check_level(src, noise_std, derive_from)
+    ledger.check_no_pending()
+    source, earlier_items = _verified_source(derive_from) if derive_from is not None else (None, [])
     if secret is None:
         secret, secret_path, created = load_or_create(src, secret_file, out, create=False)
     else:
@@ -158,25 +247,51 @@ def release(sensitive_dir: str | os.PathLike, out_dir: str | os.PathLike, noise_
 
     channels, height, width = manifest["shape"]
     field = manifest.get("field", "image.npy")
-    keys = [key for key, _ in iter_samples(src)]
-    consented: list[str] = read_consent_list(consent_list, set(keys)) if consent_list is not None else []
+    items = _read_sensitive(src, field)
+    keys = [key for key, _, _ in items]
+    hash_of = {key: ledger.image_hash(image) for key, image, _ in items}
+    consent_sha = None
+    consented: list[str] = []
+    if consent_list is not None:
+        consented, consent_sha = read_consent_list(consent_list, set(keys), src)
     fraction = len(consented) / len(keys)
     if fraction > max_clean_fraction and not allow_large_clean_fraction:
         raise ValueError(f"consent list names {len(consented)} of {len(keys)} samples ({fraction:.1%}), above the "
                          f"{max_clean_fraction:.0%} cap; pass --allow-large-clean-fraction to release them in the clear")
     public_manifest: dict[str, Any] | None = None
+    public_sha = None
     if clean_from is not None:
         check_readable(clean_from, job="privacy release (clean source)")
         public_manifest = read_manifest(clean_from)
+        public_sha = _sha(check_path(Path(clean_from) / "manifest.json").read_bytes())
         if list(public_manifest["shape"]) != [channels, height, width]:
             raise ValueError(f"clean source {clean_from} holds images of shape {public_manifest['shape']}, the "
                              f"sensitive set {[channels, height, width]}")
+    if source is not None:
+        by_key = dict(hash_of)
+        wrong = [k for k, h in source["images"].items() if by_key.get(k) != h]
+        if wrong:
+            raise ValueError(f"--derive-from: release {source['release_id']} was made from other images than {src} "
+                             f"holds (e.g. its key '{wrong[0]}'); derive from a release of this set")
+        consent_sha = source.get("consent_sha256")
+    hashes = set(hash_of.values()) if source is None else set(source["images"].values())
+    _level_check(hashes, noise_std, source, src)
 
-    # ---- every check passed: write ----
+    # ---- every check passed: reserve in the ledger, then write ----
     if created:
         secret, secret_path, created = load_or_create(src, None, out, create=True)
     labels_out = bool(source["labels_released"]) if source is not None else release_labels
     release_id = _secrets.token_hex(16)
+    created_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    images = {k: hash_of[k] for k in keys} if source is None else dict(source["images"])
+    public_key = ledger.public_key_hex()
+    ledger.reserve({"release_id": release_id, "created": created_at, "noise_std": noise_std,
+                    "derived_from": source["release_id"] if source else None, "out": str(out.resolve()),
+                    "sensitive": str(src.resolve()), "images": images, "image_hashes": sorted(set(images.values())),
+                    "labels_released": labels_out, "consent_sha256": consent_sha,
+                    "clean_public": ({"path": str(Path(clean_from).resolve()), "manifest_sha256": public_sha}
+                                     if clean_from is not None else (source or {}).get("clean_public"))},
+                   check=lambda: _level_check(hashes, noise_std, source, src))
     taken: set[str] = set()
     key_map: dict[str, str] = {}
     consent_map: dict[str, str] = dict(source["consented"]) if source is not None else {}
@@ -186,18 +301,18 @@ def release(sensitive_dir: str | os.PathLike, out_dir: str | os.PathLike, noise_
         **common, "kind": NOISY_KIND, "field": "image.npy", "dtype": dtype, "noise_std": noise_std,
         "release": "noisy", "pixel_scale": "[-1, 1] + noise"})
     order = np.random.default_rng(_secrets.randbits(64))
+    clean_public = {"path": str(Path(clean_from).resolve()), "manifest_sha256": public_sha} if clean_from else None
+    if source is not None:
+        clean_public = source.get("clean_public")
+    by_key = {key: (image, label) for key, image, label in items}
+    clean = None
+    if consent_map or consented or clean_public:
+        clean = ShardSetWriter(out / "clean", samples_per_shard, {
+            **common, "kind": "pixels", "field": "image.npy", "dtype": "uint8", "release": "clean",
+            "consent": "consent list" if (consented or consent_map) else "separate public source"})
 
     if source is None:
         consent_set = set(consented)
-        items = []
-        for key, sample in iter_samples(src):
-            image = np.asarray(sample[field])
-            items.append((key, image, int(sample.get("cls", -1))))
-        clean = None
-        if consented or clean_from is not None:
-            clean = ShardSetWriter(out / "clean", samples_per_shard, {
-                **common, "kind": "pixels", "field": "image.npy", "dtype": "uint8", "release": "clean",
-                "consent": "consent list" if consented else "separate public source"})
         for i in order.permutation(len(items)):
             key, image, label = items[i]
             label = label if labels_out else -1
@@ -212,33 +327,32 @@ def release(sensitive_dir: str | os.PathLike, out_dir: str | os.PathLike, noise_
             x = to_signed_chw(image)
             y = (x + noise_std * sample_noise(secret, release_id, key, x.shape)).astype(dtype)
             noisy.write(pkey, {"image.npy": y, "cls": label})
-        if clean_from is not None and public_manifest is not None:
-            assert clean is not None
-            pfield = public_manifest.get("field", "image.npy")
-            for key, sample in iter_samples(Path(clean_from)):
-                clean.write(f"public-{key}", {"image.npy": np.asarray(sample[pfield]),
-                                              "cls": int(sample.get("cls", -1)) if labels_out else -1})
-        clean_manifest = clean.close() if clean is not None else None
     else:
-        s1 = float(source["noise_std"])
-        add = extra_std(s1, noise_std)
-        earlier = Path(derive_from)  # type: ignore[arg-type]
-        items = [(k, np.asarray(sm["image.npy"]).astype(np.float64), int(sm.get("cls", -1)))
-                 for k, sm in iter_samples(earlier / "noisy")]
-        for i in order.permutation(len(items)):
-            k1, y1, label = items[i]
+        add = extra_std(float(source["noise_std"]), noise_std)
+        for i in order.permutation(len(earlier_items)):
+            k1, y1, label = earlier_items[i]
             key = source["keys"][k1]
             pkey = _public_key("n", taken)
             key_map[pkey] = key
             y2 = (y1 + add * sample_noise(secret, release_id, key, y1.shape)).astype(dtype)
             noisy.write(pkey, {"image.npy": y2, "cls": label})
-        clean_manifest = None
-        if (earlier / "clean" / "manifest.json").is_file():
-            shutil.copytree(earlier / "clean", out / "clean")
-            clean_manifest = read_manifest(out / "clean")
+        for pkey, key in sorted(consent_map.items()):  # re-copied from the consented originals, inside the fence
+            assert clean is not None
+            image, label = by_key[key]
+            clean.write(pkey, {"image.npy": image, "cls": label if labels_out else -1})
+    if clean_public is not None:
+        assert clean is not None
+        pdir = Path(clean_public["path"])
+        check_readable(pdir, job="privacy release (clean source)")
+        if _sha(check_path(pdir / "manifest.json").read_bytes()) != clean_public["manifest_sha256"]:
+            raise ValueError(f"clean source {pdir} changed since it was recorded")
+        pfield = read_manifest(pdir).get("field", "image.npy")
+        for key, sample in iter_samples(pdir):
+            clean.write(f"public-{key}", {"image.npy": np.asarray(sample[pfield]),
+                                          "cls": int(sample.get("cls", -1)) if labels_out else -1})
+    clean_manifest = clean.close() if clean is not None else None
     noisy_manifest = noisy.close()
 
-    created_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     n_public = (clean_manifest["num_samples"] if clean_manifest else 0) - len(consent_map)
     record = {
         "format": FORMAT, "release_id": release_id, "created": created_at, "noise_std": noise_std,
@@ -248,15 +362,16 @@ def release(sensitive_dir: str | os.PathLike, out_dir: str | os.PathLike, noise_
         "counts": {"noisy": noisy_manifest["num_samples"],
                    "clean": clean_manifest["num_samples"] if clean_manifest else 0,
                    "consented": len(consent_map), "public_clean": n_public},
-        "clean_mode": "consent_list" if consent_map else ("public" if clean_from is not None else "none"),
+        "clean_mode": "consent_list" if consent_map else ("public" if clean_public else "none"),
         "consent": {"fraction": len(consent_map) / max(1, len(consent_map) + noisy_manifest["num_samples"]),
-                    "cap": max_clean_fraction, "allow_large_clean_fraction": allow_large_clean_fraction},
+                    "cap": max_clean_fraction, "allow_large_clean_fraction": allow_large_clean_fraction,
+                    "list_sha256": consent_sha},
         "labels": "released" if labels_out else "withheld",
+        "audit_public_key": public_key,
     }
     (out / RELEASE_MANIFEST).write_text(json.dumps(record, indent=2))
-    ledger.write_record(src, {"release_id": release_id, "created": created_at, "noise_std": noise_std,
-                              "derived_from": source["release_id"] if source else None, "out": str(out.resolve()),
-                              "labels_released": labels_out, "keys": key_map, "consented": consent_map})
+    ledger.commit(release_id, {"keys": key_map, "consented": consent_map, "files": _files_of(out),
+                               "audit_public_key": public_key})
     return ReleaseResult(out, record, secret_path, created)
 
 

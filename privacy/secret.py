@@ -7,9 +7,11 @@ originals, and it never sits beside a release.
 """
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import string
+from collections import Counter
 from pathlib import Path
 
 MIN_BITS = 128
@@ -29,15 +31,76 @@ def _decode(raw: bytes) -> bytes:
     return text
 
 
+_ALPHABETS = ((string.digits, 10), (string.hexdigits, 16), (string.ascii_lowercase + string.digits, 36),
+              (string.ascii_letters + string.digits, 62), (string.printable, 95))
+
+
+def _symbol_bits(text: bytes) -> float:
+    """Bits per symbol of the smallest usual alphabet holding every symbol (digits, hex, a-z0-9, alnum,
+    printable; anything else counts as raw bytes: 8)."""
+    chars = set(chr(c) for c in text)
+    for alphabet, size in _ALPHABETS:
+        if chars <= set(alphabet):
+            return math.log2(size)
+    return 8.0
+
+
+def _shannon_bits(text: bytes) -> float:
+    """Empirical Shannon entropy of the symbols, in bits per symbol: ``-sum p log2 p``."""
+    counts = Counter(text)
+    return -sum(c / len(text) * math.log2(c / len(text)) for c in counts.values())
+
+
+def weakness(text: bytes) -> str | None:
+    """Why a secret's text is guessable, or None. Refused: a constant string, a repeated pattern, an arithmetic
+    run (``0123...``), fewer than 8 distinct symbols, a skewed symbol distribution (empirical entropy below 60% of
+    ``log2 min(alphabet, length)``), or an estimated entropy ``length x log2(alphabet)`` below 128 bits."""
+    n = len(text)
+    if n == 0:
+        return "is empty"
+    if len(set(text)) == 1:
+        return "is one repeated symbol"
+    for period in range(1, n // 2 + 1):
+        if n % period == 0 and text[:period] * (n // period) == text:
+            return f"repeats a {period}-symbol pattern"
+    steps = {(text[i + 1] - text[i]) % 256 for i in range(n - 1)}
+    if len(steps) == 1:
+        return "is an arithmetic run of symbols"
+    distinct = len(set(text))
+    if distinct < 8:
+        return f"uses only {distinct} distinct symbols"
+    per_symbol = _symbol_bits(text)
+    if _shannon_bits(text) < 0.6 * math.log2(min(2 ** per_symbol, n)):
+        return "has a skewed symbol distribution"
+    estimate = n * per_symbol
+    if estimate < MIN_BITS:
+        return f"has about {estimate:.0f} bits of estimated entropy"
+    return None
+
+
+def check_strength(secret: bytes, what: str) -> None:
+    """Refuse (one line) a secret of fewer than 128 bits or a guessable one (:func:`weakness`)."""
+    if len(secret) * 8 < MIN_BITS:
+        raise ValueError(f"{what} holds {len(secret) * 8} bits; at least {MIN_BITS} random bits are needed "
+                         f"(omit --secret-file to let flowrail generate 256)")
+    why = weakness(secret)
+    if why is not None:
+        raise ValueError(f"{what} {why}: a guessable secret undoes the noise (the sample keys are guessable too); "
+                         f"omit --secret-file to let flowrail generate 256 random bits")
+
+
 def read_secret(path: str | os.PathLike) -> bytes:
-    """A user's secret file; refused (one line) when missing or shorter than 128 bits."""
+    """A user's secret file; refused (one line) when missing, shorter than 128 bits or guessable."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"secret file not found: {p}")
-    secret = _decode(p.read_bytes())
-    if len(secret) * 8 < MIN_BITS:
-        raise ValueError(f"secret file {p} holds {len(secret) * 8} bits; at least {MIN_BITS} random bits are needed "
-                         f"(omit --secret-file to let flowrail generate 256)")
+    raw = p.read_bytes().strip()
+    secret = _decode(raw)
+    check_strength(secret, f"secret file {p}")
+    why = weakness(raw)  # the text as typed: hex of a weak pattern is as weak
+    if why is not None:
+        raise ValueError(f"secret file {p} {why}: a guessable secret undoes the noise (the sample keys are "
+                         f"guessable too); omit --secret-file to let flowrail generate 256 random bits")
     return secret
 
 

@@ -16,6 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+# the privacy ledger is content-keyed and global: each test session gets its own, never the user's ~/.flowrail one
+os.environ.setdefault("FLOWRAIL_PRIVACY_LEDGER", os.path.join(__import__("tempfile").mkdtemp(prefix="flowrail-ledger-"),
+                                                               "ledger"))
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from cli_output import flowrail_lines
 from privacy.gate import AUDIT_FILE, AuditGateError, audit_status, require_audit_passed, write_audit_record
 
 
-def _checkpoint(path, privacy: bool, run_id: str | None = None):
+def _checkpoint(path, privacy: bool, run_id: str | None = None, release: str | None = None):
     """The two files of a flowrail checkpoint the gate reads (flowrail.json, ema.safetensors)."""
     from safetensors.torch import save_file
     import torch
@@ -19,35 +19,59 @@ def _checkpoint(path, privacy: bool, run_id: str | None = None):
     save_file({"w": torch.arange(4.0)}, str(path / "ema.safetensors"))
     meta = {"format": "flowrail-checkpoint/1", "step": 30, "config": {}, "mlflow_run_id": run_id}
     if privacy:
-        meta["privacy"] = {"method": "sfbd_flow"}
+        meta["privacy"] = {"method": "sfbd_flow", **({"release": release} if release else {})}
     (path / "flowrail.json").write_text(json.dumps(meta))
     return path
 
 
-def test_gate_needs_a_passing_audit_of_these_weights(tmp_path):
+def tiny_release(root, monkeypatch, n: int = 20):
+    """A marked 8x8 sensitive set of ``n`` random images and its release, in a ledger of its own; returns
+    ``(release_dir, release_id)``."""
+    import hashlib
+
+    import numpy as np
+
+    from pipeline.data.shards import write_shard_set
+    from privacy.boundary import mark_sensitive
+    from privacy.release import release
+
+    monkeypatch.setenv("FLOWRAIL_PRIVACY_LEDGER", str(root / "ledger"))
+    rng = np.random.default_rng(0)
+    write_shard_set(root / "sensitive", ((f"s{i:03d}", {"image.npy": rng.integers(0, 256, (8, 8, 1), dtype=np.uint8),
+                                                         "cls": 0}) for i in range(n)),
+                    samples_per_shard=64, extra={"kind": "pixels", "field": "image.npy", "shape": [1, 8, 8],
+                                                 "num_classes": 1})
+    mark_sensitive(root / "sensitive")
+    out = release(root / "sensitive", root / "release", 0.59, secret=hashlib.sha256(b"gate tests").digest())
+    return out.out_dir, out.manifest["release_id"]
+
+
+def test_gate_needs_a_passing_audit_of_these_weights(tmp_path, monkeypatch):
     from safetensors.torch import save_file
     import torch
 
+    rel, rid = tiny_release(tmp_path, monkeypatch)
     plain = _checkpoint(tmp_path / "plain", privacy=False)
     assert require_audit_passed(plain) == {}  # not a privacy-stage checkpoint: the gate does not apply
-    ckpt = _checkpoint(tmp_path / "ckpt", privacy=True)
+    ckpt = _checkpoint(tmp_path / "ckpt", privacy=True, release=str(rel))
     with pytest.raises(AuditGateError, match="audit is missing; run `flowrail privacy audit") as err:
         require_audit_passed(ckpt)
     assert "\n" not in str(err.value)
-    write_audit_record(ckpt, {"passed": False, "gen_released_extracted_frac": 0.2})
-    with pytest.raises(AuditGateError, match="audit is failed"):
-        require_audit_passed(ckpt)
-    write_audit_record(ckpt, {"passed": True, "gen_released_extracted_frac": 0.0})
+    write_audit_record(ckpt, {"passed": True, "gen_released_extracted_frac": 0.0}, rid)
     assert require_audit_passed(ckpt) == {"privacy.audit": "passed"}
     save_file({"w": torch.arange(4.0) + 1}, str(ckpt / "ema.safetensors"))  # weights changed after the audit
     assert audit_status(ckpt) == "stale"
     with pytest.raises(AuditGateError, match="audit is stale"):
         require_audit_passed(ckpt)
-    other = _checkpoint(tmp_path / "other", privacy=True)  # a passing record copied from another checkpoint
+    other = _checkpoint(tmp_path / "other", privacy=True, release=str(rel))  # a record copied from another ckpt
     (other / AUDIT_FILE).write_bytes((ckpt / AUDIT_FILE).read_bytes())
     save_file({"w": torch.arange(4.0) * 3}, str(other / "ema.safetensors"))
     with pytest.raises(AuditGateError, match="stale"):
         require_audit_passed(other)
+    failing = _checkpoint(tmp_path / "failing", privacy=True, release=str(rel))
+    write_audit_record(failing, {"passed": False, "gen_released_extracted_frac": 0.2}, rid)
+    with pytest.raises(AuditGateError, match="audit is failed"):
+        require_audit_passed(failing)
 
 
 def test_register_before_audit_exits_2_and_registers_nothing(tmp_path, capsys):

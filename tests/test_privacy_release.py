@@ -14,7 +14,7 @@ from privacy.boundary import mark_sensitive
 from privacy.noise import sample_noise
 from privacy.release import read_release, release, to_signed_chw
 
-SECRET = bytes(range(32))  # 256 bits (tests only: a fixed secret)
+SECRET = hashlib.sha256(b"flowrail release tests").digest()  # 256 bits (tests only: a fixed secret)
 
 
 def _shard_set(path, n, seed, sensitive):
@@ -40,6 +40,12 @@ def _canonical(a: np.ndarray) -> str:
     return _sha(a)
 
 
+@pytest.fixture(autouse=True)
+def own_ledger(tmp_path, monkeypatch):
+    """Each test its own content-keyed ledger (the tests release the same seeded images)."""
+    monkeypatch.setenv("FLOWRAIL_PRIVACY_LEDGER", str(tmp_path / "ledger"))
+
+
 @pytest.fixture
 def sensitive(tmp_path):
     data = _shard_set(tmp_path / "sensitive", 300, 0, True)
@@ -58,7 +64,7 @@ def _text_of_tree(root) -> bytes:
 
 def test_release_keeps_originals_keys_and_secret_inside_the_fence(sensitive):
     root, data = sensitive
-    consent = _consent(root / "consent.txt", ["s0003", "s0100", "s0200"])
+    consent = _consent(root / "sensitive" / "consent.txt", ["s0003", "s0100", "s0200"])
     out = release(root / "sensitive", root / "out", 0.59, consent_list=consent, samples_per_shard=64)
     m = out.manifest
     assert m["counts"] == {"noisy": 297, "clean": 3, "consented": 3, "public_clean": 0}
@@ -149,11 +155,10 @@ def _assert_nothing_written(root, before):
                                   "secret_beside", "missing_secret", "out_in_fence"])
 def test_bad_release_input_is_refused_and_writes_nothing(sensitive, case):
     root, _ = sensitive
-    first = release(root / "sensitive", root / "r1", 0.59, secret=SECRET, consent_list=_consent(root / "c1", ["s0001"]))
+    first = release(root / "sensitive", root / "r1", 0.59, secret=SECRET,
+                    consent_list=_consent(root / "sensitive" / "c1", ["s0001"]))
     (root / "keys").mkdir()
     (root / "keys" / "weak").write_text("00112233445566778899aabbccddee")  # 120 bits
-    _consent(root / "unknown.txt", ["s0001", "nobody"])
-    _consent(root / "big.txt", [f"s{i:04d}" for i in range(31)])  # 10.3%
     (root / "beside").mkdir()
     (root / "beside" / "secret").write_text(SECRET.hex())
     before = sorted(str(p) for p in root.rglob("*"))
@@ -169,11 +174,13 @@ def test_bad_release_input_is_refused_and_writes_nothing(sensitive, case):
     else:
         fresh = root / "other"
         _shard_set(fresh, 300, 3, True)
+        _consent(fresh / "unknown.txt", ["s0001", "nobody"])
+        _consent(fresh / "big.txt", [f"s{i:04d}" for i in range(31)])  # 10.3%
         before = sorted(str(p) for p in root.rglob("*"))
         s = 0.59
         kw, msg = {
-            "unknown_consent": (dict(consent_list=root / "unknown.txt"), r"1 key\(s\) not in the sensitive set"),
-            "over_cap": (dict(consent_list=root / "big.txt"), "above the 10% cap"),
+            "unknown_consent": (dict(consent_list=fresh / "unknown.txt"), r"1 key\(s\) not in the sensitive set"),
+            "over_cap": (dict(consent_list=fresh / "big.txt"), "above the 10% cap"),
             "weak_secret": (dict(secret_file=root / "keys" / "weak"), "holds 120 bits"),
             "secret_beside": (dict(secret_file=root / "beside" / "secret"), "in or beside the release"),
             "missing_secret": (dict(secret_file=root / "keys" / "nope"), "secret file not found"),
@@ -196,10 +203,11 @@ def test_bad_release_input_is_refused_and_writes_nothing(sensitive, case):
 
 def test_large_clean_fraction_needs_the_flag_and_is_recorded(sensitive):
     root, _ = sensitive
-    big = _consent(root / "big.txt", [f"s{i:04d}" for i in range(60)])
+    big = _consent(root / "sensitive" / "big.txt", [f"s{i:04d}" for i in range(60)])
     out = release(root / "sensitive", root / "r", 0.59, secret=SECRET, consent_list=big, allow_large_clean_fraction=True,
                   release_labels=True)
-    assert out.manifest["consent"] == {"fraction": 0.2, "cap": 0.1, "allow_large_clean_fraction": True}
+    assert out.manifest["consent"] == {"fraction": 0.2, "cap": 0.1, "allow_large_clean_fraction": True,
+                                       "list_sha256": hashlib.sha256(big.read_bytes()).hexdigest()}
     assert out.manifest["labels"] == "released"
     assert {s["cls"] for _, s in iter_samples(out.noisy_dir)} - {-1} and \
         json.loads((out.noisy_dir / "manifest.json").read_text())["num_classes"] == 10
@@ -215,7 +223,7 @@ def test_release_cli_exits_2_on_bad_input_and_never_prints_the_secret(sensitive,
     assert main(base + ["--out", str(root / "a"), "--secret-file", str(root / "keys" / "weak")]) == 2
     err = capsys.readouterr().err
     assert "holds 40 bits" in err and err.count("\n") == 1 and not (root / "a").exists()
-    assert main(base + ["--out", str(root / "a"), "--consent-list", str(_consent(root / "c", ["zz"]))]) == 2
+    assert main(base + ["--out", str(root / "a"), "--consent-list", str(_consent(root / "sensitive" / "c", ["zz"]))]) == 2
     assert "not in the sensitive set" in capsys.readouterr().err and not (root / "a").exists()
     assert main(base + ["--out", str(root / "a")]) == 0
     printed = capsys.readouterr()

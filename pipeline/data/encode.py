@@ -136,8 +136,9 @@ def encode_shard_set(src: str | Path, out: str | Path, vae_dir: str | Path, *, s
     :mod:`pipeline.data.storage`); the autoencoder folder is local."""
     import ray
 
-    from privacy.boundary import check_readable
+    from pipeline.data.fence import check_readable
 
+    check_readable(str(src), job="encode")  # the path, its links and its manifest's shards, before any read
     manifest = read_manifest(src)
     check_readable(manifest, job="encode")
     if manifest.get("kind", "pixels") != "pixels":

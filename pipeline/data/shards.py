@@ -158,6 +158,7 @@ def manifest_location(shard_dir: str | Path) -> tuple[str, str]:
 def read_manifest_bytes(shard_dir: str | Path) -> bytes:
     """The manifest file's bytes (what the verification cache is keyed by); one line when there is none."""
     _, path = manifest_location(shard_dir)
+    _fenced(path)
     if not storage.exists(path):
         bucket = storage.missing_bucket(path)
         if bucket is not None:
@@ -182,6 +183,17 @@ def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
     return parse_manifest(read_manifest_bytes(shard_dir), manifest_location(shard_dir)[1])
 
 
+def _fenced(location: str | Path) -> None:
+    """The fence check of every file this module opens: a local path that lands in a sensitive set (as written or
+    with links resolved) or a URL under a fenced prefix is refused (:mod:`pipeline.data.fence`)."""
+    from pipeline.data.fence import check_path, check_url
+
+    if storage.is_remote(location):
+        check_url(str(location), "read")
+    else:
+        check_path(storage.local_path(location))
+
+
 def confined_name(name: Any, shard_dir: str | Path) -> str:
     """A manifest's shard name, checked to stay inside the set: a relative path without ``..``, not absolute,
     not a URL (so a manifest cannot make a job read ``../other/x.tar`` or ``/etc/hostname``)."""
@@ -198,6 +210,8 @@ def shard_paths(shard_dir: str | Path, manifest: dict[str, Any]) -> list[str]:
     base, _ = manifest_location(shard_dir)
     paths = [storage.join(base, confined_name(entry.get("name") if isinstance(entry, dict) else None, shard_dir))
              for entry in manifest["shards"]]
+    for path in paths:
+        _fenced(path)
     for path, size in zip(paths, storage.file_sizes(paths)):
         if size is None:
             raise DataError(f"shard {path} listed in the manifest is missing")

@@ -50,7 +50,7 @@ class DataInfo:
 
 def describe(shards: str, image_size: int | None, job: str = "train") -> tuple[list[str], DataInfo]:
     """Validate a shard set for ``job`` and return its shard paths and :class:`DataInfo`."""
-    from privacy.boundary import check_readable
+    from pipeline.data.fence import check_readable
 
     check_readable(shards, job=job)  # before anything else reads it; names the directory
     manifest = read_manifest(shards)

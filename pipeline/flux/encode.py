@@ -156,7 +156,9 @@ def source_shards(src: str | Path) -> tuple[list[str], dict[str, Any]]:
     if (path / "manifest.json").is_file():
         manifest = read_manifest(path)
         return shard_paths(path, manifest), manifest
-    tars = sorted(str(p) for p in path.glob("*.tar")) if path.is_dir() else []
+    from pipeline.data.fence import check_path
+
+    tars = sorted(str(check_path(p, "flux_encode")) for p in path.glob("*.tar")) if path.is_dir() else []
     if not tars:
         raise DataError(f"no shards at {src}: expected a flowrail shard set or a directory of .tar files")
     return tars, {}
@@ -171,8 +173,9 @@ def encode_shards(src: str | Path, out: str | Path, paths: EncoderPaths, *, size
     if size % 16:
         raise ValueError(f"size={size} must be a multiple of 16 (8x autoencoder x 2x2 packing for FLUX.1)")
     paths.check()
-    from privacy.boundary import check_readable
+    from pipeline.data.fence import check_readable
 
+    check_readable(str(src), job="flux_encode")  # the path, its links and its manifest's shards, before any read
     tars, manifest = source_shards(src)
     check_readable(manifest or str(src), job="flux_encode")
     device = "cuda" if num_gpus > 0 else "cpu"
