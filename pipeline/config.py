@@ -431,6 +431,10 @@ class TrainJobConfig(Section):
         return self
 
     @model_validator(mode="after")
+    # what an init_from file that does not say it (a bare state dict, a .safetensors export, args without
+    # path_type/prediction) was trained as: required for such a file, refused when init_from is not set
+    init_from_path: Literal["linear", "gvp", "vp"] | None = None
+    init_from_prediction: Literal["velocity", "score", "noise"] | None = None
     def _auto_batch_needs_an_accelerator(self) -> TrainJobConfig:
         if self.data.batch_size == "auto" and not self.train.use_gpu:
             raise ValueError("data.batch_size=auto probes the accelerator's memory and needs train.use_gpu=true; "
@@ -452,6 +456,14 @@ class TrainJobConfig(Section):
         self.run_dir = str(root if root.is_absolute() else (base / root).resolve())
         for holder, field in ((self.flow_map, "teacher"), (self, "init_from")):  # read again inside Ray workers
             value = getattr(holder, field)
+    @model_validator(mode="after")
+    def _init_from_declarations(self) -> TrainJobConfig:
+        for key in ("init_from_path", "init_from_prediction"):
+            if getattr(self, key) is not None and not self.init_from:
+                raise ValueError(f"{key}={getattr(self, key)} declares what init_from was trained as, but init_from "
+                                 "is not set")
+        return self
+
             if value and "://" not in value and not Path(value).is_absolute():
                 setattr(holder, field, str((base / value).resolve()))
         for field in ("shards", "val_shards"):

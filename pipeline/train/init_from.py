@@ -9,6 +9,13 @@ Before training, :func:`check_init_from` compares what the checkpoint was traine
 prediction, learn_sigma, number of classes: an official file's ``args`` and tensor shapes, a flowrail
 checkpoint's config) with the run's config. A difference is refused in one line unless
 ``init_from_override=true``; the import notes (what was adapted) are printed and logged to the MLflow run.
+A file that does not say its path or prediction (a bare state dict such as SiT's released ``SiT-XL-2-256x256.pt``,
+a ``.safetensors`` export) needs them declared (``init_from_path=``, ``init_from_prediction=``) or is refused;
+learn_sigma and the class count are read from its tensor shapes.
+
+An object-store ``init_from`` (``s3://``, ``gs://``: one checkpoint file) is fetched into a local cache by the
+driver, which checks it before any worker starts; each worker reads the same cache (fetching it where the cache is
+not shared).
 """
 from __future__ import annotations
 
@@ -44,9 +51,42 @@ def _is_flowrail(source: Path) -> bool:
     return source.is_dir() and ((source / META).is_file() or any(source.rglob(META)))
 
 
-def checkpoint_facts(path: str) -> CheckpointFacts:
-    """Read the training facts of a flowrail or official checkpoint (no model is built)."""
-    source = Path(path)
+def local_init_from(path: str) -> Path:
+    """``path`` itself, or for an object-store file its local copy (fetched once into the cache, keyed by URL)."""
+    import hashlib
+    import os
+
+    from pipeline.data import storage
+    from pipeline.tracking import redact
+
+    if not storage.is_remote(path):
+        return Path(storage.local_path(path))
+    shown = redact(path)  # user-info in the URL never reaches a message or the cache's folder name
+    root = Path(os.environ.get("FLOWRAIL_CACHE") or Path.home() / ".cache" / "flowrail") / "init_from"
+    target = root / hashlib.sha256(shown.encode()).hexdigest()[:16] / Path(path.rstrip("/")).name
+    if target.is_file():
+        return target
+    try:
+        found = storage.exists(path)
+    except Exception as exc:  # noqa: BLE001 - a DataError naming the store, or pyarrow's own
+        raise CheckpointError(f"init_from={shown}: {redact(' '.join(str(exc).split()))[:200]}") from None
+    if not found:
+        raise CheckpointError(f"init_from={shown}: no such file on the object store (an object-store init_from is "
+                              "one checkpoint file: .pt, .pth or .safetensors)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+    with storage.open_input(path) as src, open(tmp, "wb") as dst:
+        while chunk := src.read(1 << 24):
+            dst.write(chunk)
+    tmp.replace(target)
+    return target
+
+
+def checkpoint_facts(path: str, declared_path: str | None = None,
+                     declared_prediction: str | None = None) -> CheckpointFacts:
+    """Read the training facts of a flowrail or official checkpoint (no model is built); ``declared_*``: what the
+    config declares (``init_from_path``/``init_from_prediction``) for a file that does not say it."""
+    source = local_init_from(path)
     if not source.exists():
         raise CheckpointError(f"init_from={path}: file or directory does not exist")
     if _is_flowrail(source):
@@ -56,6 +96,8 @@ def checkpoint_facts(path: str) -> CheckpointFacts:
         meta = read_meta(ckpt)
         conf, data = meta.get("config", {}), meta.get("data", {})
         tr, model = conf.get("transport", {}), conf.get("model", {})
+        _declared_agrees(path, "init_from_path", declared_path, tr.get("path"))
+        _declared_agrees(path, "init_from_prediction", declared_prediction, tr.get("prediction"))
         return CheckpointFacts(source=f"flowrail checkpoint {ckpt}", path=tr.get("path"),
                                prediction=tr.get("prediction"), learn_sigma=model.get("learn_sigma"),
                                num_classes=data.get("num_classes"), null_row=True, input_size=data.get("size"))
@@ -85,7 +127,33 @@ def checkpoint_facts(path: str) -> CheckpointFacts:
             facts.notes.append(f"label table has no null row ({facts.table_rows} classes): trained without "
                                "class dropout; the null row keeps its initialisation")
     facts.input_size = arch.get("input_size")
+    _declared_agrees(path, "init_from_path", declared_path, facts.path)
+    _declared_agrees(path, "init_from_prediction", declared_prediction, facts.prediction)
+    facts.path = facts.path or declared_path
+    facts.prediction = facts.prediction or declared_prediction
+    unknown = [k for k, v in (("init_from_path", facts.path), ("init_from_prediction", facts.prediction)) if v is None]
+    if unknown:
+        sigma = "" if facts.learn_sigma is None else \
+            f"; learn_sigma={str(facts.learn_sigma).lower()} is read from its shapes"
+        what = "a bare state dict" if not args else "its args"
+        raise CheckpointError(
+            f"init_from={_shown(path)}: {what} does not say how it was trained: "
+            f"declare {' and '.join(f'{k}=...' for k in unknown)} (init_from_path: linear/gvp/vp, "
+            f"init_from_prediction: velocity/score/noise; SiT's released SiT-XL-2-256x256.pt is linear/velocity)"
+            f"{sigma}")
     return facts
+
+
+def _declared_agrees(path: str, key: str, declared: str | None, said: str | None) -> None:
+    """A declaration for a file that says it itself must agree with it (one-line refusal otherwise)."""
+    if declared is not None and said is not None and declared != said:
+        raise CheckpointError(f"init_from={_shown(path)}: {key}={declared} but the checkpoint itself says {said}")
+
+
+def _shown(path: str) -> str:
+    from pipeline.tracking import redact
+
+    return redact(path)
 
 
 def mismatches(facts: CheckpointFacts, cfg: TrainJobConfig, num_classes: int) -> list[str]:
@@ -110,12 +178,12 @@ def mismatches(facts: CheckpointFacts, cfg: TrainJobConfig, num_classes: int) ->
 def check_init_from(cfg: TrainJobConfig, num_classes: int) -> list[str]:
     """Refuse (one line) an ``init_from`` checkpoint trained differently from ``cfg`` unless
     ``init_from_override=true``; returns the import notes to print and log."""
-    if not cfg.init_from or "://" in cfg.init_from or cfg.model.name.lower() == "flux":
+    if not cfg.init_from or cfg.model.name.lower() == "flux":
         return []  # FLUX's path and prediction are fixed; its weights are checked when loaded
-    facts = checkpoint_facts(cfg.init_from)
+    facts = checkpoint_facts(cfg.init_from, cfg.init_from_path, cfg.init_from_prediction)
     found = mismatches(facts, cfg, num_classes)
     if found and not cfg.init_from_override:
-        raise CheckpointError(f"init_from={cfg.init_from}: {found[0]}"
+        raise CheckpointError(f"init_from={_shown(cfg.init_from)}: {found[0]}"
                               + (f" (and {len(found) - 1} more differences)" if len(found) > 1 else "")
                               + "; match the config to the checkpoint, or set init_from_override=true to adapt it")
     notes = [f"overridden: {m}" for m in found] + facts.notes
@@ -163,7 +231,7 @@ def initialise_from(model: nn.Module, path: str, override: bool = False) -> str:
     from pipeline.train.checkpoint_read import EMA_FILE, find_latest
     from pipeline.train.ema import load_ema_weights
 
-    source = Path(path)
+    source = local_init_from(path)
     if not source.exists():
         raise CheckpointError(f"init_from={path}: file or directory does not exist")
     if _is_flowrail(source):
