@@ -350,18 +350,37 @@ class ObjectiveConfig(Section):
 class FlowMapConfig(Section):
     """Flow-map training and sampling (REFERENCE.md section 11); used when ``objective.name=flow_map``."""
 
-    decoupled_blocks: int = Field(default=1, ge=1)  # k: the last k blocks (and the final layer) see the target time
+    # the training mix: dmf = Decoupled MeanFlow's (a flow-matching and a MeanFlow loss on every batch, 0.5/0.5, each
+    # with its own logit-normal times, error ||delta||^2); split = a fraction `ratio` of the batch's pairs jump, the
+    # rest are flow matching, times from `time_sampler`, error = mean over dimensions
+    recipe: Literal["dmf", "split"] = "dmf"
+    # k: the last k blocks (and the final layer) see the target time; None: round(depth * 8 / 28), at least 1
+    decoupled_blocks: int | None = None
     jvp: Literal["func", "finite_difference"] = "func"  # d/ds u by torch.func.jvp, or a central finite difference
-    fd_eps: float = Field(default=1e-3, gt=0, lt=0.1)  # finite-difference step along (v, 1, 0)
+    fd_eps: float = Field(default=1e-3, gt=0, lt=0.1)  # finite-difference step along (v, 1, 0), taken in fp32
     target: Literal["data", "teacher"] = "data"  # v_s: x1 - x0 of the pair, or the teacher's velocity (distillation)
     teacher: str | None = None  # teacher checkpoint for target=teacher; None: init_from
     teacher_guidance: float = Field(default=1.0, ge=0)  # CFG scale folded into the teacher's velocity
-    ratio: float = Field(default=0.25, ge=0, le=1)  # fraction of pairs with s != t (the rest: s = t, flow matching)
-    time_sampler: Literal["uniform", "logit_normal"] = "uniform"  # law of the two times drawn per pair
-    logit_mean: float = -0.4
-    logit_std: float = Field(default=1.0, gt=0)
-    weight_power: float = Field(default=1.0, ge=0)  # adaptive weight w = 1 / (||delta||^2 + c)^p, stop-gradient
+    ratio: float = Field(default=0.25, ge=0, le=1)  # recipe=split: fraction of pairs with s != t (the rest: s = t)
+    time_sampler: Literal["uniform", "logit_normal"] = "uniform"  # recipe=split: law of the two times per pair
+    logit_mean: float = -0.4  # recipe=split, time_sampler=logit_normal
+    logit_std: float = Field(default=1.0, gt=0)  # every logit-normal time law's std
+    fm_logit_mean: float = 0.0  # recipe=dmf: the flow-matching loss's time law sigmoid(N(m, std))
+    mf_logit_means: tuple[float, float] = (-0.4, 1.2)  # recipe=dmf: the MeanFlow pair's two draws; s = min, r = max
+    weight_power: float = Field(default=1.0, ge=0)  # adaptive weight w = 1 / (err + c)^p, stop-gradient
     weight_eps: float = Field(default=1e-3, gt=0)  # c
+    # model guidance in training (either recipe): v <- v + omega sg(u(x,t,t|y) - u(x,t,t|null)) for labelled samples
+    # with t in [guidance_t_min, guidance_t_max]; 0 = off. A map trained with it refuses sampling-time CFG.
+    guidance: float = Field(default=0.0, ge=0)
+    guidance_t_min: float = Field(default=0.3, ge=0, le=1)
+    guidance_t_max: float = Field(default=1.0, ge=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _landed_recipe(cls, data: Any) -> Any:
+        from pipeline.flow_map.settings import landed_recipe  # a checkpoint written before recipes: recipe=split
+
+        return landed_recipe(data)
 
 
 def flow_map_refusal(cfg: TrainJobConfig) -> str | None:
@@ -381,8 +400,11 @@ def flow_map_refusal(cfg: TrainJobConfig) -> str | None:
     if name.lower() != "sit" and named is None:
         return f"objective.name=flow_map needs a SiT model (model.name=sit or SiT-*), not model.name={name}"
     depth = named[0].depth if named else cfg.model.depth
-    if fm.decoupled_blocks > depth:
-        return f"flow_map.decoupled_blocks={fm.decoupled_blocks} is larger than the model depth ({depth} blocks)"
+    from pipeline.flow_map.settings import recipe_refusal  # lazy: pipeline.flow_map imports this module
+
+    refusal = recipe_refusal(cfg, depth)
+    if refusal:
+        return refusal
     if cfg.transport.path != "linear" or cfg.transport.prediction != "velocity":
         return ("objective.name=flow_map needs transport.path=linear and transport.prediction=velocity "
                 f"(got {cfg.transport.path}/{cfg.transport.prediction})")
@@ -409,6 +431,10 @@ class TrainJobConfig(Section):
     # accept an init_from checkpoint whose path / prediction / learn_sigma / class count differ from this config
     # (the differences are then adapted and reported); false: such a mismatch is refused in one line
     init_from_override: bool = False
+    # what an init_from file that does not say it (a bare state dict, a .safetensors export, args without
+    # path_type/prediction) was trained as: required for such a file, refused when init_from is not set
+    init_from_path: Literal["linear", "gvp", "vp"] | None = None
+    init_from_prediction: Literal["velocity", "score", "noise"] | None = None
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     transport: TransportConfig = TransportConfig()
@@ -431,10 +457,14 @@ class TrainJobConfig(Section):
         return self
 
     @model_validator(mode="after")
-    # what an init_from file that does not say it (a bare state dict, a .safetensors export, args without
-    # path_type/prediction) was trained as: required for such a file, refused when init_from is not set
-    init_from_path: Literal["linear", "gvp", "vp"] | None = None
-    init_from_prediction: Literal["velocity", "score", "noise"] | None = None
+    def _init_from_declarations(self) -> TrainJobConfig:
+        for key in ("init_from_path", "init_from_prediction"):
+            if getattr(self, key) is not None and not self.init_from:
+                raise ValueError(f"{key}={getattr(self, key)} declares what init_from was trained as, but init_from "
+                                 "is not set")
+        return self
+
+    @model_validator(mode="after")
     def _auto_batch_needs_an_accelerator(self) -> TrainJobConfig:
         if self.data.batch_size == "auto" and not self.train.use_gpu:
             raise ValueError("data.batch_size=auto probes the accelerator's memory and needs train.use_gpu=true; "
@@ -456,14 +486,6 @@ class TrainJobConfig(Section):
         self.run_dir = str(root if root.is_absolute() else (base / root).resolve())
         for holder, field in ((self.flow_map, "teacher"), (self, "init_from")):  # read again inside Ray workers
             value = getattr(holder, field)
-    @model_validator(mode="after")
-    def _init_from_declarations(self) -> TrainJobConfig:
-        for key in ("init_from_path", "init_from_prediction"):
-            if getattr(self, key) is not None and not self.init_from:
-                raise ValueError(f"{key}={getattr(self, key)} declares what init_from was trained as, but init_from "
-                                 "is not set")
-        return self
-
             if value and "://" not in value and not Path(value).is_absolute():
                 setattr(holder, field, str((base / value).resolve()))
         for field in ("shards", "val_shards"):

@@ -3,6 +3,7 @@ its finite difference, a closed-form Gaussian mixture where a briefly trained fl
 few-step sampling, and the one-line refusals."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,7 @@ def test_adaptive_weight_power() -> None:
 
 
 def test_pair_times_follow_the_ratio() -> None:
-    cfg = TrainJobConfig().flow_map.model_copy(update={"ratio": 0.3})
+    cfg = TrainJobConfig().flow_map.model_copy(update={"recipe": "split", "ratio": 0.3})
     torch.manual_seed(0)
     s, r = sample_pairs(cfg, 20000)
     assert bool((s <= r).all()) and float(s.min()) >= 0 and float(r.max()) <= 1
@@ -147,7 +148,7 @@ def test_flow_map_on_a_gaussian_mixture_beats_euler_at_one_step() -> None:
 
     torch.manual_seed(0)
     gmm, path = GaussianMixture.default_2d(), LinearPath()
-    cfg = TrainJobConfig().flow_map.model_copy(update={"ratio": 0.75})
+    cfg = TrainJobConfig().flow_map.model_copy(update={"recipe": "split", "ratio": 0.75})
     net = MLPFlowMap(64)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     for _ in range(250):
@@ -212,18 +213,31 @@ def test_objective_loss_trains_and_samples_in_k_calls() -> None:
 
 @pytest.mark.parametrize("overrides, message", [
     (["objective.name=family", "sampler.method=flow_map"], "sampler.method=flow_map needs a flow-map model"),
-    (["flow_map.decoupled_blocks=4"], "flow_map.decoupled_blocks=4 is larger than the model depth (3 blocks)"),
+    (["flow_map.decoupled_blocks=4"], "flow_map.decoupled_blocks=4 is outside [1, 3] (the model depth is 3 blocks)"),
+    (["flow_map.decoupled_blocks=0"], "flow_map.decoupled_blocks=0 is outside [1, 3]"),
+    (["flow_map.jvp=finite_difference", "flow_map.fd_eps=1e-5"],
+     "flow_map.fd_eps=1e-05 is below what the fp32 central difference resolves"),
+    (["flow_map.fd_eps=1e-2"], "flow_map.fd_eps is set but flow_map.jvp=func"),
+    (["flow_map.ratio=0.5"], "flow_map.ratio is a flow_map.recipe=split setting, but flow_map.recipe=dmf"),
+    (["flow_map.recipe=split", "flow_map.mf_logit_means=[0, 1]"],
+     "flow_map.mf_logit_means is a flow_map.recipe=dmf setting, but flow_map.recipe=split"),
+    (["flow_map.guidance=0.6", "guidance.scale=1.5"],
+     "guidance.scale=1.5 on a flow map trained with model guidance (flow_map.guidance=0.6)"),
+    (["flow_map.guidance=0.6", "model.class_dropout_prob=0"], "flow_map.guidance needs model.class_dropout_prob > 0"),
+    (["flow_map.guidance=0.6", "flow_map.guidance_t_min=0.8", "flow_map.guidance_t_max=0.5"],
+     "flow_map.guidance_t_min=0.8 is above flow_map.guidance_t_max=0.5"),
+    (["flow_map.guidance_t_min=0.5"], "flow_map.guidance_t_min is set but flow_map.guidance=0"),
     (["model.name=dfm"], "objective.name=flow_map needs a SiT model"),
     (["transport.path=gvp"], "needs transport.path=linear"),
     (["train.zero_stage=3"], "flow_map.jvp=func cannot run on ZeRO-3"),
     (["model.grad_checkpointing=true"], "flow_map.jvp=func cannot run through activation checkpointing"),
     (["flow_map.target=teacher"], "flow_map.target=teacher needs a teacher"),
     (["flow_map.jvp=forward"], "flow_map.jvp"),
-    (["objective.name=family", "sampler.method=ode", "flow_map.ratio=0.5"],
-     "flow_map.ratio is set but objective.name=family"),
+    (["objective.name=family", "sampler.method=ode", "flow_map.recipe=split"],
+     "flow_map.recipe is set but objective.name=family"),
 ])
 def test_bad_flow_map_settings_are_one_line_config_errors(overrides: list[str], message: str) -> None:
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
         flow_map_cfg(*overrides)
     assert "\n" not in str(info.value)
 
@@ -258,8 +272,9 @@ def test_finite_difference_runs_where_jvp_cannot() -> None:
 
 
 def test_flow_map_sweep_config_builds_a_flow_map_trial_for_every_grid_point(tmp_path: Path) -> None:
-    """jobs/configs/flow_map_sweep.yaml: every (k, ratio, power) point is a valid flow-map training config that
-    distils the teacher named by init_from (made absolute, as Ray workers read it from another directory)."""
+    """jobs/configs/flow_map_sweep.yaml: every (k, power, model guidance) point is a valid DMF-recipe flow-map
+    training config that distils the teacher named by init_from (made absolute, as Ray workers read it from another
+    directory); no sampling config adds CFG (refused on the guided trials)."""
     import itertools
 
     from pipeline.sweep.config import base_train_config, load_sweep_config, trial_config
@@ -274,5 +289,7 @@ def test_flow_map_sweep_config_builds_a_flow_map_trial_for_every_grid_point(tmp_
     for point in points:
         cfg = trial_config(base, point)
         assert cfg.objective.name == "flow_map" and cfg.flow_map.target == "teacher"
+        assert cfg.flow_map.recipe == "dmf"
         assert cfg.flow_map.decoupled_blocks == point["flow_map.decoupled_blocks"]
-    assert [v.sampler["steps"] for v in sweep.sampling.configs][:3] == [1, 2, 4]
+    assert [v.sampler["steps"] for v in sweep.sampling.configs] == [1, 2, 4]
+    assert all(not getattr(v, "guidance", None) for v in sweep.sampling.configs)

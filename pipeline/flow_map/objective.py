@@ -1,10 +1,19 @@
 """``FlowMapObjective``: a SiT trained as a flow map, behind the :class:`pipeline.objective.Objective` seam.
 
-``loss``: a pair ``x1`` (data), ``x0 ~ N(0, I)``, times ``(s, r)`` (:mod:`.times`), ``x_s = s x1 + (1 - s) x0``
-(linear path), labels dropped with ``model.class_dropout_prob`` once per sample (every forward pass of the step
-sees the same labels), ``v`` = ``x1 - x0`` (``flow_map.target=data``) or the teacher's velocity at ``x_s``
-(``target=teacher``); the network ``u_theta(x, s, r) = model(x, s, y, target_time=r, decoupled_blocks=k)``
-regresses ``sg(v + (r - s) d/ds u_theta)`` with MeanFlow's adaptive weight (:mod:`.identity`).
+``loss`` (``x1`` data, ``x0 ~ N(0, I)``, ``x_t = t x1 + (1 - t) x0``, labels dropped with
+``model.class_dropout_prob`` once per sample, so every forward pass of the step sees the same labels; ``v`` =
+``x1 - x0`` (``flow_map.target=data``) or the teacher's velocity at ``x_t`` (``target=teacher``); the network
+``u_theta(x, s, r) = model(x, s, y, target_time=r, decoupled_blocks=k)``):
+
+- ``recipe=dmf`` (Decoupled MeanFlow's mix, default): ``0.5 (L_fm + L_mf)`` on every batch, each term with its own
+  noise and times (:func:`.times.dmf_times`); ``L_fm`` regresses ``u(x_t, t, t)`` on ``v``, ``L_mf`` regresses
+  ``u(x_s, s, r)`` on ``sg(v + (r - s) d/ds u_theta)``; both on ``||delta||^2`` with MeanFlow's adaptive weight.
+- ``recipe=split`` (the landed one): one loss; a fraction ``ratio`` of the pairs jumps (s < r), the rest is flow
+  matching (s = r); error = mean over dimensions.
+
+Model guidance (``flow_map.guidance`` = omega > 0, either recipe): for labelled samples with ``t`` in
+``[guidance_t_min, guidance_t_max]`` the velocity becomes ``v + omega sg(u(x, t, t | y) - u(x, t, t | null))`` (the
+network's own instantaneous velocities), both as regression target and as the JVP tangent.
 
 ``sample``: ``sampler.method=flow_map`` jumps in ``sampler.steps`` steps (:mod:`.sampler`); any other method
 integrates the instantaneous velocity ``u(x, t, t)`` (= the plain forward pass) with the transport samplers, so
@@ -18,8 +27,9 @@ from torch import nn
 from pipeline.config import ConfigError, TrainJobConfig, flow_map_refusal
 from pipeline.flow_map.identity import adaptive_loss, meanflow_target, u_and_derivative
 from pipeline.flow_map.sampler import guided_flow_map, sample_flow_map
+from pipeline.flow_map.settings import decoupled_blocks, model_depth
 from pipeline.flow_map.teacher import load_teacher, teacher_velocity
-from pipeline.flow_map.times import sample_pairs
+from pipeline.flow_map.times import dmf_times, sample_pairs
 from pipeline.transport.timesteps import image_tokens, resolve_time_shift
 from pipeline.families import SampleOutput
 
@@ -28,13 +38,18 @@ def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
 
 
+def _bare(model: nn.Module) -> nn.Module:
+    """The module under a DeepSpeed engine (whose forward would re-enter its own autocast)."""
+    return getattr(model, "module", model)
+
+
 class FlowMapObjective:
     def __init__(self, cfg: TrainJobConfig, num_classes: int):
         refusal = flow_map_refusal(cfg)
         if refusal:
             raise ConfigError(refusal)
         self.cfg, self.fm, self.num_classes = cfg, cfg.flow_map, num_classes
-        self.k = cfg.flow_map.decoupled_blocks
+        self.k = decoupled_blocks(cfg.flow_map, model_depth(cfg))
         self.teacher: nn.Module | None = None
         self.flow = None  # the transport objective, for sampler.method=ode|sde
         if cfg.sampler.method != "flow_map":
@@ -55,29 +70,64 @@ class FlowMapObjective:
             return y
         return torch.where(torch.rand(y.shape[0], device=y.device) < p, torch.full_like(y, self.num_classes), y)
 
-    def _velocity(self, x1: torch.Tensor, x0: torch.Tensor, xs: torch.Tensor, s: torch.Tensor,
+    def _velocity(self, model: nn.Module, x1: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
                   y: torch.Tensor | None) -> torch.Tensor:
+        """``v`` at ``(x_t, t)``: the pair's, or the teacher's; with model guidance folded in."""
         if self.fm.target == "data":
-            return x1 - x0
-        if self.teacher is None:
-            self.teacher = load_teacher(self.cfg, in_channels=x1.shape[1], input_size=x1.shape[-1],
-                                        num_classes=self.num_classes, device=x1.device)
-        return teacher_velocity(self.teacher, xs, s, y, self.num_classes, self.fm.teacher_guidance).to(xs.dtype)
+            v = x1 - x0
+        else:
+            if self.teacher is None:
+                self.teacher = load_teacher(self.cfg, in_channels=x1.shape[1], input_size=x1.shape[-1],
+                                            num_classes=self.num_classes, device=x1.device)
+            v = teacher_velocity(self.teacher, xt, t, y, self.num_classes, self.fm.teacher_guidance).to(xt.dtype)
+        if self.fm.guidance > 0 and y is not None:
+            v = self.model_guidance(model, v, xt, t, y)
+        return v
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        x1 = batch["image"]
-        y = self._drop_labels(batch["label"]) if "label" in batch else None
+    @torch.no_grad()
+    def model_guidance(self, model: nn.Module, v: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+                       y: torch.Tensor) -> torch.Tensor:
+        """``v + omega sg(u(x,t,t|y) - u(x,t,t|null))`` where the label was kept and t is in the interval."""
+        null = torch.full_like(y, self.num_classes)
+        cond, uncond = model(torch.cat([xt, xt]), torch.cat([t, t]), y=torch.cat([y, null]),
+                             label_dropout=False).chunk(2)
+        guided = v + self.fm.guidance * (cond - uncond).to(v.dtype)
+        where = (y != self.num_classes) & (t >= self.fm.guidance_t_min) & (t <= self.fm.guidance_t_max)
+        return torch.where(_bcast(where, v).bool(), guided, v)
+
+    def _meanflow(self, model: nn.Module, x1: torch.Tensor, y: torch.Tensor | None, s: torch.Tensor,
+                  r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(u_theta(x_s, s, r), sg(v + (r - s) d/ds u_theta))`` for a fresh noise draw."""
         x0 = torch.randn_like(x1)
-        s, r = sample_pairs(self.fm, x1.shape[0], device=x1.device)
-        s, r = s.to(x1.dtype), r.to(x1.dtype)
         xs = _bcast(s, x1) * x1 + (1 - _bcast(s, x1)) * x0
-        v = self._velocity(x1, x0, xs, s, y)
+        v = self._velocity(model, x1, x0, xs, s, y)
 
         def u_fn(x: torch.Tensor, s_: torch.Tensor) -> torch.Tensor:
             return model(x, s_, y=y, target_time=r, decoupled_blocks=self.k, label_dropout=False)
 
-        u, du_ds = u_and_derivative(u_fn, xs, s, v, self.fm.jvp, self.fm.fd_eps)
-        return adaptive_loss(u, meanflow_target(du_ds, v, s, r), self.fm.weight_power, self.fm.weight_eps)
+        def fd_fn(x: torch.Tensor, s_: torch.Tensor) -> torch.Tensor:
+            return _bare(model)(x, s_, y=y, target_time=r.float(), decoupled_blocks=self.k, label_dropout=False)
+
+        u, du_ds = u_and_derivative(u_fn, xs, s, v, self.fm.jvp, self.fm.fd_eps, fd_fn=fd_fn)
+        return u, meanflow_target(du_ds, v, s, r)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x1 = batch["image"]
+        y = self._drop_labels(batch["label"]) if "label" in batch else None
+        fm = self.fm
+        if fm.recipe == "split":
+            s, r = sample_pairs(fm, x1.shape[0], device=x1.device)
+            u, target = self._meanflow(model, x1, y, s.to(x1.dtype), r.to(x1.dtype))
+            return adaptive_loss(u, target, fm.weight_power, fm.weight_eps, error="mean")
+        t, s, r = (a.to(x1.dtype) for a in dmf_times(fm, x1.shape[0], device=x1.device))
+        x0 = torch.randn_like(x1)
+        xt = _bcast(t, x1) * x1 + (1 - _bcast(t, x1)) * x0
+        v = self._velocity(model, x1, x0, xt, t, y)
+        u_fm = model(xt, t, y=y, label_dropout=False)  # u(x, t, t): the plain forward pass
+        loss_fm = adaptive_loss(u_fm, v.detach(), fm.weight_power, fm.weight_eps, error="sum")
+        u, target = self._meanflow(model, x1, y, s, r)
+        loss_mf = adaptive_loss(u, target, fm.weight_power, fm.weight_eps, error="sum")
+        return 0.5 * (loss_fm + loss_mf)
 
     # ---------------------------------------------------------------- sampling
 
