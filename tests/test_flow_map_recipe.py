@@ -80,9 +80,9 @@ def test_both_derivative_modes_under_bf16_autocast_match_an_fp32_jvp() -> None:
         with torch.no_grad():  # the landed difference: in the autocast dtype
             d_bf16 = (u_fn(x + 1e-3 * v, s + 1e-3) - u_fn(x - 1e-3 * v, s - 1e-3)) / 2e-3
     assert u_j.dtype == torch.bfloat16 and d_f.dtype == torch.float32
-    assert rel(d_j, ref) <= 5e-2, rel(d_j, ref)  # measured 1.2e-2
+    assert rel(d_j, ref) <= 5e-2, rel(d_j, ref)  # measured 9e-3
     assert rel(d_f, ref) <= 5e-2, rel(d_f, ref)  # measured 8e-4
-    assert rel(d_bf16, ref) > 0.5, rel(d_bf16, ref)  # measured ~7
+    assert rel(d_bf16, ref) > 0.5, rel(d_bf16, ref)  # measured 7.6
     assert torch.equal(fp32_difference(u_fn, x, s, v, 1e-3), d_f)
 
     # the objective differences the bare module: an engine's own autocast does not reach the difference
