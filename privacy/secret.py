@@ -52,8 +52,8 @@ def _shannon_bits(text: bytes) -> float:
 
 
 def weakness(text: bytes) -> str | None:
-    """Why a secret's text is guessable, or None. Refused: a constant string, a repeated pattern, an arithmetic
-    run (``0123...``), fewer than 8 distinct symbols, a skewed symbol distribution (empirical entropy below 60% of
+    """Why a secret's text is guessable, or None. Refused: a constant string, a repeated pattern, a string that is
+    mostly an arithmetic run (half its steps equal, ``0123...``), fewer than 8 distinct symbols, a skewed symbol distribution (empirical entropy below 60% of
     ``log2 min(alphabet, length)``), or an estimated entropy ``length x log2(alphabet)`` below 128 bits."""
     n = len(text)
     if n == 0:
@@ -63,9 +63,9 @@ def weakness(text: bytes) -> str | None:
     for period in range(1, n // 2 + 1):
         if n % period == 0 and text[:period] * (n // period) == text:
             return f"repeats a {period}-symbol pattern"
-    steps = {(text[i + 1] - text[i]) % 256 for i in range(n - 1)}
-    if len(steps) == 1:
-        return "is an arithmetic run of symbols"
+    steps = Counter((text[i + 1] - text[i]) % 256 for i in range(n - 1))
+    if steps.most_common(1)[0][1] * 2 >= n - 1:
+        return "is mostly an arithmetic run of symbols (like 0123...)"
     distinct = len(set(text))
     if distinct < 8:
         return f"uses only {distinct} distinct symbols"
