@@ -20,10 +20,10 @@ def released(digits_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("privacy")
     sensitive = root / "sensitive"
     shutil.copytree(digits_shards / "train", sensitive)  # a copy: the shared digits set stays public
-    mark_sensitive(sensitive)
     from pipeline.data.shards import iter_samples
 
-    keys = [k for k, _ in iter_samples(sensitive)]
+    keys = [k for k, _ in iter_samples(sensitive)]  # read before the fence closes
+    mark_sensitive(sensitive)
     (sensitive / "consent.txt").write_text("\n".join(keys[::11]) + "\n")  # 9%, inside the fence
     out = release(sensitive, root / "release", 0.59, secret=SECRET, consent_list=sensitive / "consent.txt",
                   release_labels=True, samples_per_shard=256)
@@ -51,9 +51,13 @@ def _leak_patterns(sensitive, release_dir):
     from privacy.ledger import read_record
     from privacy.release import read_release, to_signed_chw
 
+    from pipeline.data.fence import inside
+
     consented = set(read_record(sensitive, read_release(release_dir)["release_id"])["consented"].values())
-    raw, hexes = [], {s["sha256"] for s in read_manifest(sensitive)["shards"]}
-    for key, sample in iter_samples(sensitive):
+    with inside(sensitive):  # the test reads the originals to know what a leak would look like
+        raw, hexes = [], {s["sha256"] for s in read_manifest(sensitive)["shards"]}
+        samples = list(iter_samples(sensitive))
+    for key, sample in samples:
         if key in consented:
             continue
         im = np.ascontiguousarray(sample["image.npy"])
@@ -230,8 +234,8 @@ def test_a_worker_user_error_is_recorded_so_restarts_do_not_repeat_it(ray_local,
 
     sensitive = tmp_path / "sensitive"
     shutil.copytree(digits_shards / "train", sensitive)
-    mark_sensitive(sensitive)
     first_key = next(iter(iter_samples(sensitive)))[0]
+    mark_sensitive(sensitive)
     (sensitive / "consent.txt").write_text(first_key + "\n")
     out = release(sensitive, tmp_path / "release", 0.59, secret=SECRET, consent_list=sensitive / "consent.txt",
                   release_labels=True, samples_per_shard=256)

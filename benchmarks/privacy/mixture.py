@@ -132,7 +132,7 @@ class Trainer:
         loss.backward()
         self.opt.step()
         self.sample_gradients += x1.shape[0]
-        return float(loss)
+        return float(loss.detach())
 
     def draw(self, data: torch.Tensor) -> torch.Tensor:
         return data[torch.randint(data.shape[0], (self.batch,), generator=self.gen)]
@@ -173,16 +173,19 @@ def run_method(method: str, clean: torch.Tensor, noisy: torch.Tensor, s: float, 
     if method == "sfbd_exact":
         return {"samples": sfbd_exact(clean, noisy, s, args.rounds_exact, seed), "seconds": time.perf_counter() - t0}
     tr = Trainer(seed)
-    warm = 0 if method == "noisy_only" else args.warmup
-    for _ in range(warm):
-        tr.step(tr.draw(clean))
-    total = warm + args.steps
-    if method == "clean_only":
+    warm = args.warmup
+    total = warm + args.steps  # every trained method takes the same steps of one batch (same sample-gradients)
+    if method == "noisy_only":  # from scratch on the noisy copies alone
+        for _ in range(total):
+            tr.step(tr.draw(noisy))
+    else:
+        for _ in range(warm):
+            tr.step(tr.draw(clean))
+    if method == "noisy_only":
+        pass
+    elif method == "clean_only":
         for _ in range(args.steps):
             tr.step(tr.draw(clean))
-    elif method == "noisy_only":
-        for _ in range(args.steps):
-            tr.step(tr.draw(noisy))
     elif method == "sfbd":
         sched = Schedule("sfbd", total, warmup_steps=warm, rounds=args.rounds)
         pool = None
