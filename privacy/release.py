@@ -378,6 +378,7 @@ def release(sensitive_dir: str | os.PathLike, out_dir: str | os.PathLike, noise_
 def read_release(release_dir: str | os.PathLike) -> dict[str, Any]:
     """The release manifest of a release directory (a clear error when it is not one)."""
     path = Path(release_dir) / RELEASE_MANIFEST
+    check_path(path, "read release")  # a release directory never lies in (or links into) a fence
     if not path.is_file():
         raise FileNotFoundError(f"{release_dir} is not a privacy release: {RELEASE_MANIFEST} not found "
                                 f"(make one with `flowrail privacy release`)")

@@ -410,3 +410,17 @@ def test_copying_released_images_at_s_0_2_fails_the_audit():
     passed, why = criterion(out)
     assert not passed and "released-image extraction" in why[0]
     assert criterion({**out, "gen_released_extracted_upper95": upper_bound(0, 300)})[0]
+
+
+def test_a_checkpoint_path_into_the_fence_is_refused(world, tmp_path):
+    """``init_from``, ``evaluate``, ``register`` and the audit find checkpoints through one function: a checkpoint
+    path that is, or links into, a fence is refused there."""
+    from pipeline.train.checkpoint_read import find_latest
+    from test_privacy_gate import _checkpoint
+
+    root, sens, _ = world
+    inner = _checkpoint(sens / "ckpt", privacy=False)
+    (root / "link").symlink_to(inner)
+    for path in (inner, root / "link"):
+        with pytest.raises(PermissionError, match="sensitive shard set"):
+            find_latest(path)

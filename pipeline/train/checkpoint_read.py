@@ -65,9 +65,12 @@ def registered_checkpoints(run_dir: Path) -> set[str] | None:
 
 def find_latest(path: str | Path) -> Path:
     """A checkpoint directory itself, or the newest complete (and, under Ray, registered) checkpoint under a dir."""
+    from pipeline.data.fence import check_path
+
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    check_path(path, "read checkpoint")  # init_from, evaluate, register, audit: never a path into a fence
     if (path / META).is_file():
         if not (path / EMA_FILE).is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {EMA_FILE} is missing")
