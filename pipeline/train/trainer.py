@@ -1,7 +1,6 @@
 """The driver side of training: dataset, MLflow run, Ray Train ``TorchTrainer`` with DeepSpeed workers, samples."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,10 +89,9 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
                    "user_error_marker": user_errors.marker_path(cfg), "checkpoint_storage": run_storage,
                    "read_budget": read_budget}
     user_errors.clear(loop_config["user_error_marker"])
-    if os.environ.get("FLOWRAIL_FAULT_INJECT"):  # reliability tests only: see worker.FaultInjection
-        loop_config.update(fault_injection=os.environ["FLOWRAIL_FAULT_INJECT"],
-                           fault_marker_dir=str(Path(cfg.run_dir) / "faults" / cfg.run_name),
-                           fault_run_storage=run_storage, fault_driver_pid=os.getpid())
+    from pipeline.train.fault_injection import loop_config_entries
+
+    loop_config.update(loop_config_entries(cfg.run_dir, cfg.run_name, run_storage))  # tests' $FLOWRAIL_FAULT_INJECT
     # the progress bar only where a person watches: the driver (a Tune trial's fit runs in a Ray worker)
     progress = DriverProgress(tcfg.steps, cfg.run_name, enabled=on_driver())
     progress.__enter__()
