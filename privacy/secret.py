@@ -123,7 +123,14 @@ def load_or_create(sensitive_dir: str | os.PathLike, secret_file: str | os.PathL
         return b"", path, True
     secret = secrets.token_bytes(GENERATED_BYTES)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(secret.hex())
+    try:
+        os.link(tmp, path)  # whole file or nothing; a concurrent first release keeps the one that came first
+    except FileExistsError:
+        return read_secret(path), path, False
+    finally:
+        os.unlink(tmp)
     return secret, path, True

@@ -424,3 +424,28 @@ def test_a_checkpoint_path_into_the_fence_is_refused(world, tmp_path):
     for path in (inner, root / "link"):
         with pytest.raises(PermissionError, match="sensitive shard set"):
             find_latest(path)
+
+
+def test_two_concurrent_independent_releases_give_one_release(world):
+    """Two releases of the same images started together: the check and the reservation happen under one lock, so
+    exactly one goes ahead; the other is refused (pending reservation, or already released)."""
+    import threading
+
+    root, sens, _ = world
+    results: dict[str, object] = {}
+
+    def go(name: str, s: float) -> None:
+        try:
+            results[name] = release(sens, root / name, s)
+        except Exception as exc:  # noqa: BLE001 (any other error fails the test below)
+            results[name] = exc
+
+    threads = [threading.Thread(target=go, args=(f"r{i}", 0.5 + 0.1 * i)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    errors = [r for r in results.values() if isinstance(r, Exception)]
+    assert len(errors) == 1 and isinstance(errors[0], ValueError), results
+    assert "never committed" in str(errors[0]) or "second independent release" in str(errors[0])
+    assert len([r for r in ledger.records() if r["state"] == ledger.COMMITTED]) == 1
