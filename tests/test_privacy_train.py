@@ -221,7 +221,8 @@ def test_privacy_train_refuses_sensitive_sets_and_bad_settings(ray_local, releas
 
 
 @pytest.mark.slow
-def test_a_worker_user_error_is_recorded_so_restarts_do_not_repeat_it(ray_local, digits_shards, tmp_path):
+def test_a_worker_user_error_is_recorded_so_restarts_do_not_repeat_it(ray_local, digits_shards, tmp_path,
+                                                                      monkeypatch):
     """A release with one consented image and two workers: one worker gets no clean sample (a DataError in the
     worker). The run ends with that one line, and the error is recorded in the run's storage, where every
     restarted worker group (train.max_failures) re-raises it before building anything."""
@@ -232,6 +233,9 @@ def test_a_worker_user_error_is_recorded_so_restarts_do_not_repeat_it(ray_local,
     from pipeline.tracking import run_record
     from privacy.train import fit_privacy
 
+    # the session ledger already holds a release of these digits (fixture `released`): the ledger is keyed by
+    # content, so this second world gets a ledger of its own
+    monkeypatch.setenv("FLOWRAIL_PRIVACY_LEDGER", str(tmp_path / "ledger"))
     sensitive = tmp_path / "sensitive"
     shutil.copytree(digits_shards / "train", sensitive)
     first_key = next(iter(iter_samples(sensitive)))[0]
