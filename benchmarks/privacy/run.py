@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import shutil
 import subprocess
@@ -139,6 +140,9 @@ def prepare_seed(args: argparse.Namespace, cell_dir: Path, seed: int, clean_frac
 
     seed_dir = cell_dir / f"seed{seed}"
     sensitive = seed_dir / "sensitive"
+    # each (cell, seed) stands for an independent sensitive set: its own privacy ledger (the release, the training
+    # and the audit of this seed use it), else the ledger refuses the second release of the same digits images
+    os.environ["FLOWRAIL_PRIVACY_LEDGER"] = str(seed_dir / "ledger")
     shutil.copytree(args.out / "data" / "train", sensitive)
     keys = [k for k, _ in iter_samples(sensitive)]  # read before the fence closes
     mark_sensitive(sensitive)
