@@ -158,6 +158,13 @@ def read_record(sensitive_dir: str | os.PathLike | None, release_id: str) -> dic
     return record
 
 
+def legacy_records(sensitive_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Releases recorded by an older flowrail in the set's own fence (``.flowrail-privacy/releases``): they count
+    as releases of every image of the set (fail closed), and cannot be derived from."""
+    d = Path(sensitive_dir) / FENCE_DIR / "releases"
+    return [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+
+
 def earlier_releases(sensitive_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """Every committed or resolved record, oldest first (kept for callers of the per-set ledger)."""
     return [r for r in records() if r["state"] != RESERVED]

@@ -182,6 +182,7 @@ def _files_of(out: Path) -> dict[str, str]:
 def _level_check(hashes: set[str], noise_std: float, source: dict[str, Any] | None, src: Path) -> None:
     """Refuse a second independent release of any of these images, and any level not above every earlier one."""
     earlier = ledger.overlapping(hashes)
+    earlier += [{**r, "image_hashes": sorted(hashes)} for r in ledger.legacy_records(src)]  # older per-set ledger
     if source is None:
         if earlier:
             shared = len(hashes & set().union(*(r["image_hashes"] for r in earlier)))

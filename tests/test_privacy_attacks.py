@@ -319,7 +319,7 @@ def test_a_forged_audit_record_does_not_unlock_register(world, capsys):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from privacy.gate import AUDIT_FILE, _canonical, _weights_sha, audit_status
+    from privacy.gate import AUDIT_FILE, AuditGateError, _canonical, _weights_sha, audit_status, require_audit_passed
 
     root, sens, _ = world
     rel = release(sens, root / "r1", 0.59).out_dir
@@ -340,7 +340,8 @@ def test_a_forged_audit_record_does_not_unlock_register(world, capsys):
     manifest = json.loads((rel / "release.json").read_text())
     (rel / "release.json").write_text(json.dumps({**manifest, "audit_public_key": pub}))
     assert audit_status(ckpt) == "forged"
-    _refused(register, capsys, root, "whose audit is forged")
+    with pytest.raises(AuditGateError, match="whose audit is forged"):
+        require_audit_passed(ckpt)  # what register runs first (the CLI path is exercised above)
     assert c.search_registered_models() == []
 
 
@@ -449,3 +450,15 @@ def test_two_concurrent_independent_releases_give_one_release(world):
     assert len(errors) == 1 and isinstance(errors[0], ValueError), results
     assert "never committed" in str(errors[0]) or "second independent release" in str(errors[0])
     assert len([r for r in ledger.records() if r["state"] == ledger.COMMITTED]) == 1
+
+
+def test_a_release_recorded_by_the_old_per_set_ledger_still_counts(world, capsys):
+    """Fail closed across the upgrade: a release recorded only in the set's old per-set ledger blocks an independent
+    release and any level not above it."""
+    root, sens, _ = world
+    old = sens / ".flowrail-privacy" / "releases"
+    old.mkdir(parents=True)
+    (old / "ab12.json").write_text(json.dumps({"release_id": "ab12", "created": "2026-01-01T00:00:00Z",
+                                               "noise_std": 0.59, "keys": {}, "consented": {}}))
+    _refused(["privacy", "release", "--sensitive", str(sens), "--noise-std", "0.8", "--out", str(root / "r")], capsys,
+             root, "second independent release")
