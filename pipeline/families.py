@@ -24,9 +24,12 @@ from torch import nn
 
 from pipeline.config import ConfigError, TrainJobConfig
 
-# config sections whose meaning depends on the model family; the other sections (data, train, samples, eval,
-# tracking, top-level keys) are consumed by the job machinery the same way for every family
-FAMILY_SECTIONS = ("model", "transport", "sampler", "guidance", "flux")
+# config sections whose meaning depends on the model family (or objective); the other sections (JOB_SECTIONS and
+# the top-level keys) are consumed by the job machinery the same way for every family. Every section of
+# TrainJobConfig is in exactly one of the two (tests/test_settings_honoured.py checks it).
+FAMILY_SECTIONS = ("model", "transport", "sampler", "guidance", "flux", "objective", "flow_map")
+JOB_SECTIONS = ("data", "train", "samples", "eval", "tracking", "log")
+SELECTORS = ("model.name", "objective.name")  # they pick the family; every family "honours" them
 
 
 @dataclass
@@ -59,12 +62,13 @@ def no_refusals(cfg: TrainJobConfig) -> list[Refusal]:
 
 @dataclass(frozen=True)
 class FamilySpec:
-    name: str  # shown in refusals: "sit", "SiT (named sizes)", "dfm", "flux"
+    name: str  # shown in refusals: "sit", "SiT (named sizes)", "dfm", "flux", "flow_map"
     matches: Callable[[str], bool]  # does this family serve ``model.name``?
     build: Callable[[TrainJobConfig, int], Objective]
     honours: frozenset[str]  # dotted keys of FAMILY_SECTIONS fields this family uses
     refuse: Callable[[TrainJobConfig], Iterable[Refusal]] = no_refusals
     notes: dict[str, str] = field(default_factory=dict)  # key -> what to use instead, shown in refusals
+    objective: str = "family"  # the objective.name it serves: "family" (the model's own) or "flow_map"
 
 
 _REGISTRY: list[FamilySpec] = []
@@ -81,12 +85,20 @@ def registered_families() -> list[FamilySpec]:
     return list(_REGISTRY)
 
 
-def family_for(model_name: str) -> FamilySpec:
+def family_for(model_name: str, objective: str = "family") -> FamilySpec:
+    """The family serving ``model.name`` under ``objective.name`` (one-line :class:`ConfigError` if none does)."""
     for spec in _REGISTRY:
-        if spec.matches(model_name.strip()):
+        if spec.objective == objective and spec.matches(model_name.strip()):
             return spec
-    names = ", ".join(s.name for s in _REGISTRY) or "none registered"
+    names = ", ".join(s.name for s in _REGISTRY if s.objective == objective) or "none registered"
+    if objective != "family":
+        raise ConfigError(f"config error: objective.name={objective} does not serve model.name={model_name!r} "
+                          f"(families with it: {names})")
     raise ConfigError(f"config error: model.name={model_name!r} belongs to no model family (families: {names})")
+
+
+def family_of(cfg: TrainJobConfig) -> FamilySpec:
+    return family_for(cfg.model.name, cfg.objective.name)
 
 
 def section_fields(section: str) -> list[str]:
@@ -109,11 +121,11 @@ def get_key(cfg: TrainJobConfig, key: str) -> Any:
 
 def refusals(cfg: TrainJobConfig, spec: FamilySpec | None = None) -> list[Refusal]:
     """Everything ``cfg`` asks of its family that the family does not do (empty when all is honoured)."""
-    spec = spec or family_for(cfg.model.name)
+    spec = spec or family_of(cfg)
     default = TrainJobConfig()
     out = []
     for key in family_keys():
-        if key == "model.name" or key in spec.honours:
+        if key in SELECTORS or key in spec.honours:
             continue
         value = get_key(cfg, key)
         if value != get_key(default, key):
@@ -144,7 +156,7 @@ def refusal_line(r: Refusal, family: str) -> str:
 
 def check_settings(cfg: TrainJobConfig) -> FamilySpec:
     """Refuse (one line, :class:`ConfigError`) the first setting ``cfg``'s family would ignore; returns the family."""
-    spec = family_for(cfg.model.name)
+    spec = family_of(cfg)
     found = refusals(cfg, spec)
     if found:
         raise ConfigError(refusal_line(found[0], spec.name))

@@ -8,7 +8,8 @@ settings it honours) from its own module:
 - ``sit`` / ``SiT-*`` / ``DiT-*``: :mod:`pipeline.transport.objective` (interpolant + prediction + sampler)
 - ``dfm``: :mod:`pipeline.transport.multiscale`
 - ``flux``: :mod:`pipeline.flux.family` (plain or two-stage DFM FLUX objective)
-- ``objective.name=flow_map`` (SiT only): :class:`pipeline.flow_map.objective.FlowMapObjective`
+- ``objective.name=flow_map`` (SiT only): :mod:`pipeline.flow_map.family` (its own family, with its own honoured
+  settings; :class:`pipeline.flow_map.objective.FlowMapObjective`)
 
 A new family (or objective) adds its module to :data:`FAMILY_MODULES` and calls ``register_family`` there.
 """
@@ -21,7 +22,8 @@ from pipeline.families import FamilySpec, Objective, SampleOutput, check_setting
 
 __all__ = ["FAMILY_MODULES", "Objective", "SampleOutput", "build_objective", "load_families", "validate_settings"]
 
-FAMILY_MODULES = ["pipeline.transport.objective", "pipeline.transport.multiscale", "pipeline.flux.family"]
+FAMILY_MODULES = ["pipeline.transport.objective", "pipeline.transport.multiscale", "pipeline.flux.family",
+                  "pipeline.flow_map.family"]
 
 
 def load_families() -> None:
@@ -37,11 +39,5 @@ def validate_settings(cfg: TrainJobConfig) -> FamilySpec:
 
 
 def build_objective(cfg: TrainJobConfig, num_classes: int) -> Objective:
-    """The objective of ``cfg.model.name``'s family, after :func:`validate_settings` (``objective.name=flow_map``:
-    a SiT flow map built on that family's settings)."""
-    spec = validate_settings(cfg)
-    if cfg.objective.name == "flow_map":
-        from pipeline.flow_map.objective import FlowMapObjective
-
-        return FlowMapObjective.from_config(cfg, num_classes)
-    return spec.build(cfg, num_classes)
+    """The objective of ``cfg``'s family (``model.name`` under ``objective.name``), after :func:`validate_settings`."""
+    return validate_settings(cfg).build(cfg, num_classes)

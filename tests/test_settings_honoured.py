@@ -20,19 +20,23 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipeline.config import ConfigError, TrainJobConfig, load_config  # noqa: E402
-from pipeline.families import FAMILY_SECTIONS, family_keys  # noqa: E402
+from pipeline.families import FAMILY_SECTIONS, JOB_SECTIONS, SELECTORS, family_keys  # noqa: E402
 from pipeline.objective import build_objective, validate_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 FEW_STEPS = {"sampler.steps": 4}
+FLOW_MAP = {"model.name": "sit", "objective.name": "flow_map"}
 FAMILIES = {  # case -> base overrides
     "sit": {"model.name": "sit", **FEW_STEPS},
     "SiT-S/8": {"model.name": "SiT-S/8", **FEW_STEPS},
     "dfm": {"model.name": "dfm", **FEW_STEPS},
     "flux": {"model.name": "flux", **FEW_STEPS},
     "flux-dfm": {"model.name": "flux", "flux.dfm": True, **FEW_STEPS},
+    "flow_map": {**FLOW_MAP, "sampler.method": "flow_map", "sampler.steps": 2},
+    "flow_map-ode": {**FLOW_MAP, **FEW_STEPS},  # a flow map sampled as a flow: u(x, t, t) through SiT's samplers
 }
+TEACHER = "<teacher>"  # replaced by a tiny flowrail checkpoint (the _teacher fixture)
 
 # another valid value for each field, and the context (applied to base and variant) that gives the field a meaning
 VARIANT = {
@@ -51,6 +55,12 @@ VARIANT = {
     "guidance.scale": 2.0, "guidance.t_min": 0.3, "guidance.t_max": 0.2, "guidance.channels": 3,
     "flux.mode": "full", "flux.lora_rank": 4, "flux.lora_alpha": 4.0, "flux.lora_targets": ["to_q", "to_k"],
     "flux.guidance": 3.5, "flux.loss_weighting": "cosmap", "flux.grad_checkpointing": False, "flux.dfm": True,
+    "flow_map.recipe": "split", "flow_map.decoupled_blocks": 2, "flow_map.jvp": "finite_difference",
+    "flow_map.fd_eps": 2e-3, "flow_map.target": "teacher", "flow_map.teacher_guidance": 2.0, "flow_map.ratio": 0.6,
+    "flow_map.time_sampler": "logit_normal", "flow_map.logit_mean": 0.5, "flow_map.logit_std": 0.5,
+    "flow_map.fm_logit_mean": 0.8, "flow_map.mf_logit_means": [0.5, -0.5], "flow_map.weight_power": 0.5,
+    "flow_map.weight_eps": 0.5, "flow_map.guidance": 1.5, "flow_map.guidance_t_min": 0.1,
+    "flow_map.guidance_t_max": 0.5,
 }
 CONTEXT = {
     "model.dfm_stages": {"model.patch_size": 4},
@@ -68,14 +78,53 @@ CONTEXT = {
     "guidance.t_min": {"guidance.scale": 2.0},
     "guidance.t_max": {"guidance.scale": 2.0},
     "guidance.channels": {"guidance.scale": 2.0},
+    "flow_map.fd_eps": {"flow_map.jvp": "finite_difference"},
+    "flow_map.target": {"flow_map.teacher": TEACHER},
+    "flow_map.teacher_guidance": {"flow_map.target": "teacher", "flow_map.teacher": TEACHER},
+    "flow_map.ratio": {"flow_map.recipe": "split"},
+    "flow_map.time_sampler": {"flow_map.recipe": "split"},
+    "flow_map.logit_mean": {"flow_map.recipe": "split", "flow_map.time_sampler": "logit_normal"},
+    "flow_map.guidance_t_min": {"flow_map.guidance": 1.5},
+    "flow_map.guidance_t_max": {"flow_map.guidance": 1.5},
 }
 # paths the FLUX loaders read (a local folder / file): not varied here; their consumers are named instead
 PATH_FIELDS = {"flux.weights": "pipeline/flux/model.py", "flux.config": "pipeline/flux/model.py",
-               "flux.autoencoder": "pipeline/flux/evaluation.py"}
+               "flux.autoencoder": "pipeline/flux/evaluation.py",
+               "flow_map.teacher": "pipeline/flow_map/teacher.py"}  # (varied as the teacher of flow_map.target)
+
+
+_TEACHER: list[str] = []
 
 
 def make_cfg(overrides: dict) -> TrainJobConfig:
+    overrides = {k: (_teacher_path() if v == TEACHER else v) for k, v in overrides.items()}
     return load_config(TrainJobConfig, None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+
+
+def _teacher_path() -> str:
+    """A tiny flowrail checkpoint of the walk's SiT (other weights than the student): the flow-map teacher."""
+    if not _TEACHER:
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        from pipeline.models import build_model as build
+        from pipeline.train.checkpoint import EMA_FILE, META
+
+        root = Path(tempfile.mkdtemp(prefix="flowrail-walk-teacher-")) / "checkpoint_000001"
+        root.mkdir()
+        torch.manual_seed(7)
+        teacher = build(TrainJobConfig().model, in_channels=4, input_size=8, num_classes=3)
+        with torch.no_grad():
+            for p in teacher.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        save_file(teacher.state_dict(), str(root / EMA_FILE))
+        (root / META).write_text(json.dumps({"format": "flowrail-checkpoint/1", "step": 1, "epoch": 0,
+                                             "config": TrainJobConfig().model_dump(mode="json"),
+                                             "data": {"kind": "pixels", "channels": 4, "size": 8,
+                                                      "num_classes": 3}}))
+        _TEACHER.append(str(root))
+    return _TEACHER[0]
 
 
 _MODELS: dict[str, torch.nn.Module] = {}
@@ -129,12 +178,15 @@ def behaviour(cfg: TrainJobConfig) -> list:
         shape = (2, 4, size, size)
     model.train()
     torch.manual_seed(1)
-    with torch.no_grad():
-        loss = objective.loss(model, batch)
+    loss = objective.loss(model, batch)
+    # the gradient too: a loss value alone can hide a setting (MeanFlow's adaptive weight err / (err + c) rounds to 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    grad = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
     model.eval()
     torch.manual_seed(2)
     out = objective.sample(model, cond, shape, generator=torch.Generator().manual_seed(4))
-    return [model_print(model), loss.detach(), out.x.detach(), out.nfe]
+    return [model_print(model), loss.detach(), grad.detach(), out.x.detach(), out.nfe]
 
 
 _BEHAVIOURS: dict[str, list] = {}
@@ -174,7 +226,7 @@ def _few_threads():
 
 def test_every_family_field_has_a_variant():
     """A new field of a family section must be given a variant here (and then be honoured or refused)."""
-    missing = [k for k in family_keys() if k != "model.name" and k not in VARIANT and k not in PATH_FIELDS]
+    missing = [k for k in family_keys() if k not in SELECTORS and k not in VARIANT and k not in PATH_FIELDS]
     assert not missing, f"fields with no variant in this test: {missing}"
 
 
@@ -195,14 +247,14 @@ def test_every_setting_changes_what_is_built_or_is_refused(case):
         why_context = refused(context)
         why = refused(variant)
         if why is not None:
-            if why_context is None and not ("\n" not in why and f"{key}=" in why and "model family" in why):
+            if why_context is None and not ("\n" not in why and key in why):  # one line naming the setting
                 wrong_refusals.append((key, why))
             continue
         assert why_context is None, (key, why_context)  # a refused context cannot be honoured with a variant
         if same(behaviour(make_cfg(context)), behaviour(make_cfg(variant))):
             silent.append(key)
     assert not silent, f"{case}: settings that change nothing and are not refused: {silent}"
-    assert not wrong_refusals, f"{case}: refusals that do not name the setting and the family: {wrong_refusals}"
+    assert not wrong_refusals, f"{case}: refusals that are not one line naming the setting: {wrong_refusals}"
 
 
 def test_refusals_name_setting_value_and_family():
@@ -219,9 +271,28 @@ def test_refusals_name_setting_value_and_family():
         ({"model.name": "sit", "transport.loss_weight": "velocity"}, "transport.loss_weight=velocity"),
         ({"model.name": "sit", "sampler.diffusion": "sbdm"}, "sampler.diffusion=sbdm"),
         ({"model.name": "sit", "flux.guidance": 3.5}, "flux.guidance=3.5 is not honoured by model family sit"),
+        # the flow-map family (issue 32: each of these was accepted and changed nothing)
+        *[({**FLOW_MAP, "sampler.method": "flow_map", **extra}, f"{named} is not honoured by model family flow_map")
+          for extra, named in [({"sampler.diffusion": "sbdm"}, "sampler.diffusion=sbdm"),
+                               ({"sampler.solver": "dopri5"}, "sampler.solver=dopri5"),
+                               ({"sampler.last_step": "tweedie"}, "sampler.last_step=tweedie"),
+                               ({"guidance.scale": 2.0, "guidance.channels": 3}, "guidance.channels=3"),
+                               ({"transport.time_sampler": "logit_normal"}, "transport.time_sampler=logit_normal"),
+                               ({"transport.train_eps": 0.1}, "transport.train_eps=0.1"),
+                               ({"transport.resolution_shift": True}, "transport.resolution_shift=True"),
+                               ({"sampler.preset": "sit_ode"}, "sampler.preset=sit_ode")]],
+        ({**FLOW_MAP, "model.name": "SiT-S/2", "model.depth": 2}, "model.depth=2 is not honoured by model family "
+                                                                   "flow_map"),
     ]:
         why = refused(overrides)
         assert why is not None and expected in why and "\n" not in why, (overrides, why)
+
+
+def test_every_section_is_a_family_or_a_job_section():
+    """A new config section must say whether its meaning depends on the family (then the walk above covers it)."""
+    sections = [n for n, f in TrainJobConfig.model_fields.items() if hasattr(f.annotation, "model_fields")]
+    assert sorted(sections) == sorted(FAMILY_SECTIONS + JOB_SECTIONS)
+    assert not set(FAMILY_SECTIONS) & set(JOB_SECTIONS)
 
 
 def test_vp_paths_get_their_eps_in_dfm():
@@ -234,7 +305,7 @@ def test_vp_paths_get_their_eps_in_dfm():
         active = t[t > 0]
         assert float(active.min()) >= eps and float(active.max()) <= 1 - eps
         out = behaviour(cfg)
-        assert bool(torch.isfinite(out[1])) and bool(torch.isfinite(out[2]).all()), path
+        assert bool(torch.isfinite(out[1])) and bool(torch.isfinite(out[3]).all()), path
 
 
 def test_other_sections_are_read_by_the_jobs():
