@@ -99,7 +99,7 @@ def write_results_md(results_dir: Path) -> Path:
     lines = ["# Privacy benchmark on digits: does SFBD earn its place?", "",
              "Written by `benchmarks/privacy/run.py` (`--part report` rewrites it from the stored results); the "
              "reading below the tables is `notes.md`.", "", "## Command", "", COMMAND, "", "## Protocol", "",
-             run.__doc__.split("\n\n", 1)[1].strip(), ""]
+             run.__doc__.split("\n\n", 2)[2].strip(), ""]
     lines += _main_section(_load(results_dir / "results.json"))
     lines += _mixture_section(_load(results_dir / "mixture.json"))
     lines += _frontier_section(_load(results_dir / "frontier.json"), results_dir)

@@ -10,7 +10,8 @@ Protocol per cell (clean fraction c, noise s) and training seed k (REFERENCE.md 
 2. Warm-up = ``clean_only``: the clean set alone for ``--warmup-budget`` steps, a checkpoint every
    ``--select-every`` steps, each scored on the validation half (fd_digits against the even-indexed val images). The
    warm-up's plateau is the best point once ``--patience`` later points failed to improve it by ``--plateau-tol``
-   (no plateau within the budget: exit 2). ``clean_only``'s row is that run early-stopped.
+   (no plateau within the budget: exit 2). ``clean_only``'s row is that run early-stopped; its compute is the
+   warm-up budget, which may be less than the others' (past its plateau more steps do not help it).
 3. ``sfbd_flow`` from the plateau checkpoint (``init_from``): the pool refreshed in chunks so the whole pool is
    re-denoised every ``--pool-period`` steps, for ``--redenoise`` periods (every copy re-denoised that many times).
 4. ``sfbd`` (plain): from the same checkpoint, ``--rounds`` rounds of denoise-all -> fine-tune, FLOP-matched.
