@@ -58,14 +58,31 @@ def fenced_prefixes() -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
 
 
+_SEEN: dict[str, tuple[int, int, int, bool]] = {}  # manifest path -> (inode, size, mtime_ns, sensitive)
+
+
 def _is_sensitive_manifest(m: Path) -> bool:
+    """Whether ``m`` is a manifest saying ``"sensitive": true`` (parsed once per file version: a set's own manifest
+    is met again for every shard it lists)."""
     try:
-        if not m.is_file():
-            return False
-        data = json.loads(m.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        st = os.stat(m)
+    except OSError:
         return False
-    return isinstance(data, dict) and is_sensitive(data)
+    if not os.path.isfile(m):
+        return False
+    key = (st.st_ino, st.st_size, st.st_mtime_ns)
+    hit = _SEEN.get(str(m))
+    if hit is not None and hit[:3] == key:
+        return hit[3]
+    try:
+        data = json.loads(Path(m).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        data = None
+    result = isinstance(data, dict) and is_sensitive(data)
+    if len(_SEEN) > 4096:
+        _SEEN.clear()
+    _SEEN[str(m)] = (*key, result)
+    return result
 
 
 def fence_of(path: str | os.PathLike) -> Path | None:
