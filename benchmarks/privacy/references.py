@@ -31,7 +31,7 @@ def real_images() -> tuple[torch.Tensor, torch.Tensor]:
     """The digits train split: the floor any model's samples can reach in this metric."""
     from evals.digits_classifier import digits_images
 
-    return digits_images("train")
+    return digits_images("train", size=None)  # the stored size, as the models sample it
 
 
 def consented_replayed(release_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,8 +48,12 @@ def noisy_copies(release_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
 def oracle_posterior_mean(release_dir: Path, s: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``E[x | y]`` under the true empirical prior (the digits train images of the copy's class):
     ``sum_j x_j exp(-|y - x_j|^2 / 2 s^2) / sum_j exp(...)``, the best a denoiser that knows the data can do."""
+    from evals.digits_classifier import digits_images
+
     y, labels = _release_set(Path(release_dir) / "noisy")
-    prior, prior_labels = real_images()
+    prior, prior_labels = digits_images("train", size=None)  # the stored 8x8, the noisy copies' own size
+    if prior.shape[1:] != y.shape[1:]:
+        raise ValueError(f"oracle prior {tuple(prior.shape[1:])} and noisy copies {tuple(y.shape[1:])} differ in shape")
     flat_prior = prior.flatten(1).double()
     out = torch.empty_like(y)
     for c in labels.unique().tolist():
