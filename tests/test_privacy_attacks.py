@@ -462,3 +462,17 @@ def test_a_release_recorded_by_the_old_per_set_ledger_still_counts(world, capsys
                                                "noise_std": 0.59, "keys": {}, "consented": {}}))
     _refused(["privacy", "release", "--sensitive", str(sens), "--noise-std", "0.8", "--out", str(root / "r")], capsys,
              root, "second independent release")
+
+
+def test_check_tree_refuses_a_folder_that_links_into_the_fence(world):
+    """For copies that must follow links (a model folder from a cache of links): every target is checked."""
+    from pipeline.data.fence import check_tree
+
+    root, sens, _ = world
+    model = root / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    check_tree(model, "register")
+    (model / "weights.bin").symlink_to(sorted(sens.glob("*.tar"))[0])
+    with pytest.raises(PermissionError, match="sensitive shard set"):
+        check_tree(model, "register")

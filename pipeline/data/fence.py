@@ -212,3 +212,12 @@ def copy_tree(src: str | os.PathLike, dst: str | os.PathLike, job: str = "copy")
     for p in [Path(src), *Path(src).rglob("*")]:
         check_path(p, job)
     shutil.copytree(src, dst, symlinks=True)
+
+
+def check_tree(root: str | os.PathLike, job: str) -> None:
+    """Refuse (one line) a directory tree that is, holds, or links into a fence anywhere (links are followed for the
+    check: a model folder from a cache of links is fine while every target lies outside the fences)."""
+    check_path(root, job)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        for name in (*dirnames, *filenames):
+            check_path(Path(dirpath) / name, job)
