@@ -32,6 +32,13 @@ def redact(value: str) -> str:
     return _USERINFO.sub(r"\g<scheme>***@", value)
 
 
+def _salted(uri: str) -> str:
+    """A salted fingerprint of the URI (:mod:`pipeline.fingerprint`) for files that must recognise the store."""
+    from pipeline.fingerprint import salted_fingerprint
+
+    return salted_fingerprint(uri)
+
+
 def uri_fingerprint(uri: str) -> str:
     """SHA-256 of a tracking URI: lets a file recognise the same store without holding its credentials."""
     import hashlib
@@ -166,7 +173,10 @@ def start_or_resume_run(cfg: TrainJobConfig, tags: dict[str, str] | None = None)
     record = run_record(cfg)
     if record.is_file():
         saved = json.loads(record.read_text())
-        if saved.get("tracking_uri_sha256") == uri_fingerprint(uri) or saved.get("tracking_uri") == uri:
+        from pipeline.fingerprint import fingerprint_matches  # salted (issue 32): no unsalted hash is written
+
+        if fingerprint_matches(uri, saved.get("tracking_uri_fingerprint", "")) \
+                or saved.get("tracking_uri_sha256") == uri_fingerprint(uri):  # (older records: read only)
             check_reachable(uri)
             try:
                 c = client(uri)
@@ -182,7 +192,7 @@ def start_or_resume_run(cfg: TrainJobConfig, tags: dict[str, str] | None = None)
     # the record first: a driver killed while the params are logged leaves a run its re-run finds, not an orphan
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": redact(uri),
-                                  "tracking_uri_sha256": uri_fingerprint(uri)}))
+                                  "tracking_uri_fingerprint": _salted(uri)}))
     _set_up(c, run.info.run_id, cfg)
     return run.info.run_id, False
 

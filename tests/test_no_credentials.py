@@ -83,3 +83,16 @@ def test_fingerprint_matches_only_its_value():
     fp = salted_fingerprint(URI)
     assert fingerprint_matches(URI, fp) and not fingerprint_matches(URI + "x", fp)
     assert not fingerprint_matches(URI, hashlib.sha256(URI.encode()).hexdigest())
+
+
+def test_the_run_record_keeps_a_salted_fingerprint_and_resumes(tmp_path, monkeypatch):
+    from pipeline.config import TrainJobConfig
+    from pipeline.tracking import run_record, start_or_resume_run
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = TrainJobConfig.model_validate({"run_dir": str(tmp_path), "tracking": {"tracking_uri": uri}})
+    run_id, resumed = start_or_resume_run(cfg)
+    text = run_record(cfg).read_text()
+    assert not resumed and hashlib.sha256(uri.encode()).hexdigest() not in text and "pbkdf2-sha256$" in text
+    assert start_or_resume_run(cfg) == (run_id, True)  # the same store is recognised from the salted value
