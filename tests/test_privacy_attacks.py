@@ -476,3 +476,21 @@ def test_check_tree_refuses_a_folder_that_links_into_the_fence(world):
     (model / "weights.bin").symlink_to(sorted(sens.glob("*.tar"))[0])
     with pytest.raises(PermissionError, match="sensitive shard set"):
         check_tree(model, "register")
+
+
+def test_flowrail_shards_refuses_an_image_folder_linking_into_the_fence(world):
+    """`flowrail shards` from an image folder: an image that links into a fence is refused before any is read."""
+    from PIL import Image
+
+    from pipeline.data.sources import write_image_folder
+
+    root, sens, _ = world
+    (sens / "raw").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(sens / "raw" / "face.png")
+    folder = root / "images" / "cls0"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.full((8, 8), 9, np.uint8)).save(folder / "ok.png")
+    (folder / "z.png").symlink_to(sens / "raw" / "face.png")
+    with pytest.raises(PermissionError, match="sensitive shard set"):
+        write_image_folder(root / "images", root / "out", size=None, channels=1)
+    assert not (root / "out").exists()

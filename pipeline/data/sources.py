@@ -41,6 +41,9 @@ def write_digits(out_dir: str | Path, samples_per_shard: int = 256) -> dict[str,
 
 
 def _class_folders(src: Path) -> list[Path]:
+    from pipeline.data.fence import check_path
+
+    check_path(src, "shards")
     if not src.is_dir():
         raise DataError(f"image folder {src} does not exist")
     classes = sorted(p for p in src.iterdir() if p.is_dir())
@@ -50,6 +53,9 @@ def _class_folders(src: Path) -> list[Path]:
 
 
 def _load_image(path: Path, size: int | None, channels: int) -> np.ndarray:
+    from pipeline.data.fence import check_path
+
+    check_path(path, "shards")  # an image (or a link to one) inside a fence is refused
     try:
         with Image.open(path) as img:
             img = img.convert("L" if channels == 1 else "RGB")
@@ -69,6 +75,10 @@ def write_image_folder(src: Path, out_dir: str | Path, *, size: int | None, chan
              for path in sorted(folder.rglob("*")) if path.suffix.lower() in IMAGE_SUFFIXES]
     if not items:
         raise DataError(f"image folder {src} holds no PNG/JPEG images")
+    from pipeline.data.fence import check_path
+
+    for path, _ in items:  # before any image is opened: none may lie in, or link into, a fence
+        check_path(path, "shards")
     if size is None:
         first = _load_image(items[0][0], None, channels)
         if any(Image.open(p).size != (first.shape[1], first.shape[0]) for p, _ in items):
