@@ -36,14 +36,16 @@ def _release(argv: list[str]) -> int:
     p.add_argument("--noise-std", type=float, required=True, help="s in y = x + s eps, pixel scale [-1, 1]")
     clean = p.add_mutually_exclusive_group()
     clean.add_argument("--clean-from", help="a separate public shard set to copy as the clean subset")
-    clean.add_argument("--consent-list", help="file naming each consented sensitive key (one per line): released "
-                                              "in the clear as the clean subset")
+    clean.add_argument("--consent-list", help="the data owner's file inside the sensitive set's fence naming each "
+                                              "consented key (one per line): released in the clear (its sha256 is "
+                                              "recorded)")
     p.add_argument("--allow-large-clean-fraction", action="store_true",
                    help=f"allow a consent list above {DEFAULT_MAX_CLEAN_FRACTION:.0%} of the set (recorded)")
-    p.add_argument("--derive-from", help="an earlier release of this set: derive this one from it at a higher level")
+    p.add_argument("--derive-from", help="an earlier release of this set that the ledger knows (its files are "
+                                         "verified against the recorded hashes): derive this one at a higher level")
     p.add_argument("--release-labels", action="store_true", help="declare the labels non-sensitive and release them")
-    p.add_argument("--secret-file", help="a secret of >= 128 random bits (hex or raw); default: a 256-bit secret "
-                                         "generated inside the sensitive set's fence")
+    p.add_argument("--secret-file", help="a secret of >= 128 random bits (hex or raw) that passes the entropy "
+                                         "check; default: a 256-bit secret generated inside the sensitive set's fence")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--samples-per-shard", type=int, default=1000)
     args = p.parse_args(argv)
