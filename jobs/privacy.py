@@ -40,7 +40,7 @@ def _release(argv: list[str]) -> int:
                                               "consented key (one per line): released in the clear (its sha256 is "
                                               "recorded)")
     p.add_argument("--allow-large-clean-fraction", action="store_true",
-                   help=f"allow a consent list above {DEFAULT_MAX_CLEAN_FRACTION:.0%} of the set (recorded)")
+                   help=f"allow a consent list above {DEFAULT_MAX_CLEAN_FRACTION * 100:.0f}%% of the set (recorded)")
     p.add_argument("--derive-from", help="an earlier release of this set that the ledger knows (its files are "
                                          "verified against the recorded hashes): derive this one at a higher level")
     p.add_argument("--release-labels", action="store_true", help="declare the labels non-sensitive and release them")
