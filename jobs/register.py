@@ -1,17 +1,20 @@
 """``flowrail register RUN_ID_OR_CHECKPOINT --name NAME [--promote-on METRIC | --alias A]``: log a checkpoint as an
 MLflow pyfunc image generator, register a new version of NAME and point aliases at it.
 
-``--promote-on METRIC`` scores the checkpoint first (METRIC on ``--eval-samples`` samples with ``--eval-seed``, against
-its validation set: the sweep's protocol) and lets the promotion gate choose: ``@champion`` only if it beats the
-current champion on the same metric and protocol, else ``@challenger`` (both numbers and the reason are recorded on
-the version). ``--alias champion`` without the gate is refused unless ``--force-champion`` (recorded) is given.
+``--promote-on METRIC`` runs the promotion gate (:mod:`pipeline.promotion`, the same protocol as the sweep's): the
+checkpoint and the current champion are scored together on METRIC (``--eval-samples`` samples for each of
+``--eval-seeds``, against the held-out half of the validation set), and the new version becomes ``@champion`` only
+if it is better beyond the seeds' spread, else ``@challenger`` (the numbers and the reason are recorded on the
+version). ``--alias champion`` without the gate is refused unless ``--force-champion`` (recorded) is given; a forced
+champion is scored too (on ``--promote-on`` METRIC, default fd_pixels), so a later candidate can be compared with it.
 """
 from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 from typing import Any
+
+from pipeline.promotion import GATE_METRIC, GATE_SAMPLES, GATE_SEEDS
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -23,9 +26,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", required=True, help="registered model name")
     parser.add_argument("--alias", action="append", default=[], help="alias to point at the new version (repeatable)")
     parser.add_argument("--promote-on", metavar="METRIC",
-                        help="score the checkpoint on METRIC and let the promotion gate pick @champion or @challenger")
-    parser.add_argument("--eval-samples", type=int, default=1000, help="samples for --promote-on (default 1000)")
-    parser.add_argument("--eval-seed", type=int, default=0, help="sampling seed for --promote-on (default 0)")
+                        help="score the checkpoint (and re-score the champion) on METRIC; the promotion gate picks "
+                             "@champion or @challenger")
+    parser.add_argument("--eval-samples", type=int, default=GATE_SAMPLES,
+                        help=f"samples per seed for the gate (default {GATE_SAMPLES}, as the sweep's)")
+    parser.add_argument("--eval-seeds", type=int, nargs="+", default=list(GATE_SEEDS),
+                        help=f"sampling seeds for the gate, >= 2 (default {' '.join(map(str, GATE_SEEDS))})")
     parser.add_argument("--eval-gpus", type=float, default=0.0,
                         help="score as a Ray task with this many GPUs (default 0: in this process, on its CPU)")
     parser.add_argument("--force-champion", action="store_true",
@@ -43,8 +49,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def check_gate_arguments(args: argparse.Namespace) -> None:
     """One line for combinations that would move ``@champion`` past the gate, or score nothing."""
-    if args.promote_on and args.force_champion:
-        raise ValueError("--promote-on and --force-champion contradict each other: the gate decides, or you do")
     if args.promote_on and {CHAMPION, CHALLENGER} & set(args.alias):
         raise ValueError(f"--alias {CHAMPION}/{CHALLENGER} with --promote-on: the gate decides which of the two the "
                          "new version gets")
@@ -58,32 +62,30 @@ def check_gate_arguments(args: argparse.Namespace) -> None:
         allowed = (*OWN_METRICS, *KNOWN_METRICS)
         if args.promote_on not in allowed:
             raise ValueError(f"--promote-on {args.promote_on}: unknown metric (allowed: {', '.join(allowed)})")
-        if args.eval_samples < 1:
-            raise ValueError(f"--eval-samples {args.eval_samples}: must be at least 1")
+    if args.promote_on or args.force_champion:
+        from pipeline.gate import GateSpec
+
+        GateSpec(args.promote_on or GATE_METRIC, args.eval_samples, tuple(args.eval_seeds)).check()
 
 
-def gate_score(checkpoint: Path, args: argparse.Namespace, sampler: dict[str, Any] | None,
-               guidance: dict[str, Any] | None) -> Any:
-    """The checkpoint's :class:`pipeline.promotion.Score` on ``--promote-on`` under the sweep's protocol."""
-    from pipeline.promotion import Score, eval_protocol, metric_mode
-    from pipeline.sweep.evaluation import score_checkpoint, score_remotely
-    from pipeline.train.checkpoint import read_meta
+def forced_metric(checkpoint: Any) -> tuple[str | None, str]:
+    """The metric a ``--force-champion`` version is scored on without ``--promote-on``: the gate's default when it
+    applies to the checkpoint's data (a readable validation set within fd_pixels' dimension cap); else (None, why)."""
+    from pipeline.errors import FlowrailError
+    from pipeline.sweep.metric import check_fd_pixels_shards
+    from pipeline.train.checkpoint import find_latest, read_meta
 
-    metric = args.promote_on
-    if args.eval_gpus > 0:
-        out = score_remotely(str(checkpoint), [metric], args.eval_samples, args.eval_seed, cpus=1,
-                             gpus=args.eval_gpus, sampler=sampler, guidance=guidance)
-    else:
-        out = score_checkpoint(checkpoint, [metric], args.eval_samples, args.eval_seed, sampler, guidance)
-    train_config = read_meta(checkpoint)["config"]
-    return Score(metric, float(out[metric]), metric_mode(metric),
-                 eval_protocol(args.eval_samples, args.eval_seed, train_config))
+    data = read_meta(find_latest(checkpoint))["config"]["data"]
+    try:
+        check_fd_pixels_shards(data.get("val_shards") or data["shards"], data.get("image_size"))
+    except (FlowrailError, OSError, ValueError) as exc:
+        return None, " ".join(str(exc).split())[:200]
+    return GATE_METRIC, ""
 
 
 def main(argv: list[str]) -> int:
     from pipeline.config import parse_overrides
     from pipeline.registry import register, resolve_checkpoint
-    from pipeline.train.checkpoint import find_latest
 
     args = _parser().parse_intermixed_args(argv)
     if not args.tracking_uri:
@@ -98,17 +100,24 @@ def main(argv: list[str]) -> int:
     privacy_tags = require_audit_passed(checkpoint, override=args.override_privacy_audit, tracking_uri=args.tracking_uri,
                                         accept_loosened=args.accept_loosened_audit)
     tags = dict(privacy_tags)
-    score, gate = None, None
-    if args.promote_on:
-        score = gate_score(find_latest(checkpoint), args, extra.get("sampler"), extra.get("guidance"))
-        gate = (CHAMPION, CHALLENGER)
-    elif args.force_champion:
+    gate = None
+    metric, why_not = (args.promote_on, "") if args.promote_on or not args.force_champion \
+        else forced_metric(checkpoint)
+    if metric:
+        from pipeline.gate import GateSpec
+
+        gate = GateSpec(metric, args.eval_samples, tuple(args.eval_seeds), CHAMPION, CHALLENGER, cpus=1,
+                        gpus=args.eval_gpus, remote=args.eval_gpus > 0, force=args.force_champion)
+    if args.force_champion:
         args.alias = [CHAMPION, *[a for a in args.alias if a != CHAMPION]]
-        tags.update({"flowrail.promotion": "forced", "flowrail.promotion_reason": "--force-champion (no gate)"})
+        unscored = "" if metric else f"; not scored ({GATE_METRIC}: {why_not}; pass --promote-on METRIC), so " \
+                                     "the gate re-scores it from its checkpoint when a candidate comes"
+        tags.update({"flowrail.promotion": "forced", "flowrail.promotion_reason": f"--force-champion (no gate){unscored}"})
     reg = register(checkpoint, args.name, args.tracking_uri, run_id=run_id, experiment=args.experiment,
                    aliases=args.alias, sampler=extra.get("sampler"), guidance=extra.get("guidance"),
-                   tags=tags, score=score, gate=gate)
+                   tags=tags, gate=gate)
     aliases = "".join(f" @{a}" for a in reg.aliases)
     why = f" ({reg.reason})" if reg.reason else ""
-    print(f"[flowrail] registered {reg.name} version {reg.version}{aliases}{why} (run {reg.run_id}; {reg.model_uri})")
+    print(f"[flowrail] registered {reg.name} version {reg.version}{aliases}{why} (run {reg.run_id}; {reg.model_uri}; "
+          f"sampler {reg.sampler})")
     return 0

@@ -329,6 +329,7 @@ class Registered:
     run_id: str
     aliases: list[str]
     reason: str = ""
+    sampler: str = ""  # the resolved sampler, one line (pipeline.config.sampler_line)
 
 
 def accept_checkpoint(ckpt: Path, meta: dict[str, Any]) -> None:
@@ -356,13 +357,14 @@ def data_reference(cfg: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
 def register(checkpoint: str | Path, name: str, tracking_uri: str, *, run_id: str | None = None,
              experiment: str = "flowrail", aliases: list[str] | tuple[str, ...] = (),
              sampler: dict[str, Any] | None = None, guidance: dict[str, Any] | None = None,
-             tags: dict[str, Any] | None = None, score: Any = None, gate: tuple[str, str] | None = None
+             tags: dict[str, Any] | None = None, score: Any = None, gate: Any = None
              ) -> Registered:
     """Log ``checkpoint`` as a self-contained pyfunc model (into ``run_id``, else a new run), register a new version
     of ``name`` with its model card, metric and training data, and point aliases at it.
 
-    ``gate=(champion_alias, challenger_alias)``: the promotion gate (:mod:`pipeline.promotion`) picks the alias from
-    ``score`` (a :class:`pipeline.promotion.Score`) and the current champion's; ``aliases`` are set as well.
+    ``gate`` (a :class:`pipeline.gate.GateSpec`): the promotion gate (:mod:`pipeline.promotion`) re-scores the
+    current champion with this checkpoint under its protocol and picks the alias; ``aliases`` are set as well.
+    ``score``: a number recorded without a gate (a :class:`pipeline.promotion.Score`).
     """
     import mlflow
 
@@ -377,16 +379,22 @@ def register(checkpoint: str | Path, name: str, tracking_uri: str, *, run_id: st
     sampler, guidance = s_cfg.model_dump(), g_cfg.model_dump()
     with tempfile.TemporaryDirectory(prefix="flowrail-register-") as tmp:
         artifacts, shape, kind = prepare_artifacts(ckpt, meta, Path(tmp))  # refuses before anything is logged
+        decision = None
+        if gate is not None:  # scored (with the champion) before anything is logged
+            from pipeline.gate import run_gate
+            from pipeline.tracking import client
+
+            score, decision, _ = run_gate(ckpt, meta, name, client(tracking_uri), gate, sampler, guidance)
         mlflow.set_tracking_uri(tracking_uri)  # the fluent log_model below writes to the current tracking URI
         return _log_and_register(ckpt, meta, name, tracking_uri, experiment, run_id, sampler, guidance, artifacts,
-                                 shape, kind, list(aliases), tags, score, gate)
+                                 shape, kind, list(aliases), tags, score, decision)
 
 
 def _log_and_register(ckpt, meta, name, tracking_uri, experiment, run_id, sampler, guidance, artifacts,  # noqa: ANN001, ANN202
-                      shape, kind, aliases, tags, score, gate):
+                      shape, kind, aliases, tags, score, decision):
     import mlflow
 
-    from pipeline.promotion import current_champion, decide, model_card
+    from pipeline.promotion import model_card
     from pipeline.tracking import client, ensure_experiment
 
     c = client(tracking_uri)
@@ -408,21 +416,19 @@ def _log_and_register(ckpt, meta, name, tracking_uri, experiment, run_id, sample
     if status_after != "RUNNING":
         c.set_terminated(run_id, status=status_after)
     ver = str(info.registered_model_version)
-    decision = None
-    if gate is not None:
-        champion = current_champion(c, name, gate[0])
-        decision = decide(score, dict(champion.tags) if champion is not None else None, *gate)
+    if decision is not None:
         aliases = [decision.alias, *[a for a in aliases if a != decision.alias]]
     version_tags = {"flowrail.checkpoint": str(ckpt), "flowrail.step": meta["step"], "flowrail.family": kind,
                     "flowrail.data": data_ref["path"], "flowrail.data_sha256": data_ref["sha256"],
                     "flowrail.training_run": run_id,
                     **{f"sampler.{k}": v for k, v in sampler.items()},
                     **{f"guidance.{k}": v for k, v in guidance.items()}, **(score.tags() if score else {}),
-                    **(tags or {})}
+                    "flowrail.sampler_settings": json.dumps({"sampler": sampler, "guidance": guidance})}
     if decision is not None:
         version_tags.update({"flowrail.promotion": decision.alias, "flowrail.promotion_reason": decision.reason,
                              "flowrail.champion_metric_value": "none" if decision.champion_value is None
                              else repr(decision.champion_value)})
+    version_tags.update(tags or {})  # the caller's last (e.g. flowrail.promotion=forced)
     for k, v in version_tags.items():
         c.set_model_version_tag(name, ver, k, str(v))
     c.update_model_version(name, ver, description=model_card(
@@ -430,8 +436,11 @@ def _log_and_register(ckpt, meta, name, tracking_uri, experiment, run_id, sample
         run_id=run_id, decision=decision))
     for alias in aliases:
         c.set_registered_model_alias(name, alias, ver)
+    from pipeline.config import GuidanceConfig, SamplerConfig, sampler_line
+
+    line = sampler_line(SamplerConfig.model_validate(sampler), GuidanceConfig.model_validate(guidance))
     return Registered(name=name, version=ver, model_uri=f"models:/{name}/{ver}", run_id=run_id,
-                      aliases=list(aliases), reason=decision.reason if decision else "")
+                      aliases=list(aliases), reason=decision.reason if decision else "", sampler=line)
 
 
 def _log_training_data(data_ref: dict[str, Any]) -> None:

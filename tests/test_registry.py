@@ -130,15 +130,15 @@ def test_register_by_run_id_adds_a_version_and_moves_the_alias(checkpoint, mlflo
 
 
 def test_register_promotes_through_the_gate_and_keeps_the_champion_on_a_tie(checkpoint, mlflow_server, capsys):
-    """``--promote-on``: a first version becomes @champion; the same weights scored again under the same protocol do
-    not beat it (a tie), so the second version is @challenger with both numbers on it; under another protocol (more
-    samples) the numbers are not comparable and the new version is @challenger too."""
+    """``--promote-on``: a first version becomes @champion; the same weights, re-scored beside the champion under the
+    same protocol, do not beat it (a tie), so the second version is @challenger with both numbers on it."""
     from mlflow.tracking import MlflowClient
 
     from jobs.cli import main
 
     c = MlflowClient(mlflow_server)
-    gate = ["--promote-on", "fd_digits", "--eval-samples", "40", "--eval-seed", "3", "--tracking-uri", mlflow_server]
+    gate = ["--promote-on", "fd_digits", "--eval-samples", "40", "--eval-seeds", "3", "4", "--tracking-uri",
+            mlflow_server]
     assert main(["register", str(checkpoint), "--name", "reg-gate", *gate]) == 0
     first = c.get_model_version_by_alias("reg-gate", "champion")
     assert first.tags["flowrail.promotion"] == "champion" and first.tags["flowrail.champion_metric_value"] == "none"
@@ -146,25 +146,18 @@ def test_register_promotes_through_the_gate_and_keeps_the_champion_on_a_tie(chec
     assert value > 0 and "fd_digits" in first.description
 
     assert main(["register", str(checkpoint), "--name", "reg-gate", *gate]) == 0
-    assert "does not beat the champion" in capsys.readouterr().out
+    assert "not better beyond the spread" in capsys.readouterr().out  # re-scored together: a tie
     second = c.get_model_version_by_alias("reg-gate", "challenger")
     assert c.get_model_version_by_alias("reg-gate", "champion").version == first.version  # the champion stayed
     assert second.version != first.version and second.tags["flowrail.promotion"] == "challenger"
     assert float(second.tags["flowrail.champion_metric_value"]) == value == float(second.tags["fd_digits"])
-
-    other = [*gate[:3], "41", *gate[4:]]  # one more sample: another protocol
-    assert main(["register", str(checkpoint), "--name", "reg-gate", *other]) == 0
-    third = c.get_model_version_by_alias("reg-gate", "challenger")
-    assert int(third.version) > int(second.version) and "another metric or protocol" in third.tags[
-        "flowrail.promotion_reason"]
-    assert c.get_model_version_by_alias("reg-gate", "champion").version == first.version
 
 
 @pytest.mark.parametrize("args, message", [
     (["{ckpt}", "--alias", "champion"], "--alias champion would skip the promotion gate"),
     (["{ckpt}", "--promote-on", "fd_digits", "--alias", "champion"], "the gate decides"),
     (["{ckpt}", "--promote-on", "fid_score"], "--promote-on fid_score: unknown metric"),
-    (["{ckpt}", "--promote-on", "fd_digits", "--force-champion"], "contradict each other"),
+    (["{ckpt}", "--promote-on", "fd_digits", "--eval-seeds", "3"], "needs >= 2"),
     (["no-such-run-or-path"], "neither a checkpoint path nor a run id"),
     (["{ckpt}", "sampler.solver=rk5"], "sampler.solver"),
     (["{ckpt}", "model.depth=3"], "unknown section(s) ['model']"),

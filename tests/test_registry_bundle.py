@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.promotion import Score, decide
+from pipeline.promotion import Score, decide_rescored
 
 
 def tiny_autoencoder(folder: Path) -> Path:
@@ -119,19 +119,21 @@ def test_register_without_autoencoder_or_base_is_one_line_exit_2(tmp_path, capsy
     assert ("FLUX base weights are not found" if family == "flux" else "autoencoder") in err
 
 
-def test_promotion_gate_compares_on_the_same_metric_and_protocol():
-    proto = {"num_samples": 64, "seed": 1, "reference": "/val"}
-    first = decide(Score("fd_pixels", 3.0, "min", proto), None, "champion", "challenger")
+def test_promotion_gate_promotes_only_beyond_the_seeds_spread():
+    """decide_rescored: the candidate's mean must beat the champion's by more than the larger per-seed range."""
+    proto = {"num_samples": 64, "seeds": [1, 2], "reference": "/val"}
+    champion = Score.of("fd_pixels", [3.0, 3.2], proto)  # spread 0.2
+    first = decide_rescored(Score.of("fd_pixels", [3.0, 3.1], proto), None, "champion", "challenger")
     assert first.alias == "champion" and first.champion_value is None
-    champion = Score("fd_pixels", 3.0, "min", proto).tags()
-    better = decide(Score("fd_pixels", 2.5, "min", proto), champion, "champion", "challenger")
-    assert better.alias == "champion" and better.champion_value == 3.0
-    worse = decide(Score("fd_pixels", 3.5, "min", proto), champion, "champion", "challenger")
-    assert worse.alias == "challenger" and worse.champion_value == 3.0
-    tie = decide(Score("fd_pixels", 3.0, "min", proto), champion, "champion", "challenger")
+    better = decide_rescored(Score.of("fd_pixels", [2.5, 2.6], proto), champion, "champion", "challenger")
+    assert better.alias == "champion" and better.champion_value == pytest.approx(3.1)
+    assert "spread 0.2" in better.reason
+    inside = decide_rescored(Score.of("fd_pixels", [2.95, 3.0], proto), champion, "champion", "challenger")
+    assert inside.alias == "challenger" and "not better beyond the spread" in inside.reason  # 0.125 < 0.2
+    tie = decide_rescored(Score.of("fd_pixels", [3.0, 3.2], proto), champion, "champion", "challenger")
     assert tie.alias == "challenger"
-    other = decide(Score("fd_pixels", 0.1, "min", {**proto, "num_samples": 32}), champion, "champion", "challenger")
-    assert other.alias == "challenger" and "protocol" in other.reason
-    higher = decide(Score("precision", 0.9, "max", proto), Score("precision", 0.8, "max", proto).tags(),
-                    "champion", "challenger")
+    one_seed = decide_rescored(Score.of("fd_pixels", [1.0], proto), champion, "champion", "challenger")
+    assert one_seed.alias == "challenger" and ">= 2 seeds" in one_seed.reason
+    higher = decide_rescored(Score.of("precision", [0.9, 0.91], proto), Score.of("precision", [0.8, 0.82], proto),
+                             "champion", "challenger")
     assert higher.alias == "champion"

@@ -25,6 +25,7 @@ from pipeline.config import (CONFIG_DIR, ConfigError, GuidanceConfig, SamplerCon
                              deep_merge, format_validation_error, layer_sampler, load_config, parse_overrides,
                              resolve_sampler)
 from pipeline.errors import first_line
+from pipeline.promotion import GATE_SAMPLES, GATE_SEEDS
 
 DISTRIBUTIONS = ("grid", "choice", "loguniform", "uniform", "randint")
 
@@ -109,10 +110,16 @@ class SamplingSweep(Section):
 
 
 class RegisterSettings(Section):
+    """Registration of the best row through the promotion gate (:mod:`pipeline.promotion`): it and the current
+    champion are re-scored on ``tune.metric`` with ``gate_samples`` samples for each of ``gate_seeds`` (the one
+    protocol default, shared with ``flowrail register``) on the held-out half of the validation set."""
+
     enabled: bool = False
     name: str = "flowrail-digits"
     champion_alias: str = "champion"
     challenger_alias: str | None = "challenger"
+    gate_samples: int = Field(default=GATE_SAMPLES, ge=2)
+    gate_seeds: list[int] = Field(default_factory=lambda: list(GATE_SEEDS), min_length=2)
 
 
 class SweepConfig(Section):
@@ -131,6 +138,9 @@ class SweepConfig(Section):
             check_distribution(f"space.{key}", spec, grid_ok=self.tune.searcher != "optuna")
         if self.tune.metric not in self.eval.metrics:
             raise ValueError(f"tune.metric={self.tune.metric} must be one of eval.metrics={self.eval.metrics}")
+        if self.eval.seed in self.registry.gate_seeds:  # the gate's numbers must not be the selection's
+            raise ValueError(f"eval.seed={self.eval.seed} is one of registry.gate_seeds={self.registry.gate_seeds}: "
+                             "the promotion gate scores with seeds the sweep did not select on")
         return self
 
 

@@ -46,16 +46,29 @@ def check_fd_pixels_shards(shards: str, image_size: int | None) -> None:
     check_fd_pixels(info.kind, info.channels, info.size)
 
 
+SPLITS = ("select", "gate")
+
+
+def reference_half(images: torch.Tensor, split: str | None) -> torch.Tensor:
+    """The validation images a score is taken against: all (``None``), the even-indexed half (``select``: what a
+    sweep selects on) or the odd-indexed half (``gate``: held out for the promotion gate, never used to select)."""
+    if split is None:
+        return images
+    if split not in SPLITS:
+        raise FlowrailError(f"reference split {split!r} is unknown (allowed: {', '.join(SPLITS)})")
+    return images[0::2] if split == "select" else images[1::2]
+
+
 @lru_cache(maxsize=4)
-def _real_pixel_stats(shards: str, image_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _real_pixel_stats(shards: str, image_size: int | None, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     from evals.reference import load_real
 
     images, _ = load_real(shards, image_size)
-    feats = images.flatten(1).double().numpy()
+    feats = reference_half(images, split).flatten(1).double().numpy()
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
-def fd_pixels(trained: Any, num_samples: int, seed: int) -> tuple[float, int]:
+def fd_pixels(trained: Any, num_samples: int, seed: int, split: str | None = None) -> tuple[float, int]:
     """Pixel-space Fréchet distance of ``num_samples`` class-balanced samples to the validation shards; and NFE.
 
     For a latent shard set both sides are images decoded by the set's autoencoder (``sample_classes`` decodes the
@@ -67,18 +80,20 @@ def fd_pixels(trained: Any, num_samples: int, seed: int) -> tuple[float, int]:
     data = trained.config.data
     check_fd_pixels(trained.data.kind, trained.data.channels, trained.data.size)
     shards = data.val_shards or data.shards
-    mu_r, sigma_r = _real_pixel_stats(str(shards), data.image_size)
+    mu_r, sigma_r = _real_pixel_stats(str(shards), data.image_size, split)
     labels = torch.arange(num_samples) % max(trained.num_classes, 1)
     out = sample_classes(trained, labels, seed)
     feats = out.x.detach().float().cpu().clamp(-1, 1).flatten(1).double().numpy()
     return frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), mu_r, sigma_r), int(out.nfe)
 
 
-def evaluate(trained: Any, metrics: list[str], num_samples: int, seed: int) -> dict[str, float]:
-    """The requested metrics of ``trained`` (its objective carries the sampler settings) plus ``nfe``."""
+def evaluate(trained: Any, metrics: list[str], num_samples: int, seed: int,
+             split: str | None = None) -> dict[str, float]:
+    """The requested metrics of ``trained`` (its objective carries the sampler settings) plus ``nfe``; ``split``:
+    which half of the validation set ``fd_pixels`` compares with (:func:`reference_half`)."""
     out: dict[str, float] = {}
     if "fd_pixels" in metrics:
-        out["fd_pixels"], out["nfe"] = fd_pixels(trained, num_samples, seed)
+        out["fd_pixels"], out["nfe"] = fd_pixels(trained, num_samples, seed, split)
     others = [m for m in metrics if m not in OWN_METRICS]
     if others:
         try:

@@ -89,7 +89,7 @@ def run_sweep(cfg: SweepConfig, resume: SweepState | None = None) -> SweepResult
         c.log_metric(parent, "trials_completed", sum(t.status == "completed" for t in trials))
         result = SweepResult(parent, uri, trials, rows, csv)
         if cfg.registry.enabled:
-            result.registered = register_best(cfg, rows, uri, parent)
+            result.registered = register_best(cfg, rows, uri, parent, gpus=1 if base.train.use_gpu else 0)
         c.set_terminated(parent, status="FINISHED")
         return result
     except BaseException:
@@ -193,24 +193,25 @@ def _outcome(res: Any, base: TrainJobConfig, uri: str, cfg: SweepConfig) -> Tria
     return TrialOutcome(trial_id, params, run_id, Path(ckpt) if ckpt else None, step, metrics, status)
 
 
-def register_best(cfg: SweepConfig, rows: list[Row], uri: str, parent: str) -> list[Any]:
-    """Register the best ranked (checkpoint, sampler) row; the promotion gate makes it ``champion`` only if it beats
-    the current champion on the same metric and protocol, else ``challenger``."""
-    from pipeline.promotion import Score
+def register_best(cfg: SweepConfig, rows: list[Row], uri: str, parent: str, gpus: float = 0) -> list[Any]:
+    """Register the best ranked (checkpoint, sampler) row through the promotion gate: it and the current champion
+    are re-scored together on the held-out half of the validation set with the gate's seeds (never the numbers the
+    row was selected with); ``champion`` only if better beyond the seeds' spread, else ``challenger``."""
+    from pipeline.gate import GateSpec
     from pipeline.registry import register
-    from pipeline.sweep.sampling import protocol
-    from pipeline.train.checkpoint import read_meta
 
     ranked = [r for r in rows if r.rank is not None and r.checkpoint is not None]
     if not ranked:
         raise FlowrailError(f"sweep {cfg.name}: no completed trial to register")
     best = ranked[0]
-    score = Score(cfg.tune.metric, best.metric, cfg.tune.mode, protocol(cfg, read_meta(best.checkpoint)["config"]))
+    r = cfg.registry
+    gate = GateSpec(cfg.tune.metric, r.gate_samples, tuple(r.gate_seeds), r.champion_alias,
+                    r.challenger_alias or "challenger", cpus=cfg.eval.cpus, gpus=gpus, remote=True)
     tags = {"flowrail.sweep": cfg.name, "flowrail.sweep_parent": parent, "flowrail.sampler": best.sampler,
+            f"flowrail.selection_{cfg.tune.metric}": repr(best.metric),  # the (selection-biased) sweep number
             **{f"trial.{k}": v for k, v in best.params.items()}}
     reg = register(best.checkpoint, cfg.registry.name, uri, run_id=best.trial_run_id or best.run_id,
-                   sampler=best.sampler_settings, guidance=best.guidance_settings, tags=tags, score=score,
-                   gate=(cfg.registry.champion_alias, cfg.registry.challenger_alias or "challenger"))
+                   sampler=best.sampler_settings, guidance=best.guidance_settings, tags=tags, gate=gate)
     print(f"[flowrail] registered {reg.name} v{reg.version} as @{reg.aliases[0]} ({reg.reason}; {best.sampler})",
           flush=True)
     return [reg]

@@ -191,8 +191,8 @@ def write_best_config(cfg: Any, best: Row, path: Path) -> Path:
 
 
 def protocol(cfg: Any, train_config: dict[str, Any]) -> dict[str, Any]:
-    """The sweep's evaluation protocol (:func:`pipeline.promotion.eval_protocol`): ``flowrail register --promote-on``
-    builds the same one, so a sweep's champion and a hand-registered model compare when their settings match."""
+    """The sweep's selection protocol (:func:`pipeline.promotion.eval_protocol` on the ``select`` half of the
+    validation set); the promotion gate re-scores on the held-out ``gate`` half with its own seeds."""
     from pipeline.promotion import eval_protocol
 
-    return eval_protocol(cfg.eval.num_samples, cfg.eval.seed, train_config)
+    return eval_protocol(cfg.eval.num_samples, cfg.eval.seed, train_config, split="select")
