@@ -152,7 +152,7 @@ def prepare_seed(args: argparse.Namespace, cell_dir: Path, seed: int, clean_frac
     consent = sensitive / "consent.txt"
     consent.write_text("\n".join(chosen) + "\n")
     rel = release(sensitive, seed_dir / "release", noise_std, consent_list=consent, release_labels=True,
-                  samples_per_shard=256)
+                  samples_per_shard=256, allow_large_clean_fraction=clean_fraction > 0.10)  # the frontier's 25%
     return seed_dir, sensitive, rel.manifest
 
 
