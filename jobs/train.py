@@ -17,7 +17,10 @@ def parse(argv: list[str], default_config: str = "train") -> TrainJobConfig:
 def main(argv: list[str]) -> int:
     from pipeline.train.trainer import fit
 
+    from pipeline.config import sampler_line
+
     cfg = parse(argv)
+    print(f"[flowrail] sampler: {sampler_line(cfg.sampler, cfg.guidance)}", flush=True)  # as resolved (presets)
     result = fit(cfg)
     print(f"[flowrail] done: MLflow run {result.run_id}; checkpoint {result.checkpoint}")
     return 0
