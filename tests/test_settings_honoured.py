@@ -343,6 +343,8 @@ def test_train_settings_reach_the_engine_config():
     (["train", "model=flux", "transport.path=gvp", "sampler.method=sde", "guidance.scale=4"], "transport.path=gvp"),
     (["train", "model=dfm", "sampler.solver=dopri5"], "sampler.solver=dopri5"),
     (["train", "model=flux", "sampler.time_shift=auto", "sampler.method=sde"], "sampler.method=sde"),
+    (["train", "objective.name=flow_map", "sampler.method=flow_map", "sampler.solver=dopri5"],
+     "sampler.solver=dopri5"),
 ])
 def test_flowrail_refuses_in_one_line_with_exit_2(argv, named, capsys, tmp_path):
     """The issue's example: nothing starts (no MLflow run, no Ray), one line on stderr, exit code 2."""
