@@ -5,9 +5,13 @@ Layout of one checkpoint directory (Ray merges the ranks' directories into one):
     flowrail.json          step, epoch, resolved config, data info (rank 0)
     ema.safetensors        EMA of the trained parameters, the weights used for sampling (rank 0); frozen
                            parameters and buffers are not saved: they come from building the model
-    deepspeed/state/...    DeepSpeed ``save_checkpoint`` output (every rank writes its shard)
+    deepspeed/state/...    DeepSpeed ``save_checkpoint`` output (every rank writes its shard); without the frozen
+                           parameters when the model has some (a LoRA base): ``frozen_base`` in ``flowrail.json``
+                           names what they are rebuilt from (:mod:`pipeline.train.frozen_base`)
     torch_engine/state/engine.pt   instead of deepspeed/, under ``train.engine=torch`` (one rank)
     rng/rank<R>.pt         torch RNG state of rank R
+    manifest/rank<R>.json  SHA-256 of every file rank R wrote (HMAC-signed with the job's key if it has one):
+                           checked before anything is loaded (:mod:`pipeline.train.checkpoint_trust`)
 
 A half-written checkpoint is never the latest:
 - each rank writes into a local temporary directory; ``flowrail.json`` is written last (temp file + rename);
@@ -37,6 +41,8 @@ from pipeline.data.streaming import DataInfo
 from pipeline.errors import CheckpointError, FlowrailError, first_line
 from pipeline.tracking import shareable_config
 
+from pipeline.train.frozen_base import base_reference, check_base, has_frozen
+from pipeline.train.checkpoint_trust import verify, weights_only_engine_loads, write_manifest
 from pipeline.train.checkpoint_read import (  # noqa: F401 - re-exported: reading sits below FLUX export/init_from
     EMA_FILE,
     META,
@@ -104,19 +110,27 @@ def save(local_dir: Path, *, engine: Any, ema: Any, state: TrainState, cfg: Trai
     """
     try:
         local_dir.mkdir(parents=True, exist_ok=True)
-        engine.save_checkpoint(str(local_dir / engine_dir(engine)), tag=DS_TAG, client_state={"step": state.step})
+        # frozen parameters (a LoRA base, fixed tables) are rebuilt by constructing the model: not saved
+        lean = engine_dir(engine) == DS_DIR and has_frozen(engine.module)
+        engine.save_checkpoint(str(local_dir / engine_dir(engine)), tag=DS_TAG, client_state={"step": state.step},
+                               **({"exclude_frozen_parameters": True} if lean else {}))
         (local_dir / "rng").mkdir(exist_ok=True)
         torch.save({"torch": torch.get_rng_state(), "data_position": state.data_position},
                    local_dir / "rng" / f"rank{rank}.pt")
         ema_state = ema.checkpoint_state(rank)  # a gather under ZeRO-3 (every rank takes part), else rank 0's copy
-        if rank == 0:
+        if rank != 0:
+            write_manifest(local_dir, rank, state.step)
+        else:
             save_file(ema_state, str(local_dir / EMA_FILE))
             meta = {"format": "flowrail-checkpoint/1", "step": state.step, "epoch": state.epoch,
                     "batch_in_epoch": state.batch_in_epoch, "world_size": world,
                     "bad_steps": state.bad_steps, "skipped_samples": state.skipped_samples,
-                    "config": shareable_config(cfg.model_dump(mode="json")), "data": info.to_dict(), **(extra or {})}
+                    "config": shareable_config(cfg.model_dump(mode="json")), "data": info.to_dict(),
+                    "frozen_base": base_reference(cfg) if lean else None, **(extra or {})}
+            text = json.dumps(meta, indent=2)
+            write_manifest(local_dir, rank, state.step, pending={META: text.encode()})
             tmp = local_dir / f".{META}.tmp"
-            tmp.write_text(json.dumps(meta, indent=2))
+            tmp.write_text(text)
             os.replace(tmp, local_dir / META)
     except (OSError, RuntimeError) as exc:  # torch.save/safetensors report a full disk as RuntimeError
         raise CheckpointError(f"could not write checkpoint {local_dir} at step {state.step}: {_write_failure(local_dir, exc)}; "
@@ -124,11 +138,15 @@ def save(local_dir: Path, *, engine: Any, ema: Any, state: TrainState, cfg: Trai
     return local_dir
 
 
-def restore(ckpt_dir: Path, *, engine: Any, ema: Any, rank: int, world: int | None = None) -> TrainState:
+def restore(ckpt_dir: Path, *, engine: Any, ema: Any, rank: int, world: int | None = None,
+            cfg: TrainJobConfig | None = None) -> TrainState:
     """Load engine, EMA and RNG state from a checkpoint; returns the step and epoch to continue from.
 
     ``world``: this run's number of workers; a checkpoint of another world size is refused before anything is
-    loaded (its ZeRO optimizer state is partitioned per rank).
+    loaded (its ZeRO optimizer state is partitioned per rank). Every file is checked against the checkpoint's
+    manifests first (collective), and the engine state is read weights-only. A checkpoint saved without its frozen
+    parameters is resumed only when the base this run builds (``cfg``; else the checkpoint's own config) is the one
+    it was trained on (:func:`pipeline.train.frozen_base.check_base`).
     """
     meta = read_meta(ckpt_dir)
     saved_world = int(meta.get("world_size", 1))
@@ -140,7 +158,15 @@ def restore(ckpt_dir: Path, *, engine: Any, ema: Any, rank: int, world: int | No
         names = {DS_DIR: "deepspeed", TORCH_ENGINE_DIR: "torch"}
         raise CheckpointError(f"checkpoint {ckpt_dir} was written with train.engine={names[written]} and this run has "
                               f"train.engine={names[running]}: resume with train.engine={names[written]}")
-    load_path, _ = engine.load_checkpoint(str(Path(ckpt_dir) / running), tag=DS_TAG)
+    verify(Path(ckpt_dir), saved_world)  # every file against its rank's manifest, before any is loaded
+    frozen_base = meta.get("frozen_base")
+    if frozen_base:
+        check_base(Path(ckpt_dir), frozen_base, cfg or TrainJobConfig.model_validate(meta["config"]))
+    with weights_only_engine_loads(engine):
+        if frozen_base and running == DS_DIR:  # the frozen parameters keep the values the model was built with
+            load_path, _ = engine.load_checkpoint(str(Path(ckpt_dir) / running), tag=DS_TAG, load_module_strict=False)
+        else:
+            load_path, _ = engine.load_checkpoint(str(Path(ckpt_dir) / running), tag=DS_TAG)
     if load_path is None:
         raise CheckpointError(f"checkpoint {ckpt_dir} has no engine state under {running}/{DS_TAG}")
     try:
