@@ -243,6 +243,15 @@ def write_checkpoint_artifact(ckpt: Path, out: Path) -> Path:
     return out
 
 
+def copy_autoencoder(vae: Path, dst: Path) -> None:
+    """Copy the autoencoder folder into the model's artifacts, links followed (a folder from a cache of links) only
+    after every target is checked against the fences (one line naming the path if one lies in a fence)."""
+    from pipeline.data.fence import check_tree
+
+    check_tree(vae, "register")
+    shutil.copytree(vae, dst)
+
+
 def prepare_artifacts(ckpt: Path, meta: dict[str, Any], tmp: Path) -> tuple[dict[str, str], tuple[int, int, int], str]:
     """``(artifacts, output image shape (C, H, W), family)`` of a checkpoint; refuses (one line) a model whose
     autoencoder or FLUX base cannot be found."""
@@ -255,7 +264,7 @@ def prepare_artifacts(ckpt: Path, meta: dict[str, Any], tmp: Path) -> tuple[dict
         artifacts["flux_base"] = str(tmp / "flux_base.json")
     if kind in ("latent", "flux"):
         vae = autoencoder_dir(cfg, data)
-        shutil.copytree(vae, tmp / "autoencoder")
+        copy_autoencoder(vae, tmp / "autoencoder")
         artifacts["autoencoder"] = str(tmp / "autoencoder")
         shape = decoded_shape(shape, vae)
     if kind == "flux":

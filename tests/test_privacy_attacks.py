@@ -506,3 +506,20 @@ def test_every_privacy_subcommand_prints_its_help():
         with pytest.raises(SystemExit) as done:
             run(["--help"])
         assert done.value.code == 0, name
+
+
+def test_register_refuses_an_autoencoder_folder_linking_into_the_fence(world):
+    """`register` copies the autoencoder folder following links: a weight file linked into a fence is refused before
+    anything is copied."""
+    from pipeline.registry import copy_autoencoder
+
+    root, sens, _ = world
+    vae = root / "vae"
+    vae.mkdir()
+    (vae / "config.json").write_text("{}")
+    copy_autoencoder(vae, root / "copied_ok")
+    assert (root / "copied_ok" / "config.json").exists()
+    (vae / "diffusion_pytorch_model.safetensors").symlink_to(sorted(sens.glob("*.tar"))[0])
+    with pytest.raises(PermissionError, match="sensitive shard set"):
+        copy_autoencoder(vae, root / "copied")
+    assert not (root / "copied").exists()
