@@ -193,16 +193,43 @@ def local_checkpoint(checkpoint: Any, download_dir: Path) -> Path:
     return target
 
 
+FINAL_GRID_MAX_IMAGES = 64  # the final grid's samples at most: ImageNet's 1,000 classes x 8 would be 8,000
+
+
+def grid_classes(num_classes: int, per_class: int, max_images: int = FINAL_GRID_MAX_IMAGES) -> tuple[list[int], int]:
+    """``(classes, per_class)`` of a final grid of at most ``max_images`` samples: ``per_class' = min(per_class,
+    max_images)`` and ``k = clamp(max_images // per_class', 1, C)`` classes spread evenly, ``c_i = floor(i C / k)``
+    (all classes when they fit; class 0 only for an unconditional model)."""
+    per_class = max(1, min(per_class, max_images))
+    total = max(num_classes, 1)
+    k = max(1, min(total, max_images // per_class))
+    return [i * total // k for i in range(k)], per_class
+
+
+def final_grid(trained, path: Path, per_class: int, seed: int) -> tuple[Path, int]:  # noqa: ANN001
+    """A labelled grid, one row per class of :func:`grid_classes`; returns its path and the NFE per sample."""
+    import torch
+
+    from pipeline.images import save_grid
+    from pipeline.sampling import sample_classes
+
+    classes, per_class = grid_classes(trained.num_classes, per_class)
+    labels = torch.tensor(classes).repeat_interleave(per_class)
+    out = sample_classes(trained, labels, seed)
+    names = [str(c) for c in classes] if trained.num_classes else None
+    return save_grid(out.x, path, rows=len(classes), row_labels=names), out.nfe
+
+
 def log_samples_and_curves(cfg: TrainJobConfig, result: TrainResult) -> Path:
-    """Sample a labelled grid from the EMA weights and log it, with the loss/throughput curves, as images."""
+    """Sample a labelled grid (at most :data:`FINAL_GRID_MAX_IMAGES` samples) from the EMA weights and log it, with
+    the loss/throughput curves, as images."""
     from pipeline.images import save_curves
-    from pipeline.sampling import class_grid
     from pipeline.tracking import client
     from pipeline.train.checkpoint import load_trained
 
     trained = load_trained(result.checkpoint)
     out_dir = Path(cfg.run_dir) / "samples" / cfg.run_name
-    grid, nfe = class_grid(trained, out_dir / f"samples_step{trained.step:07d}.png", cfg.samples.per_class,
+    grid, nfe = final_grid(trained, out_dir / f"samples_step{trained.step:07d}.png", cfg.samples.per_class,
                            cfg.samples.seed)
     c = client(result.tracking_uri)
     c.log_artifact(result.run_id, str(grid), artifact_path="samples")

@@ -134,7 +134,7 @@ def set_up_worker(cfg: TrainJobConfig, info: DataInfo, *, micro_batch: int, worl
         ctx = ray.train.get_context()
         with restored_checkpoint_dir(checkpoint, local_rank=ctx.get_local_rank(),
                                      node_rank=ctx.get_node_rank()) as ckpt_dir:
-            state = ckpt_io.restore(ckpt_dir, engine=engine, ema=ema, rank=rank, world=world)
+            state = ckpt_io.restore(ckpt_dir, engine=engine, ema=ema, rank=rank, world=world, cfg=cfg)
             if restore_extra is not None:
                 restore_extra(Path(ckpt_dir))
     return WorkerSetup(engine=engine, ema=ema, objective=build_objective(cfg, info.num_classes), device=device,
