@@ -31,10 +31,24 @@ def _isolated_process_state():
     grad = torch.is_grad_enabled()
     yield
     torch.set_grad_enabled(grad)
+    _restore_linear_after_zero_init()
     if saved_uri is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = saved_uri
+
+
+def _restore_linear_after_zero_init() -> None:
+    """``deepspeed.zero.Init`` replaces ``torch.nn.functional.linear`` with its ZeRO-3 autograd Function for the rest of
+    the process ("This will persist unless manually reset"); that Function has no forward-mode derivative, so a later
+    test's ``torch.func.jvp`` (flow maps) would fail only because an in-process ZeRO-3 test ran before it."""
+    ds = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    cls = getattr(ds, "InsertPostInitMethodToModuleSubClasses", None)
+    original = getattr(cls, "linear_bk", None)
+    if original is not None:
+        import torch
+
+        torch.nn.functional.linear = original
 
 
 @pytest.fixture(scope="session")
