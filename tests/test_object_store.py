@@ -222,6 +222,7 @@ def test_train_resume_checkpoint_and_artifacts_on_the_object_store(ray_local, s3
     longer = load_config(TrainJobConfig, "train", [*overrides, "train.steps=15"])
     second = fit(longer, make_grid=True)  # a new driver call: Ray Train restores from the S3 snapshot
     assert second.run_id == first.run_id and read_meta(second.checkpoint)["step"] == 15
+    assert not (second.checkpoint / "deepspeed").exists()  # the driver downloaded metadata and EMA only
     client = MlflowClient(uri)
     assert [m.step for m in client.get_metric_history(second.run_id, "resumed_from_step")] == [10]
     assert [int(m.value) for m in client.get_metric_history(second.run_id, "resumed_from_step")] == [10]

@@ -182,14 +182,29 @@ def finish_run(cfg: TrainJobConfig, out: TrainResult, make_grid: bool = True) ->
 
 
 def local_checkpoint(checkpoint: Any, download_dir: Path) -> Path:
-    """The checkpoint as a local directory: its path on a local/shared filesystem, else downloaded (s3://, gs://)."""
+    """The checkpoint as a local directory: its path on a local/shared filesystem, else (s3://, gs://) only what
+    the driver reads downloaded: ``flowrail.json`` and ``ema.safetensors`` (the grid, FLUX export, registration),
+    never the ZeRO engine state (for a 12 B full fine-tune ~170 GB the 4-CPU head node has no use for)."""
+    import shutil
+
     import pyarrow.fs
+
+    from pipeline.train.checkpoint_read import EMA_FILE, META
 
     if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
         return Path(checkpoint.path)
     target = download_dir / Path(checkpoint.path).name
-    if not target.is_dir():
-        checkpoint.to_directory(str(target))
+    if (target / META).is_file():
+        return target
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for name in (EMA_FILE, META):  # the metadata last: a directory with it is complete
+        with checkpoint.filesystem.open_input_stream(f"{str(checkpoint.path).rstrip('/')}/{name}") as src, \
+                open(partial / name, "wb") as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.replace(target)
     return target
 
 
