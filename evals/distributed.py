@@ -63,6 +63,11 @@ def plan_slices(num_samples: int, num_classes: int, num_workers: int, seed: int)
     return [(chunk, s) for chunk, s in zip(torch.tensor_split(labels, workers), seeds)]
 
 
+def eval_slices(cfg: Any, num_classes: int) -> list[tuple[torch.Tensor, int]]:
+    """:func:`plan_slices` of ``eval.num_samples`` samples over ``eval.num_workers`` workers from ``eval.seed``."""
+    return plan_slices(cfg.eval.num_samples, num_classes, cfg.eval.num_workers, cfg.eval.seed)
+
+
 def _batch_seed(worker_seed: int, index: int) -> int:
     return int(np.random.SeedSequence([worker_seed, index]).generate_state(1)[0])
 
@@ -146,7 +151,7 @@ def run_workers(trained: Any, cfg: Any, plan: EvalPlan, progress: Any = None) ->
     ``cfg.guidance``); a model whose weights are not that checkpoint's (no path, or another step) is shipped
     through the Ray object store instead. ``progress``: the driver's bar feed (a Ray queue when there are workers).
     """
-    slices = plan_slices(cfg.eval.num_samples, trained.num_classes, cfg.eval.num_workers, cfg.eval.seed)
+    slices = eval_slices(cfg, trained.num_classes)
     if len(slices) == 1:
         labels, seed = slices[0]
         return generate_and_tally(trained, labels, seed, plan, progress)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from evals.digits_metrics import DIGITS_METRICS
-from evals.distributed import EvalPlan, WorkerResult, plan_slices, run_workers
+from evals.distributed import EvalPlan, WorkerResult, eval_slices, run_workers
 from evals.likelihood import LIKELIHOOD_METRICS, check_applicable, likelihood_metrics
 
 KNOWN_METRICS = (*DIGITS_METRICS, "fid", *LIKELIHOOD_METRICS)
@@ -72,6 +72,14 @@ def _fid_reference(trained: Any, cfg: Any) -> tuple[np.ndarray, np.ndarray]:
                            image_size=trained.data.size, cache_dir=cfg.eval.cache_dir, batch_size=cfg.eval.batch_size)
 
 
+def eval_plan(cfg: Any, want_digits: bool, want_fid: bool, inception_weights: str | None) -> EvalPlan:
+    """What every evaluation worker computes: its batch (``eval.batch_size``), the digits classifier's cache
+    (``eval.cache_dir``) and the examples kept per class (``samples.per_class``)."""
+    return EvalPlan(want_digits=want_digits, want_fid=want_fid, inception_weights=inception_weights,
+                    cache_dir=cfg.eval.cache_dir, batch_size=cfg.eval.batch_size,
+                    examples_per_class=cfg.samples.per_class)
+
+
 def run_evaluation(trained: Any, cfg: Any, show_progress: bool = False) -> EvalResult:
     """Sample ``cfg.eval.num_samples`` class-balanced samples with ``cfg``'s sampler and compute ``cfg.eval.metrics``.
 
@@ -80,12 +88,14 @@ def run_evaluation(trained: Any, cfg: Any, show_progress: bool = False) -> EvalR
     """
     from pipeline.console import TaskProgress
 
-    remote = len(plan_slices(cfg.eval.num_samples, trained.num_classes, cfg.eval.num_workers, cfg.eval.seed)) > 1
+    remote = len(eval_slices(cfg, trained.num_classes)) > 1
     with TaskProgress(cfg.eval.num_samples, "evaluate", "samples", remote, enabled=show_progress) as progress:
         return _evaluate(trained, cfg, progress)
 
 
-def _evaluate(trained: Any, cfg: Any, progress: Any) -> EvalResult:
+def chosen_metrics(trained: Any, cfg: Any) -> tuple[list[str], list[str]]:
+    """``(requested, skipped)`` of ``eval.metrics`` for this model's data: unknown names and likelihood metrics the
+    model cannot give are refused in one line; digits metrics on other data are skipped with a line on stderr."""
     requested = list(dict.fromkeys(cfg.eval.metrics))
     unknown = [m for m in requested if m not in KNOWN_METRICS]
     if unknown:
@@ -97,6 +107,11 @@ def _evaluate(trained: Any, cfg: Any, progress: Any) -> EvalResult:
         print(f"[flowrail] evaluate: skipping {m}: it needs 1-channel digits-like pixel data"
               f"{' with 10 classes' if m == 'classifier_accuracy' else ''}", file=sys.stderr, flush=True)
     check_applicable(trained, requested)  # before any sampling
+    return requested, skipped
+
+
+def _evaluate(trained: Any, cfg: Any, progress: Any) -> EvalResult:
+    requested, skipped = chosen_metrics(trained, cfg)
     want_digits = any(m in DIGITS_METRICS and m not in skipped for m in requested)
     want_fid = "fid" in requested
     fid_reference = None
@@ -113,9 +128,7 @@ def _evaluate(trained: Any, cfg: Any, progress: Any) -> EvalResult:
 
         progress.doing("digits classifier")
         load_digits_classifier(cfg.eval.cache_dir)  # train and cache once, before workers race to do it
-    plan = EvalPlan(want_digits=want_digits, want_fid=want_fid, inception_weights=weights,
-                    cache_dir=cfg.eval.cache_dir, batch_size=cfg.eval.batch_size,
-                    examples_per_class=cfg.samples.per_class)
+    plan = eval_plan(cfg, want_digits, want_fid, weights)
     start = time.time()
     trained = with_sampling_config(trained, cfg)
     if cfg.model.name.lower() == "flux":  # captions as classes; Euler on the shifted schedule; autoencoder decode

@@ -53,6 +53,13 @@ def check_applicable(trained: Any, requested: list[str]) -> None:
                          "it integrates the transport's probability-flow ODE (sit / SiT-* models)")
 
 
+def real_data(cfg: Any) -> dict[str, Any]:
+    """The real images the likelihood metrics read: ``eval.bpd_samples`` of ``data.val_shards`` (else
+    ``data.shards``) in batches of ``eval.batch_size``."""
+    return {"shards": cfg.data.val_shards or cfg.data.shards, "batch_size": cfg.eval.batch_size,
+            "max_samples": cfg.eval.bpd_samples}
+
+
 def likelihood_metrics(trained: Any, cfg: Any, requested: list[str]) -> dict[str, float]:
     from evals.reference import iter_real_batches
     from pipeline.transport.likelihood import nll, reconstruction_error
@@ -64,14 +71,12 @@ def likelihood_metrics(trained: Any, cfg: Any, requested: list[str]) -> dict[str
     transport, model = trained.objective.transport, trained.model
     device = next(model.parameters()).device
     levels = 256 if getattr(trained.data, "kind", "pixels") == "pixels" else None
-    shards = cfg.data.val_shards or cfg.data.shards
     generator = torch.Generator().manual_seed(cfg.eval.seed)
     s = cfg.sampler  # the ODE solver of the sampler settings (dopri5 when sampling is an SDE)
     solver = s.solver if s.method == "ode" else "dopri5"
     nll_solver = solver if solver in ("euler", "heun", "midpoint", "rk4", "dopri5") else "heun"
     bits, mse, count = [], [], 0
-    for images, labels in iter_real_batches(shards, trained.data.size, batch_size=cfg.eval.batch_size,
-                                            max_samples=cfg.eval.bpd_samples):
+    for images, labels in iter_real_batches(**real_data(cfg), image_size=trained.data.size):
         x1 = images.to(device=device, dtype=torch.float32)
         kw = {"y": labels.to(device)} if trained.num_classes else {}
         if "bpd" in wanted:

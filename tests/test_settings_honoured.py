@@ -5,13 +5,16 @@ family it sets the field to another valid value (in the context that gives it a 
 ``sampler.method=sde``) and asserts that either what is built changes (the model's structure, the objective's
 training loss and its samples for fixed seeds, on real tiny models) or the config is refused in one line naming the
 setting, its value and the family. A new field nobody wires up fails here: it changes nothing and is not refused.
-Fields of the other sections are the same for every family; each must be read by the code that runs the jobs.
+Fields of the job sections (data, train, samples, eval, tracking, log) and the top-level keys mean the same for every
+family; the second walk sets each to another valid value and asserts that what the job machinery builds from it
+changes (the Ray Train configs, the engine and its DeepSpeed config, the EMA, the loop's step schedule, the data
+stream's arguments, the evaluation's plan, the MLflow run, the sample grid, the initial weights), or that it is
+refused in one line naming it.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipeline.config import ConfigError, TrainJobConfig, load_config  # noqa: E402
-from pipeline.families import FAMILY_SECTIONS, JOB_SECTIONS, SELECTORS, family_keys  # noqa: E402
+from pipeline.families import FAMILY_SECTIONS, JOB_SECTIONS, SELECTORS, family_keys, section_fields  # noqa: E402
 from pipeline.objective import build_objective, validate_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -312,18 +315,8 @@ def test_vp_paths_get_their_eps_in_dfm():
         assert bool(torch.isfinite(out[1])) and bool(torch.isfinite(out[3]).all()), path
 
 
-def test_other_sections_are_read_by_the_jobs():
-    """Fields outside the family sections act the same for every family; each one is read somewhere."""
-    sources = "\n".join(p.read_text() for d in ("pipeline", "evals", "jobs", "privacy") for p in (ROOT / d).rglob("*.py")
-                        if p.name != "config.py")
-    unread = []
-    for name, field in TrainJobConfig.model_fields.items():
-        section = field.annotation
-        if name in FAMILY_SECTIONS:
-            continue
-        names = list(section.model_fields) if hasattr(section, "model_fields") else [name]
-        unread += [f"{name}.{n}" if n != name else n for n in names if not re.search(rf"\.{n}\b", sources)]
-    assert not unread, f"settings nothing reads: {unread}"
+def test_path_fields_are_read_by_their_loaders():
+    """The FLUX / teacher path fields (not varied by the family walk) are read by the loader named for them."""
     for key, consumer in PATH_FIELDS.items():
         assert f".{key.split('.')[1]}" in (ROOT / consumer).read_text(), key
 
@@ -354,3 +347,352 @@ def test_flowrail_refuses_in_one_line_with_exit_2(argv, named, capsys, tmp_path)
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and named in err and "model family" in err, err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+# ---- the job sections and the top-level keys --------------------------------------------------------------------
+# Their meaning is the same for every family; each is probed through the smallest function of the job machinery that
+# consumes it (the objects the trainer, the workers, the evaluation and the tracking build from the config, built
+# here without starting Ray or training), and the walk asserts the probe's output changes with the field.
+
+def _tiny_info():
+    from pipeline.data.streaming import DataInfo
+
+    return DataInfo(kind="pixels", field="image.npy", channels=4, size=8, num_classes=3, num_samples=96)
+
+
+def probe_ray(cfg: TrainJobConfig) -> str:
+    """The TorchTrainer's ScalingConfig, RunConfig and TorchConfig (workers, resources, storage, restarts, logs)."""
+    from pipeline.console import is_verbose
+    from pipeline.train.trainer import ray_train_configs
+
+    return repr(ray_train_configs(cfg, is_verbose(cfg)))
+
+
+def probe_engine(cfg: TrainJobConfig) -> list:
+    """The training engine :func:`build_engine` makes of a small Linear: its kind, DeepSpeed's JSON config (caught
+    at ``deepspeed.initialize``), AdamW's settings, the warm-up's LR factors and the ``torch.compile`` call."""
+    from unittest import mock
+
+    import deepspeed
+
+    from pipeline.train.engine import build_engine
+
+    seen: dict = {}
+
+    class Compiled:
+        def compile(self, backend: str) -> None:
+            seen["compile"] = backend
+
+    def initialize(*, model, optimizer, lr_scheduler, config, dist_init_required):  # noqa: ANN001, ANN202
+        seen["config"] = config
+        engine = Compiled()
+        engine.optimizer, engine.lr_scheduler = optimizer, lr_scheduler
+        return engine, optimizer, None, lr_scheduler
+
+    torch.manual_seed(0)
+    with mock.patch.object(deepspeed, "initialize", initialize), \
+            mock.patch("pipeline.train.torch_engine.TorchEngine.compile",
+                       lambda self, backend: seen.__setitem__("compile", backend), create=True):
+        engine = build_engine(torch.nn.Linear(8, 8), cfg.train, cfg.data.batch_size, cfg.train.num_workers)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    factors = [engine.lr_scheduler.lr_lambdas[0](k) for k in range(6)]
+    return [type(engine).__name__, seen.get("config"), groups, factors, seen.get("compile")]
+
+
+def probe_ema(cfg: TrainJobConfig) -> list:
+    """The EMA :func:`make_ema` keeps of a small Linear after one update at step 1000 (decay, where it lives)."""
+    from pipeline.train.ema import make_ema
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    ema = make_ema(model, cfg.train.ema_decay, cfg.train.ema_device)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, ema.decay_at(1000))
+    return [ema.offload, ema.model.weight.detach().clone()]
+
+
+def probe_schedule(cfg: TrainJobConfig) -> list:
+    """What the loop does after each of the first 700 optimizer steps (windows, evaluations, checkpoints, end)."""
+    from pipeline.train.loop import step_events
+
+    return [sorted(step_events(cfg.train, s)) for s in range(1, 701)]
+
+
+def probe_bad_steps(cfg: TrainJobConfig) -> int:
+    """How many non-finite losses :func:`guard_nonfinite` lets the loop skip before it aborts."""
+    from types import SimpleNamespace
+
+    from pipeline.train.checkpoint import TrainState
+    from pipeline.train.loop import TooManyBadSteps, guard_nonfinite
+
+    ctx = SimpleNamespace(state=TrainState(), cfg=cfg, setup=SimpleNamespace(engine=object()), rank=1)
+    for n in range(100):
+        try:
+            guard_nonfinite(ctx)
+        except TooManyBadSteps:
+            return n
+    return -1
+
+
+def probe_read_budget(cfg: TrainJobConfig) -> str:
+    """Each worker's Ray Data limits on a 16-CPU cluster."""
+    from pipeline.train.trainer import budget_for
+
+    return repr(budget_for(cfg, {"CPU": 16.0, "object_store_memory": 8e9}))
+
+
+def probe_stream(cfg: TrainJobConfig) -> dict:
+    """The config's arguments of every rank's epoch stream (policy, shuffle seed and span, batch)."""
+    from pipeline.train.worker import stream_settings
+
+    return stream_settings(cfg)
+
+
+def probe_worker_services(cfg: TrainJobConfig) -> list:
+    """Rank 0's metric logger settings and the node's system-metrics interval."""
+    from pipeline.train.worker import metric_logger_settings, system_metrics_interval
+
+    return [metric_logger_settings(cfg), system_metrics_interval(cfg, 0)]
+
+
+def probe_tracking(cfg: TrainJobConfig) -> list:
+    """The MLflow URI, and the experiment a new training run is created in (a fresh sqlite store per call)."""
+    import tempfile
+
+    from pipeline.config import tracking_uri
+    from pipeline.tracking import client, start_or_resume_run
+
+    fresh = tempfile.mkdtemp(prefix="flowrail-walk-mlflow-")
+    store = cfg.model_copy(update={"run_dir": fresh}, deep=True)
+    store.tracking.tracking_uri = f"sqlite:///{fresh}/mlflow.db"
+    run_id, _ = start_or_resume_run(store)
+    c = client(store.tracking.tracking_uri)
+    return [tracking_uri(cfg), c.get_experiment(c.get_run(run_id).info.experiment_id).name]
+
+
+def probe_shards(cfg: TrainJobConfig) -> list:
+    """What training reads: the shard set's description at ``data.image_size``, its checksum check, and the real
+    data the likelihood metrics read."""
+    from evals.likelihood import real_data
+    from pipeline.data.streaming import describe
+    from pipeline.train.trainer import check_shards
+
+    paths, info = describe(cfg.data.shards, cfg.data.image_size, job="train")
+    return [len(paths), info.to_dict(), check_shards(cfg) is not None, real_data(cfg)]
+
+
+def probe_eval(cfg: TrainJobConfig) -> list:
+    """What ``flowrail evaluate`` does with the config before sampling: the metrics it computes for a digits model,
+    its slices (labels and seed per worker), each worker's plan, the Inception weights and FID reference it loads."""
+    from types import SimpleNamespace
+
+    from evals.distributed import eval_slices
+    from evals.evaluate import _fid_reference, chosen_metrics, eval_plan
+    from evals.inception import find_inception_weights
+
+    def outcome(fn):  # noqa: ANN001, ANN202 - a value, or the one-line error naming what was looked for
+        try:
+            return repr(fn())
+        except Exception as exc:  # noqa: BLE001
+            return f"{type(exc).__name__}: {exc}"
+
+    digits = SimpleNamespace(data=SimpleNamespace(kind="pixels"), image_shape=(1, 8, 8), num_classes=10,
+                             objective=SimpleNamespace(transport=object()))
+    slices = [(labels.tolist(), seed) for labels, seed in eval_slices(cfg, 3)]
+    plan = eval_plan(cfg, want_digits=True, want_fid=True, inception_weights=None)
+    return [outcome(lambda: chosen_metrics(digits, cfg)), slices, repr(plan),
+            outcome(lambda: find_inception_weights(cfg.eval.inception_weights)),
+            outcome(lambda: _fid_reference(SimpleNamespace(data=SimpleNamespace(kind="text")), cfg))]
+
+
+def probe_samples(cfg: TrainJobConfig) -> list:
+    """The final sample grid :func:`final_grid` draws from the walk's tiny SiT (its PNG bytes and NFE)."""
+    import tempfile
+
+    from pipeline.train.checkpoint import Trained
+    from pipeline.train.trainer import final_grid
+
+    trained = Trained(config=cfg, model=build_model(cfg).eval(), objective=build_objective(cfg, 3),
+                      data=_tiny_info(), step=0, path=Path("."))
+    path, nfe = final_grid(trained, Path(tempfile.mkdtemp(prefix="flowrail-walk-grid-")) / "grid.png", cfg.samples)
+    return [path.read_bytes(), nfe]
+
+
+def probe_init(cfg: TrainJobConfig) -> list:
+    """The ``init_from`` check's outcome (its notes, or its one-line refusal) and the initial weights a worker
+    builds (:func:`build_worker_model`)."""
+    from pipeline.train.init_from import check_init_from
+    from pipeline.train.worker_setup import build_worker_model
+
+    try:
+        notes: object = check_init_from(cfg, 3) if cfg.init_from else []
+    except Exception as exc:  # noqa: BLE001
+        return [f"{type(exc).__name__}: {exc}"]
+    weights = build_worker_model(cfg, _tiny_info()).state_dict()
+    return [notes, torch.cat([w.flatten().float() for w in weights.values()])]
+
+
+BARE = "<bare>"  # replaced by a bare state dict (.safetensors) of the walk's SiT (the _bare_path helper)
+
+
+def _bare_path() -> str:
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from pipeline.models import build_model as build
+
+    path = Path(tempfile.mkdtemp(prefix="flowrail-walk-bare-")) / "sit.safetensors"
+    if not path.exists():
+        torch.manual_seed(11)
+        save_file(build(TrainJobConfig().model, in_channels=4, input_size=8, num_classes=3).state_dict(), str(path))
+    return str(path)
+
+
+def _file(suffix: str, content: bytes = b"") -> str:
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix="flowrail-walk-", suffix=suffix)
+    os.write(fd, content)
+    os.close(fd)
+    return name
+
+
+def _stats_file() -> str:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, mu=np.zeros(4), sigma=np.eye(4))
+    return _file(".npz", buf.getvalue())
+
+
+# job key -> (another valid value, its probe, the context that gives it a meaning); "<...>" values are made by
+# JOB_FILES. A new job field (or top-level key) must be listed here.
+JOB_FILES = {TEACHER: _teacher_path, BARE: _bare_path, "<weights>": lambda: _file(".pth"), "<stats>": _stats_file}
+ONE_WORKER = {"train.num_workers": 1}
+BARE_DECLARED = {"init_from": BARE, "init_from_path": "linear", "init_from_prediction": "velocity"}
+JOB_VARIANT = {
+    # the top-level keys
+    "run_name": ("other", probe_ray, {}),
+    "seed": (3, probe_stream, {}),
+    "run_dir": ("elsewhere", probe_ray, {}),
+    "init_from": (TEACHER, probe_init, {}),
+    "init_from_override": (True, probe_init, {"init_from": TEACHER, "transport.path": "gvp"}),
+    "init_from_path": ("gvp", probe_init, BARE_DECLARED),
+    "init_from_prediction": ("noise", probe_init, BARE_DECLARED),
+    # data
+    "data.shards": ("<digits>/val", probe_shards, {}),
+    "data.val_shards": (None, probe_shards, {}),
+    "data.image_size": (8, probe_shards, {}),
+    "data.batch_size": (16, probe_engine, {}),
+    "data.shuffle_buffer": (0, probe_stream, {}),
+    "data.bad_sample_policy": ("fail", probe_stream, {}),
+    "data.verify_checksums": (False, probe_shards, {}),
+    "data.read_cpus": (1.0, probe_read_budget, {}),
+    # train
+    "train.num_workers": (1, probe_ray, {}),
+    "train.cpus_per_worker": (2.0, probe_ray, {}),
+    "train.use_gpu": (True, probe_ray, {}),
+    "train.zero_stage": (1, probe_engine, {}),
+    "train.offload": (True, probe_engine, {}),
+    "train.stage0_single_worker": (False, probe_engine, ONE_WORKER),
+    "train.engine": ("torch", probe_engine, {**ONE_WORKER, "train.zero_stage": 0}),
+    "train.deepspeed_preset": ("zero3", probe_engine, {}),
+    "train.precision": ("bf16", probe_engine, {}),
+    "train.compile": (True, probe_engine, {}),
+    "train.compile_backend": ("aot_eager", probe_engine, {"train.compile": True}),
+    "train.lr": (2e-4, probe_engine, {}),
+    "train.weight_decay": (0.01, probe_engine, {}),
+    "train.betas": ([0.8, 0.95], probe_engine, {}),
+    "train.grad_clip": (0.5, probe_engine, {}),
+    "train.warmup_steps": (3, probe_engine, {}),
+    "train.steps": (50, probe_schedule, {}),
+    "train.ema_decay": (0.5, probe_ema, {}),
+    "train.ema_device": ("cpu", probe_ema, {}),
+    "train.grad_accum_steps": (2, probe_engine, {}),
+    "train.log_every": (7, probe_schedule, {}),
+    "train.checkpoint_every": (9, probe_schedule, {}),
+    "train.keep_checkpoints": (5, probe_ray, {}),
+    "train.eval_every": (5, probe_schedule, {}),
+    "train.max_bad_steps": (2, probe_bad_steps, {}),
+    "train.max_failures": (0, probe_ray, {}),
+    "train.placement_strategy": ("SPREAD", probe_ray, {}),
+    "train.storage_path": ("/tmp/flowrail-walk-storage", probe_ray, {}),
+    # samples
+    "samples.per_class": (2, probe_samples, {}),
+    "samples.seed": (5, probe_samples, {}),
+    # eval
+    "eval.num_samples": (12, probe_eval, {}),
+    "eval.metrics": (["fd_digits"], probe_eval, {}),
+    "eval.batch_size": (16, probe_eval, {}),
+    "eval.num_workers": (2, probe_eval, {}),
+    "eval.inception_weights": ("<weights>", probe_eval, {}),
+    "eval.reference_stats": ("<stats>", probe_eval, {}),
+    "eval.seed": (9, probe_eval, {}),
+    "eval.bpd_samples": (8, probe_shards, {}),
+    "eval.cache_dir": ("/tmp/flowrail-walk-cache", probe_eval, {}),
+    # tracking
+    "tracking.tracking_uri": ("sqlite:////tmp/flowrail-walk-other.db", probe_tracking, {}),
+    "tracking.experiment": ("other", probe_tracking, {}),
+    "tracking.on_unreachable": ("fail", probe_worker_services, {}),
+    "tracking.buffer_grace_s": (5.0, probe_worker_services, {}),
+    # log
+    "log.verbose": (True, probe_ray, {}),
+    "log.system_metrics": (False, probe_worker_services, {}),
+    "log.system_metrics_interval_s": (2.5, probe_worker_services, {}),
+}
+
+
+def job_keys() -> list[str]:
+    """Every dotted key of the job sections, and every top-level key that is not a section."""
+    keys = [k for section in JOB_SECTIONS for k in section_fields(section)]
+    return keys + [n for n, f in TrainJobConfig.model_fields.items() if not hasattr(f.annotation, "model_fields")]
+
+
+def test_every_job_field_has_a_probe():
+    """A new field of a job section (or a new top-level key) must be given a variant and a probe here."""
+    missing = [k for k in job_keys() if k not in JOB_VARIANT]
+    assert not missing, f"job settings with no probe in this test: {missing}"
+    assert not [k for k in JOB_VARIANT if k not in job_keys()], "probes of settings that do not exist"
+
+
+_MADE: dict[str, str] = {}
+
+
+def _made(value: str) -> str:
+    if value not in _MADE:
+        _MADE[value] = JOB_FILES[value]()
+    return _MADE[value]
+
+
+def _job_cfg(overrides: dict, digits: Path) -> TrainJobConfig:
+    made = {k: (_made(v) if isinstance(v, str) and v in JOB_FILES else v) for k, v in overrides.items()}
+    made = {k: (v.replace("<digits>", str(digits)) if isinstance(v, str) else v) for k, v in made.items()}
+    return make_cfg(made)
+
+
+def test_every_job_setting_changes_what_the_jobs_build_or_is_refused(digits_shards, monkeypatch):
+    """Each job field (and top-level key), set to another valid value, changes what its consumer builds, or the
+    config is refused in one line naming it."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("FLOWRAIL_VERBOSE", raising=False)
+    monkeypatch.setenv("FLOWRAIL_CACHE", "/tmp/flowrail-walk-cache-default")
+    base = {"sampler.steps": 4, "data.shards": "<digits>/train", "data.val_shards": "<digits>/val",
+            "run_dir": "/tmp/flowrail-walk-runs"}
+    silent, wrong_refusals = [], []
+    for key, (value, probe, context) in JOB_VARIANT.items():
+        context = {**base, **context}
+        try:
+            before = probe(_job_cfg(context, digits_shards))
+            after = probe(_job_cfg({**context, key: value}, digits_shards))
+        except (ConfigError, ValueError) as exc:  # load_config's refusals
+            if "\n" in str(exc).strip() or key not in str(exc):
+                wrong_refusals.append((key, str(exc)))
+            continue
+        if same(before, after):
+            silent.append(key)
+    assert not silent, f"settings that change nothing and are not refused: {silent}"
+    assert not wrong_refusals, f"refusals that are not one line naming the setting: {wrong_refusals}"

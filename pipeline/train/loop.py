@@ -271,6 +271,22 @@ def checkpoint_and_report(ctx: LoopContext, stage: Stage, metrics: dict[str, flo
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def step_events(tcfg: Any, step: int) -> frozenset[str]:
+    """What the loop does after optimizer step ``step`` of ``train.steps``: ``window`` (the metrics since the last
+    window: every ``log_every`` and ``checkpoint_every`` steps and at the last), ``eval`` (every ``eval_every``
+    steps and at the last, 0: never; inside a window), ``checkpoint`` (every ``checkpoint_every`` and at the last),
+    ``last``."""
+    last = step >= tcfg.steps
+    events = {"last"} if last else set()
+    if step % tcfg.log_every == 0 or last or step % tcfg.checkpoint_every == 0:
+        events.add("window")
+        if periodic_eval.due(step, tcfg.eval_every, last):
+            events.add("eval")
+    if step % tcfg.checkpoint_every == 0 or last:
+        events.add("checkpoint")
+    return frozenset(events)
+
+
 def end_window(ctx: LoopContext, stage: Stage, window: Window, sink: MetricSink, reporter: MetricReporter,
                last: bool) -> None:
     """A log / checkpoint step: the window's metrics, periodic evaluation, recording, then checkpoint or report."""
@@ -278,14 +294,15 @@ def end_window(ctx: LoopContext, stage: Stage, window: Window, sink: MetricSink,
     metrics, idle = window.close(ctx, stage, reporter.idle())
     if state.step == ctx.first_window_step and ctx.startup_s is not None:
         metrics["startup_s"] = ctx.startup_s
-    if periodic_eval.due(state.step, tcfg.eval_every, last):
+    events = step_events(tcfg, state.step)
+    if "eval" in events:
         ema_model = ctx.setup.ema.model  # under ZeRO-3 a gather: every rank takes part, rank 0 evaluates
         if ctx.rank == 0:
             metrics.update(periodic_eval.evaluate_ema(ctx.cfg, ema_model, ctx.setup.objective, ctx.info, state.step))
         del ema_model
     sink.record(metrics, window, last)
     window.reset()
-    if state.step % tcfg.checkpoint_every == 0 or last:
+    if "checkpoint" in events:
         reporter.drain()  # reports keep their order
         checkpoint_and_report(ctx, stage, metrics)
     elif idle >= ctx.world:  # every rank's previous report is through: all report this window, or none
@@ -298,9 +315,7 @@ def mark_started(ctx: LoopContext) -> None:
     seconds = time.perf_counter() - ctx.started_at
     tcfg = ctx.cfg.train
     ctx.startup_s = seconds
-    ctx.first_window_step = next(
-        s for s in range(ctx.state.step, tcfg.steps + 1)
-        if s % tcfg.log_every == 0 or s % tcfg.checkpoint_every == 0 or s >= tcfg.steps)
+    ctx.first_window_step = next(s for s in range(ctx.state.step, tcfg.steps + 1) if "window" in step_events(tcfg, s))
     if ctx.rank == 0:
         print(f"[flowrail] first step after {seconds:.2f}s of start-up", flush=True)
 
@@ -342,8 +357,9 @@ def run(ctx: LoopContext, stage: Stage) -> None:
             if not started:
                 mark_started(ctx)
                 started = True
-            last = state.step >= tcfg.steps
-            if state.step % tcfg.log_every == 0 or last or state.step % tcfg.checkpoint_every == 0:
+            events = step_events(tcfg, state.step)
+            last = "last" in events
+            if "window" in events:
                 end_window(ctx, stage, window, sink, reporter, last)
             ctx.hooks.after_step(rank, state.step, state.step // tcfg.checkpoint_every * tcfg.checkpoint_every)
             if last:

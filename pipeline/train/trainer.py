@@ -32,13 +32,11 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
 
     ``callbacks``: Ray Train ``UserCallback``s for the run config (a Tune trial passes its report callback).
     """
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
-    from pipeline.console import DriverProgress, is_verbose, on_driver, quiet_ray_logs, train_logging_config
+    from pipeline.console import DriverProgress, is_verbose, on_driver, quiet_ray_logs
     from pipeline.data.storage import check_writable
     from pipeline.data.streaming import describe
-    from pipeline.data.verify import ensure_verified
     from pipeline.errors import CheckpointError
     from pipeline.tracking import mark_terminated, metric_spool, redact, start_or_resume_run
     from pipeline.train import user_errors
@@ -53,7 +51,7 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
         check_torch_engine(cfg.train, cfg.train.num_workers)
     paths, info = describe(cfg.data.shards, cfg.data.image_size, job="train")
     # once per manifest, in parallel Ray tasks (pipeline/data/verify.py); before the MLflow run exists
-    if cfg.data.verify_checksums and ensure_verified(cfg.data.shards, start_ray=init_ray) == "verified":
+    if check_shards(cfg, start_ray=init_ray) == "verified":
         print(f"[flowrail] shard set {cfg.data.shards}: every shard's sha256 checked (cached for this manifest)",
               flush=True)
     if cfg.train.storage_path:  # an s3:// / gs:// store: bucket, endpoint, credentials, before the MLflow run exists
@@ -63,8 +61,7 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
     from pipeline.train.checkpoint_read import resume_world_size, world_size_error
 
     # a re-run resumes the run's latest registered checkpoint: refuse another world size before anything starts
-    storage = cfg.train.storage_path or str(Path(cfg.run_dir) / "ray")
-    run_storage = f"{storage.rstrip('/')}/{cfg.run_name}"
+    storage, run_storage = checkpoint_storage(cfg)
     resume_from = resume_world_size(run_storage)
     if resume_from is not None and resume_from[1] != cfg.train.num_workers:
         raise world_size_error(*resume_from, cfg.train.num_workers)
@@ -95,19 +92,8 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
     # the progress bar only where a person watches: the driver (a Tune trial's fit runs in a Ray worker)
     progress = DriverProgress(tcfg.steps, cfg.run_name, enabled=on_driver())
     progress.__enter__()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
-                                               resources_per_worker={"CPU": tcfg.cpus_per_worker},
-                                               placement_strategy=tcfg.placement_strategy),
-        run_config=ray.train.RunConfig(
-            name=cfg.run_name, storage_path=storage,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
-            callbacks=[*(callbacks or []), *progress.callbacks], logging_config=train_logging_config(verbose)),
-        torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
-    )
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config,
+                           **ray_train_configs(cfg, verbose, [*(callbacks or []), *progress.callbacks]))
     from pipeline.train.storage_outage import fit_through_outages
 
     try:  # an object store that stops answering: fit again from its last stored checkpoint (storage_outage.py)
@@ -131,9 +117,55 @@ def fit(cfg: TrainJobConfig, *, tags: dict[str, str] | None = None, make_grid: b
     return out
 
 
+def check_shards(cfg: TrainJobConfig, start_ray: Any = None) -> str | None:
+    """Every shard's sha256 against the manifest when ``data.verify_checksums`` (``"verified"``, or ``"cached"``
+    for a manifest already checked; a corrupt shard is one :class:`DataError` line); None when off."""
+    from pipeline.data.verify import ensure_verified
+
+    return ensure_verified(cfg.data.shards, start_ray=start_ray) if cfg.data.verify_checksums else None
+
+
+def checkpoint_storage(cfg: TrainJobConfig) -> tuple[str, str]:
+    """Ray Train's storage (``train.storage_path``, else ``run_dir/ray``) and this run's folder in it."""
+    storage = cfg.train.storage_path or str(Path(cfg.run_dir) / "ray")
+    return storage, f"{storage.rstrip('/')}/{cfg.run_name}"
+
+
+def ray_train_configs(cfg: TrainJobConfig, verbose: bool, callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """The ``TorchTrainer`` keyword arguments built from the config: workers and their resources
+    (ScalingConfig), the run's name, storage, kept checkpoints, restarts and console level (RunConfig), and the
+    collective backend (TorchConfig: nccl on GPUs, gloo on CPUs). Building them starts nothing."""
+    import ray.train
+    from ray.train.torch import TorchConfig
+
+    from pipeline.console import train_logging_config
+
+    tcfg = cfg.train
+    return {
+        "scaling_config": ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
+                                                  resources_per_worker={"CPU": tcfg.cpus_per_worker},
+                                                  placement_strategy=tcfg.placement_strategy),
+        "run_config": ray.train.RunConfig(
+            name=cfg.run_name, storage_path=checkpoint_storage(cfg)[0],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
+            callbacks=list(callbacks or []), logging_config=train_logging_config(verbose)),
+        "torch_config": TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
+    }
+
+
 def _dir_name(location: str) -> str:
     """``checkpoint_2026-...`` of a local path, ``s3://bucket/run/checkpoint_...`` or ``bucket/run/checkpoint_...``."""
     return str(location).rstrip("/").rsplit("/", 1)[-1]
+
+
+def budget_for(cfg: TrainJobConfig, cluster: dict[str, float]) -> Any:
+    """:func:`~pipeline.data.read_budget.read_budget` of ``cluster`` (``ray.cluster_resources()``) for this config's
+    workers (``train.num_workers`` x ``train.cpus_per_worker``) and ``data.read_cpus``."""
+    from pipeline.data.read_budget import read_budget
+
+    return read_budget(cluster, num_workers=cfg.train.num_workers, cpus_per_worker=cfg.train.cpus_per_worker,
+                       read_cpus=cfg.data.read_cpus)
 
 
 def worker_read_budget(cfg: TrainJobConfig, uri: str, run_id: str) -> dict[str, float]:
@@ -142,13 +174,11 @@ def worker_read_budget(cfg: TrainJobConfig, uri: str, run_id: str) -> dict[str, 
     run FAILED and is refused in one line."""
     import ray
 
-    from pipeline.data.read_budget import read_budget
     from pipeline.config import ConfigError
     from pipeline.tracking import mark_terminated
 
     try:
-        return read_budget(ray.cluster_resources(), num_workers=cfg.train.num_workers,
-                           cpus_per_worker=cfg.train.cpus_per_worker, read_cpus=cfg.data.read_cpus).to_dict()
+        return budget_for(cfg, ray.cluster_resources()).to_dict()
     except ConfigError:
         mark_terminated(uri, run_id, "FAILED")
         raise
@@ -221,16 +251,17 @@ def grid_classes(num_classes: int, per_class: int, max_images: int = FINAL_GRID_
     return [i * total // k for i in range(k)], per_class
 
 
-def final_grid(trained, path: Path, per_class: int, seed: int) -> tuple[Path, int]:  # noqa: ANN001
-    """A labelled grid, one row per class of :func:`grid_classes`; returns its path and the NFE per sample."""
+def final_grid(trained, path: Path, samples: Any) -> tuple[Path, int]:  # noqa: ANN001
+    """A labelled grid of ``samples.per_class`` samples per class of :func:`grid_classes`, drawn with
+    ``samples.seed``; returns its path and the NFE per sample."""
     import torch
 
     from pipeline.images import save_grid
     from pipeline.sampling import sample_classes
 
-    classes, per_class = grid_classes(trained.num_classes, per_class)
+    classes, per_class = grid_classes(trained.num_classes, samples.per_class)
     labels = torch.tensor(classes).repeat_interleave(per_class)
-    out = sample_classes(trained, labels, seed)
+    out = sample_classes(trained, labels, samples.seed)
     names = [str(c) for c in classes] if trained.num_classes else None
     return save_grid(out.x, path, rows=len(classes), row_labels=names), out.nfe
 
@@ -244,8 +275,7 @@ def log_samples_and_curves(cfg: TrainJobConfig, result: TrainResult) -> Path:
 
     trained = load_trained(result.checkpoint)
     out_dir = Path(cfg.run_dir) / "samples" / cfg.run_name
-    grid, nfe = final_grid(trained, out_dir / f"samples_step{trained.step:07d}.png", cfg.samples.per_class,
-                           cfg.samples.seed)
+    grid, nfe = final_grid(trained, out_dir / f"samples_step{trained.step:07d}.png", cfg.samples)
     c = client(result.tracking_uri)
     c.log_artifact(result.run_id, str(grid), artifact_path="samples")
     history = {name: [(m.step, m.value) for m in c.get_metric_history(result.run_id, name)]

@@ -89,6 +89,25 @@ class EpochPrefetch:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def system_metrics_interval(cfg: TrainJobConfig, local_rank: int) -> float | None:
+    """Seconds between this worker's system-metric samples (``log.system_metrics_interval_s``), or None when it takes
+    none: one sampler per node (local rank 0), only with ``log.system_metrics``."""
+    return cfg.log.system_metrics_interval_s if local_rank == 0 and cfg.log.system_metrics else None
+
+
+def metric_logger_settings(cfg: TrainJobConfig) -> dict[str, Any]:
+    """Rank 0's :class:`~pipeline.tracking.MetricLogger` settings: what an unreachable server does
+    (``tracking.on_unreachable``) and how long the end of the run waits for it (``tracking.buffer_grace_s``)."""
+    return {"policy": cfg.tracking.on_unreachable, "grace_s": cfg.tracking.buffer_grace_s}
+
+
+def stream_settings(cfg: TrainJobConfig) -> dict[str, Any]:
+    """The config's part of every rank's :func:`~pipeline.data.streaming.epoch_stream`: the bad-sample policy, the
+    shuffle seed, the per-worker batch and the shuffle span."""
+    return {"policy": cfg.data.bad_sample_policy, "seed": cfg.seed, "batch_size": cfg.data.batch_size,
+            "shuffle_buffer": cfg.data.shuffle_buffer}
+
+
 def start_worker(loop_config: dict[str, Any], cfg: TrainJobConfig, info: DataInfo, cleanups: ExitStack,
                  restore_extra: Callable[[Path], None] | None = None) -> LoopContext:
     """What every stage's worker does before its first step; ``restore_extra`` reads the stage's own files from
@@ -106,11 +125,12 @@ def start_worker(loop_config: dict[str, Any], cfg: TrainJobConfig, info: DataInf
         from pipeline.console import quiet_ray_logs
 
         quiet_ray_logs()
-    if ctx.get_local_rank() == 0 and loop_config.get("run_id") and cfg.log.system_metrics:
+    interval_s = system_metrics_interval(cfg, ctx.get_local_rank())
+    if interval_s is not None and loop_config.get("run_id"):
         from pipeline.system_metrics import start_system_metrics
 
         monitor = start_system_metrics(loop_config["tracking_uri"], loop_config["run_id"], ctx.get_node_rank(),
-                                       cfg.log.system_metrics_interval_s)
+                                       interval_s)
         if monitor is not None:
             cleanups.callback(monitor.finish)
     if cfg.data.batch_size == "auto":  # probed on this worker's GPU, the same on every rank (train/batch_probe.py)
@@ -126,8 +146,8 @@ def start_worker(loop_config: dict[str, Any], cfg: TrainJobConfig, info: DataInf
                   flush=True)
     else:
         torch.manual_seed(cfg.seed * 1009 + rank)  # per-rank noise/time draws
-    logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"], cfg.tracking.on_unreachable,
-                          grace_s=cfg.tracking.buffer_grace_s, spool=loop_config.get("metric_spool")) \
+    logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"], **metric_logger_settings(cfg),
+                          spool=loop_config.get("metric_spool")) \
         if rank == 0 and loop_config.get("run_id") else None
     if logger is not None and logger.recovered:
         print(f"[flowrail] {logger.recovered} metric values a previous attempt had not logged: sending them",
@@ -175,9 +195,8 @@ class SpineStage(Stage):
         from pipeline.data.streaming import epoch_stream, name_bad_shard
 
         cfg, ctx = self.cfg, self.ctx
-        stream, files = epoch_stream(self.paths, self.info, policy=cfg.data.bad_sample_policy, seed=cfg.seed,
-                                     epoch=epoch, rank=ctx.rank, world=ctx.world, batch_size=cfg.data.batch_size,
-                                     shuffle_buffer=cfg.data.shuffle_buffer, start=start, budget=self.budget)
+        stream, files = epoch_stream(self.paths, self.info, **stream_settings(cfg), epoch=epoch, rank=ctx.rank,
+                                     world=ctx.world, start=start, budget=self.budget)
         while True:
             try:
                 batch, position = next(stream)
