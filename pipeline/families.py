@@ -26,7 +26,8 @@ from pipeline.config import ConfigError, TrainJobConfig
 
 # config sections whose meaning depends on the model family (or objective); the other sections (JOB_SECTIONS and
 # the top-level keys) are consumed by the job machinery the same way for every family. Every section of
-# TrainJobConfig is in exactly one of the two (tests/test_settings_honoured.py checks it).
+# TrainJobConfig is in exactly one of the two, and every field of both is walked by behaviour
+# (tests/test_settings_honoured.py: a field that changes nothing and is not refused fails it).
 FAMILY_SECTIONS = ("model", "transport", "sampler", "guidance", "flux", "objective", "flow_map")
 JOB_SECTIONS = ("data", "train", "samples", "eval", "tracking", "log")
 SELECTORS = ("model.name", "objective.name")  # they pick the family; every family "honours" them
