@@ -5,6 +5,10 @@ family it sets the field to another valid value (in the context that gives it a 
 ``sampler.method=sde``) and asserts that either what is built changes (the model's structure, the objective's
 training loss and its samples for fixed seeds, on real tiny models) or the config is refused in one line naming the
 setting, its value and the family. A new field nobody wires up fails here: it changes nothing and is not refused.
+The path fields (``flux.weights``, ``flux.config``, ``flux.autoencoder``, ``flow_map.teacher``) are walked with two
+real files each (tiny FLUX pipelines, a single-file checkpoint and two transformer configs, two autoencoders, two
+teacher checkpoints): what their loaders build from them (weights, outputs, decoded samples, the distillation loss)
+changes, or the file is refused in one line naming the field.
 Fields of the job sections (data, train, samples, eval, tracking, log) and the top-level keys mean the same for every
 family; the second walk sets each to another valid value and asserts that what the job machinery builds from it
 changes (the Ray Train configs, the engine and its DeepSpeed config, the EMA, the loop's step schedule, the data
@@ -26,7 +30,6 @@ from pipeline.config import ConfigError, TrainJobConfig, load_config  # noqa: E4
 from pipeline.families import FAMILY_SECTIONS, JOB_SECTIONS, SELECTORS, family_keys, section_fields  # noqa: E402
 from pipeline.objective import build_objective, validate_settings  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 
 FEW_STEPS = {"sampler.steps": 4}
 FLOW_MAP = {"model.name": "sit", "objective.name": "flow_map"}
@@ -90,12 +93,6 @@ CONTEXT = {
     "flow_map.guidance_t_min": {"flow_map.guidance": 1.5},
     "flow_map.guidance_t_max": {"flow_map.guidance": 1.5},
 }
-# paths the FLUX loaders read (a local folder / file): not varied here; their consumers are named instead
-PATH_FIELDS = {"flux.weights": "pipeline/flux/model.py", "flux.config": "pipeline/flux/model.py",
-               "flux.autoencoder": "pipeline/flux/evaluation.py",
-               "flow_map.teacher": "pipeline/flow_map/teacher.py"}  # (varied as the teacher of flow_map.target)
-
-
 _TEACHER: list[str] = []
 
 
@@ -233,8 +230,10 @@ def _few_threads():
 
 def test_every_family_field_has_a_variant():
     """A new field of a family section must be given a variant here (and then be honoured or refused)."""
-    missing = [k for k in family_keys() if k not in SELECTORS and k not in VARIANT and k not in PATH_FIELDS]
+    probed = {row[0] for row in PATH_VARIANT}
+    missing = [k for k in family_keys() if k not in SELECTORS and k not in VARIANT and k not in probed]
     assert not missing, f"fields with no variant in this test: {missing}"
+    assert not [k for k in probed if k not in family_keys()], "path probes of settings that do not exist"
 
 
 # the named-size walk builds SiT-S/8 (33M parameters): ~3.5 min on the shared 2-core machine, so it runs in the e2e
@@ -313,12 +312,6 @@ def test_vp_paths_get_their_eps_in_dfm():
         assert float(active.min()) >= eps and float(active.max()) <= 1 - eps
         out = behaviour(cfg)
         assert bool(torch.isfinite(out[1])) and bool(torch.isfinite(out[3]).all()), path
-
-
-def test_path_fields_are_read_by_their_loaders():
-    """The FLUX / teacher path fields (not varied by the family walk) are read by the loader named for them."""
-    for key, consumer in PATH_FIELDS.items():
-        assert f".{key.split('.')[1]}" in (ROOT / consumer).read_text(), key
 
 
 def test_train_settings_reach_the_engine_config():
@@ -695,4 +688,160 @@ def test_every_job_setting_changes_what_the_jobs_build_or_is_refused(digits_shar
         if same(before, after):
             silent.append(key)
     assert not silent, f"settings that change nothing and are not refused: {silent}"
+    assert not wrong_refusals, f"refusals that are not one line naming the setting: {wrong_refusals}"
+
+
+# ---- the path fields of the family sections ---------------------------------------------------------------------
+# flux.weights, flux.config, flux.autoencoder and flow_map.teacher name files: each is walked with two real tiny
+# files (made once per session by PATH_FILES) through the loader that reads it, and the walk asserts that what is
+# built changes, or that the second file is refused in one line naming the field. The first file must load.
+
+def _flux_info(**extra: object):
+    from pipeline.data.streaming import DataInfo
+
+    return DataInfo(kind="latents", field="latent.npy", channels=16, size=8, num_classes=0, num_samples=6, **extra)
+
+
+_FLUX_FILES: dict[str, str] = {}
+
+
+def _flux_files() -> dict[str, str]:
+    """Two tiny FLUX pipelines (other seeds), an original-format single file with two RoPE layouts of its config and
+    one config its tensors contradict, two autoencoders with other weights and shift/scale factors, and a
+    pre-encoded caption shard set (no factors in its manifest: the autoencoder's are used)."""
+    if not _FLUX_FILES:
+        import tempfile
+
+        import numpy as np
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
+        from safetensors.torch import save_file
+        from test_flux_model import _randomized, diffusers_to_bfl
+
+        from pipeline.data.shards import ShardSetWriter
+        from pipeline.flux.model import BFL_PREFIX, tiny_flux_config
+        from pipeline.flux.tiny import write_tiny_flux_pipeline
+
+        root = Path(tempfile.mkdtemp(prefix="flowrail-walk-flux-"))
+        for seed in (0, 1):
+            write_tiny_flux_pipeline(root / f"pipe{seed}", ["a red square", "green grass"], seed=seed)
+        vae = AutoencoderKL.from_pretrained(str(root / "pipe1" / "vae"))
+        vae.register_to_config(shift_factor=0.0609, scaling_factor=1.5305)  # SD3's, not FLUX's
+        vae.save_pretrained(root / "vae-other")
+        model = _randomized(FluxTransformer2DModel.from_config(tiny_flux_config()), seed=3)
+        save_file({BFL_PREFIX + k: v.contiguous() for k, v in diffusers_to_bfl(model.state_dict(), 1, 1).items()},
+                  str(root / "flux-tiny.safetensors"))
+        for name, change in (("axes-a", {}), ("axes-b", {"axes_dims_rope": [2, 6, 8]}), ("layers", {"num_layers": 2})):
+            (root / f"{name}.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel",
+                                                           **tiny_flux_config(), **change}))
+        rng = np.random.default_rng(0)
+        extra = {"kind": "latents", "field": "latent.npy", "shape": [16, 8, 8], "dtype": "float32",
+                 "num_classes": 0, "cond_fields": {"t5.npy": [5, 32], "clip_pooled.npy": [16]}, "encoder": "flux"}
+        with ShardSetWriter(root / "enc", 4, extra) as writer:
+            for i, caption in enumerate(["a red square", "green grass"]):
+                writer.write(f"s{i:05d}", {"latent.npy": rng.standard_normal((16, 8, 8)).astype(np.float32),
+                                           "t5.npy": rng.standard_normal((5, 32)).astype(np.float32),
+                                           "clip_pooled.npy": rng.standard_normal(16).astype(np.float32),
+                                           "txt": caption})
+        _FLUX_FILES.update({
+            "<flux-a>": str(root / "pipe0"), "<flux-b>": str(root / "pipe1"),
+            "<flux-file>": str(root / "flux-tiny.safetensors"), "<axes-a>": str(root / "axes-a.json"),
+            "<axes-b>": str(root / "axes-b.json"), "<layers>": str(root / "layers.json"),
+            "<vae-a>": str(root / "pipe0" / "vae"), "<vae-b>": str(root / "vae-other"), "<enc>": str(root / "enc")})
+    return _FLUX_FILES
+
+
+_TEACHER_B: list[str] = []
+
+
+def _teacher_b() -> str:
+    """Another teacher checkpoint: the walk's teacher with other weights."""
+    if not _TEACHER_B:
+        import shutil
+        import tempfile
+
+        from safetensors.torch import load_file, save_file
+
+        from pipeline.train.checkpoint import EMA_FILE
+
+        root = Path(tempfile.mkdtemp(prefix="flowrail-walk-teacher-b-")) / "checkpoint_000001"
+        shutil.copytree(_teacher_path(), root)
+        gen = torch.Generator().manual_seed(8)
+        state = load_file(str(root / EMA_FILE))
+        save_file({k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in state.items()}, str(root / EMA_FILE))
+        _TEACHER_B.append(str(root))
+    return _TEACHER_B[0]
+
+
+def _path_value(value: object) -> object:
+    if value == TEACHER:
+        return _teacher_path()
+    if value == "<teacher-b>":
+        return _teacher_b()
+    if isinstance(value, str) and value.startswith("<"):
+        return _flux_files()[value]
+    return value
+
+
+def probe_flux_build(cfg: TrainJobConfig) -> list:
+    """What a training worker builds (:func:`build_worker_model`): the transformer's config, its weights, and the
+    objective's samples from it for fixed caption embeddings and seeds."""
+    from pipeline.train.worker_setup import build_worker_model
+
+    model = build_worker_model(cfg, _flux_info()).eval()
+    g = torch.Generator().manual_seed(3)
+    cond = {"t5": torch.randn(2, 5, 32, generator=g), "clip_pooled": torch.randn(2, 16, generator=g)}
+    out = build_objective(cfg, 0).sample(model, cond, (2, 16, 8, 8), generator=torch.Generator().manual_seed(4))
+    weights = torch.cat([w.detach().flatten().float() for w in model.state_dict().values()])
+    return [repr({k: v for k, v in model.config.items() if not k.startswith("_")}), weights, out.x]  # not its path
+
+
+def probe_flux_eval(cfg: TrainJobConfig) -> list:
+    """What an evaluation worker samples from a FLUX run (:func:`flux_eval_view` + :func:`sample_classes`): the
+    view's latent shift and scale and the decoded images of two captions."""
+    from pipeline.flux.evaluation import flux_eval_view
+    from pipeline.sampling import sample_classes
+    from pipeline.train.checkpoint import Trained
+
+    data = _flux_info(cond_fields={"t5.npy": [5, 32], "clip_pooled.npy": [16]},
+                      vae=_flux_files()["<vae-a>"])  # the shard set's autoencoder: flux.autoencoder must win over it
+    trained = Trained(config=cfg, model=build_model(cfg).eval(), objective=build_objective(cfg, 0), data=data,
+                      step=0, path=Path("."))
+    view = flux_eval_view(trained, cfg)
+    return [view.objective.shift, view.objective.scale, sample_classes(view, torch.tensor([0, 1]), seed=11).x]
+
+
+FLUX_FILE = {"model.name": "flux", "sampler.steps": 2, "flux.weights": "<flux-file>"}
+FLUX_EVAL = {"model.name": "flux", "sampler.steps": 2, "data.shards": "<enc>", "data.val_shards": None}
+TEACHER_TARGET = {**FAMILIES["flow_map"], "flow_map.target": "teacher"}
+# (key, the first file, the second file, the probe, the context): every path field of the family sections is listed
+PATH_VARIANT = [
+    ("flux.weights", "<flux-a>", "<flux-b>", probe_flux_build, {"model.name": "flux", "sampler.steps": 2}),
+    ("flux.config", "<axes-a>", "<axes-b>", probe_flux_build, FLUX_FILE),  # same tensors, other RoPE axes
+    ("flux.config", "<axes-a>", "<layers>", probe_flux_build, FLUX_FILE),  # contradicted by the tensors: refused
+    ("flux.autoencoder", "<vae-a>", "<vae-b>", probe_flux_eval, FLUX_EVAL),
+    ("flow_map.teacher", TEACHER, "<teacher-b>", behaviour, TEACHER_TARGET),
+]
+
+
+def test_every_path_setting_changes_what_is_built_or_is_refused():
+    """Each path field, given another real file, changes what its loader builds, or the file is refused in one line
+    naming the field; the first file must load (a loader that ignores the field and fails on its own is caught)."""
+    silent, wrong_refusals, broken = [], [], []
+    for key, first, second, probe, context in PATH_VARIANT:
+        context = {k: _path_value(v) for k, v in context.items()}
+        try:
+            before = probe(make_cfg({**context, key: _path_value(first)}))
+        except Exception as exc:  # noqa: BLE001
+            broken.append((key, f"{type(exc).__name__}: {exc}"))
+            continue
+        try:
+            after = probe(make_cfg({**context, key: _path_value(second)}))
+        except Exception as exc:  # noqa: BLE001
+            if "\n" in str(exc).strip() or key not in str(exc):
+                wrong_refusals.append((key, f"{type(exc).__name__}: {exc}"))
+            continue
+        if same(before, after):
+            silent.append(key)
+    assert not broken, f"path settings whose first file does not load: {broken}"
+    assert not silent, f"path settings that change nothing and are not refused: {silent}"
     assert not wrong_refusals, f"refusals that are not one line naming the setting: {wrong_refusals}"

@@ -157,7 +157,11 @@ def load_bfl_checkpoint(path: Path, config: str | None = None,
     if "img_in.weight" not in state or not any(k.startswith("double_blocks.") for k in state):
         raise ValueError(f"flux.weights={path}: not an original-format FLUX transformer "
                          "(no img_in / double_blocks keys)")
-    model_config = read_config(config) if config else infer_bfl_config(state, path)
+    if config:
+        model_config = read_config(config)
+        check_config_fits(model_config, state, config, path)
+    else:
+        model_config = infer_bfl_config(state, path)
     converted = convert_bfl_state_dict(state, model_config)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel", **model_config}))
@@ -175,22 +179,45 @@ def read_config(config: str) -> dict[str, Any]:
     raise FileNotFoundError(f"flux.config={config}: no transformer config.json there")
 
 
-def infer_bfl_config(state: dict[str, torch.Tensor], path: Path | str = "<state dict>") -> dict[str, Any]:
-    """Transformer sizes read off an original-format state dict (RoPE axes need head dim 128, as in FLUX.1)."""
+def bfl_sizes(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The transformer sizes an original-format state dict's tensor shapes fix (everything but the RoPE axes)."""
     width, in_channels = state["img_in.weight"].shape
     head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
-    if head_dim != 128:
-        raise ValueError(f"flux.weights={path}: head dim {head_dim} is not FLUX.1's 128, so the RoPE axes cannot be "
-                         "inferred; pass flux.config=<local diffusers folder or config.json>")
     out_channels = state["final_layer.linear.weight"].shape[0]
-    return dict(patch_size=1, in_channels=int(in_channels),
-                out_channels=None if out_channels == in_channels else int(out_channels),
+    return dict(in_channels=int(in_channels), out_channels=None if out_channels == in_channels else int(out_channels),
                 num_layers=_count_blocks(state, "double_blocks."),
                 num_single_layers=_count_blocks(state, "single_blocks."),
                 attention_head_dim=int(head_dim), num_attention_heads=int(width // head_dim),
                 joint_attention_dim=int(state["txt_in.weight"].shape[1]),
                 pooled_projection_dim=int(state["vector_in.in_layer.weight"].shape[1]),
-                guidance_embeds="guidance_in.in_layer.weight" in state, axes_dims_rope=FLUX1_AXES)
+                guidance_embeds="guidance_in.in_layer.weight" in state)
+
+
+def infer_bfl_config(state: dict[str, torch.Tensor], path: Path | str = "<state dict>") -> dict[str, Any]:
+    """Transformer sizes read off an original-format state dict (RoPE axes need head dim 128, as in FLUX.1)."""
+    sizes = bfl_sizes(state)
+    if sizes["attention_head_dim"] != 128:
+        raise ValueError(f"flux.weights={path}: head dim {sizes['attention_head_dim']} is not FLUX.1's 128, so the "
+                         "RoPE axes cannot be inferred; pass flux.config=<local diffusers folder or config.json>")
+    return dict(patch_size=1, **sizes, axes_dims_rope=FLUX1_AXES)
+
+
+def check_config_fits(model_config: dict[str, Any], state: dict[str, torch.Tensor], config: str,
+                      path: Path | str) -> None:
+    """Refuse, in one line naming ``flux.config``, a transformer config whose sizes the checkpoint's tensors
+    contradict (diffusers would fail deep inside its converter, or load a model the file does not describe)."""
+    given = dict(model_config)
+    if given.get("out_channels") == given.get("in_channels"):
+        given["out_channels"] = None
+    sizes = bfl_sizes(state)
+    for key, value in sizes.items():
+        if key in given and given[key] != value:
+            raise ValueError(f"flux.config={config}: {key}={given[key]} does not fit flux.weights={path} "
+                             f"(its tensors give {key}={value})")
+    axes = given.get("axes_dims_rope")
+    if axes is not None and sum(axes) != sizes["attention_head_dim"]:
+        raise ValueError(f"flux.config={config}: axes_dims_rope={list(axes)} does not sum to the head dim "
+                         f"{sizes['attention_head_dim']} of flux.weights={path}")
 
 
 def _count_blocks(state: dict[str, torch.Tensor], prefix: str) -> int:
