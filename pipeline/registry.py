@@ -132,18 +132,11 @@ def decoded_shape(latent_shape: tuple[int, int, int], vae_dir: Path) -> tuple[in
 
 
 def base_fingerprint(path: Path) -> str:
-    """SHA-256 over the FLUX base's transformer config and its weight files' names and sizes (hashing tens of GB of
-    weights at every load would take minutes; a swapped or re-downloaded different model changes this)."""
-    folder = path / "transformer" if (path / "transformer" / "config.json").is_file() else path
-    h = hashlib.sha256()
-    if folder.is_file():
-        h.update(f"{folder.name}:{folder.stat().st_size}".encode())
-        return h.hexdigest()
-    if (folder / "config.json").is_file():
-        h.update((folder / "config.json").read_bytes())
-    for f in sorted(folder.glob("*.safetensors")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()
+    """The FLUX base's fingerprint (:func:`pipeline.train.frozen_base.weights_fingerprint`, the one lean checkpoints
+    record): SHA-256 over its transformer config and its weight files' names and sizes."""
+    from pipeline.train.frozen_base import weights_fingerprint
+
+    return weights_fingerprint(path)
 
 
 def flux_base_reference(cfg: dict[str, Any]) -> dict[str, str]:

@@ -7,7 +7,7 @@ The checkpoint's metadata records what the base was built from (:func:`base_refe
 run builds the same base before anything is loaded (:func:`check_base`).
 
 The fingerprint of a weights path is SHA-256 over its transformer ``config.json`` and its weight files' names and
-sizes (as :func:`pipeline.registry.base_fingerprint`): hashing tens of GB at every checkpoint would take minutes, and
+sizes (the registry's base reference uses the same function): hashing tens of GB at every checkpoint would take minutes, and
 a swapped or re-downloaded different model changes it.
 """
 from __future__ import annotations
