@@ -224,6 +224,17 @@ def _privacy_worker(loop_config: dict[str, Any]) -> None:
         train_loop.run(ctx, PrivacyStage(ctx, cfg, float(loop_config["noise_std"]), restored))
 
 
+def check_refresh_size(method: str, refresh_size: int | None, n_noisy: int, world: int) -> None:
+    """SFBD flow re-denoises ``refresh_size`` of each worker's pool slice per refresh; the smallest slice holds
+    ``floor(n_noisy / world)`` copies (rows ``rank::world``). A refresh larger than that is refused in one line (it
+    would be silently cut to the whole slice, so the setting would change nothing past that size)."""
+    smallest = n_noisy // max(1, world)
+    if method == "sfbd_flow" and refresh_size is not None and refresh_size > smallest:
+        raise DataError(f"privacy.refresh_size={refresh_size} is larger than a worker's share of the pool "
+                        f"({smallest} noisy copies: {n_noisy} over train.num_workers={world}); use at most {smallest},"
+                        f" or privacy.refresh_size=null to re-denoise the whole share at every refresh")
+
+
 def build_datasets(cfg: PrivacyTrainConfig, sched: Schedule) -> tuple[dict[str, Any], Any, float]:
     """The clean and noisy Ray Datasets this method needs, the model's DataInfo and the release noise level."""
     from pipeline.data.shards import read_manifest
@@ -245,6 +256,7 @@ def build_datasets(cfg: PrivacyTrainConfig, sched: Schedule) -> tuple[dict[str, 
         datasets["noisy"], info = build_dataset(cfg.noisy_dir, image_size=None, job="privacy train",
                                                 policy=cfg.data.bad_sample_policy)
         infos.append(replace(info, kind="pixels", field="image.npy"))
+        check_refresh_size(sched.method, cfg.privacy.refresh_size, info.num_samples, cfg.train.num_workers)
         if read_manifest(cfg.noisy_dir).get("noise_std") != s:
             raise DataError(f"{cfg.noisy_dir} does not match its release manifest's noise_std={s}")
     info = infos[0]

@@ -75,3 +75,16 @@ def test_pool_refreshes_cyclically_and_mixed_loss():
     assert mixed_loss(torch.tensor(1.0), torch.tensor(3.0), 10, 90, 1.0) == pytest.approx(2.8)
     assert mixed_loss(torch.tensor(1.0), torch.tensor(3.0), 10, 90, 0.0) == 1.0
     assert mixed_loss(None, torch.tensor(3.0), 0, 90, 1.0) == 3.0
+
+
+def test_a_refresh_larger_than_a_workers_pool_share_is_refused_in_one_line():
+    """SFBD flow's refresh would be cut to the whole slice: refused, naming privacy.refresh_size."""
+    from pipeline.errors import DataError
+    from privacy.train import check_refresh_size
+
+    check_refresh_size("sfbd_flow", 64, n_noisy=129, world=2)  # 64 of the smallest share (64) is fine
+    check_refresh_size("sfbd_flow", None, n_noisy=10, world=2)  # the whole share
+    check_refresh_size("sfbd", 500, n_noisy=10, world=2)  # plain SFBD denoises whole rounds
+    with pytest.raises(DataError, match=r"privacy.refresh_size=65 .*64 noisy copies") as err:
+        check_refresh_size("sfbd_flow", 65, n_noisy=129, world=2)
+    assert "\n" not in str(err.value)
