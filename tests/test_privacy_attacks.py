@@ -357,6 +357,12 @@ def test_a_loosened_audit_needs_the_accept_flag_and_is_recorded(world, capsys):
     assert audit_status(ckpt) == LOOSENED
     _refused(["register", str(ckpt), "--name", "faces", "--tracking-uri", uri], capsys, root,
              "--accept-loosened-audit")
+    _refused(["evaluate", str(ckpt)], capsys, root, "--accept-loosened-audit")
+    from jobs.cli import main
+
+    with pytest.raises(SystemExit):  # the flag the refusal names exists on evaluate too
+        main(["evaluate", "--help"])
+    assert "--accept-loosened-audit" in capsys.readouterr().out
     assert require_audit_passed(ckpt, accept_loosened=True) == {"privacy.audit": LOOSENED,
                                                                "privacy.audit_loosened_accepted": "true"}
     strict = _privacy_checkpoint(root / "strict", rel)  # other weights: the defaults, or stricter, are a plain pass
