@@ -244,3 +244,38 @@ def test_a_landed_flow_map_config_loads_as_the_split_recipe() -> None:
     dump["init_from"] = "/some/teacher"
     cfg = TrainJobConfig.model_validate(dump)
     assert cfg.flow_map.recipe == "split" and cfg.flow_map.ratio == 0.9
+
+
+def test_the_unweighted_errors_are_window_metrics() -> None:
+    """The adaptive weight makes each sample's weighted loss ~1 whatever its error, so the objective also keeps the
+    window's unweighted ||delta||^2 / D of each loss: equal to the same draws recomputed by hand, averaged over the
+    window's micro-batches, reset at each window."""
+    from pipeline.flow_map.objective import FlowMapObjective
+    from pipeline.flow_map.times import dmf_times
+
+    cfg = fm_cfg("model.class_dropout_prob=0")
+    obj = FlowMapObjective(cfg, 10)
+    model = sit()
+    x1, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    expected = {"flow_matching": [], "meanflow": []}
+    b = lambda a: a.reshape(-1, 1, 1, 1)  # noqa: E731
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        loss = obj.loss(model, {"image": x1, "label": y})
+        assert loss.item() == pytest.approx(1.0, abs=0.05)  # the weighted loss hides the error's size
+        torch.manual_seed(seed)
+        t, s, r = dmf_times(cfg.flow_map, 8)
+        x0 = torch.randn_like(x1)
+        xt = b(t) * x1 + (1 - b(t)) * x0
+        u_fm = model(xt, t, y=y, label_dropout=False)
+        expected["flow_matching"].append(float((u_fm.detach() - (x1 - x0)).pow(2).mean()))
+        x0 = torch.randn_like(x1)
+        xs = b(s) * x1 + (1 - b(s)) * x0
+        u, du = u_and_derivative(lambda x_, s_: model(x_, s_, y=y, target_time=r, decoupled_blocks=1,
+                                                      label_dropout=False), xs, s, x1 - x0, "func")
+        expected["meanflow"].append(float((u - meanflow_target(du, x1 - x0, s, r)).pow(2).mean()))
+    metrics = obj.window_metrics(obj.window_values())
+    for name, values in expected.items():
+        assert metrics[f"flow_map/{name}_sq_error"] == pytest.approx(sum(values) / 2, rel=1e-4), name
+    assert max(expected["meanflow"]) > 2  # far from the ~1 of the weighted loss
+    assert obj.window_values() == {"error_batches": 0.0}  # reset after each window

@@ -43,6 +43,9 @@ def test_flow_map_distils_a_trained_sit_under_ray_train_and_resumes(trained_digi
     client = MlflowClient(tracking_uri(cfg))
     assert [m.value for m in client.get_metric_history(first.run_id, "resumed_from_step")] == [6]
     assert len(client.get_metric_history(first.run_id, "loss")) >= 3
+    for name in ("flow_map/flow_matching_sq_error", "flow_map/meanflow_sq_error"):  # the unweighted errors
+        history = client.get_metric_history(first.run_id, name)
+        assert len(history) >= 3 and all(math.isfinite(m.value) and m.value > 0 for m in history), name
     trained = load_trained(second.checkpoint)
     assert trained.config.objective.name == "flow_map" and trained.objective.__class__.__name__ == "FlowMapObjective"
 

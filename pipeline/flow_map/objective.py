@@ -52,6 +52,10 @@ class FlowMapObjective:
         self.k = decoupled_blocks(cfg.flow_map, model_depth(cfg))
         self.teacher: nn.Module | None = None
         self.flow = None  # the transport objective, for sampler.method=ode|sde
+        # sums of the unweighted per-sample squared errors since the last window (the adaptive weight makes each
+        # sample's weighted loss ~1 whatever its error, so the loss curve alone does not show progress)
+        self._errors: dict[str, torch.Tensor] = {}
+        self._error_batches = 0
         if cfg.sampler.method != "flow_map":
             from pipeline.transport import TransportObjective
 
@@ -118,6 +122,7 @@ class FlowMapObjective:
         if fm.recipe == "split":
             s, r = sample_pairs(fm, x1.shape[0], device=x1.device)
             u, target = self._meanflow(model, x1, y, s.to(x1.dtype), r.to(x1.dtype))
+            self._record(meanflow=(u, target))
             return adaptive_loss(u, target, fm.weight_power, fm.weight_eps, error="mean")
         t, s, r = (a.to(x1.dtype) for a in dmf_times(fm, x1.shape[0], device=x1.device))
         x0 = torch.randn_like(x1)
@@ -127,7 +132,30 @@ class FlowMapObjective:
         loss_fm = adaptive_loss(u_fm, v.detach(), fm.weight_power, fm.weight_eps, error="sum")
         u, target = self._meanflow(model, x1, y, s, r)
         loss_mf = adaptive_loss(u, target, fm.weight_power, fm.weight_eps, error="sum")
+        self._record(flow_matching=(u_fm, v), meanflow=(u, target))
         return 0.5 * (loss_fm + loss_mf)
+
+    def _record(self, **pairs: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Add each pair's batch mean of ``||u - target||^2 / D`` (unweighted, per dimension) to the window's sums;
+        kept on the device (no host sync per step)."""
+        for name, (u, target) in pairs.items():
+            err = (u.detach().float() - target.detach().float()).pow(2).flatten(1).mean(1).mean()
+            self._errors[name] = self._errors.get(name, torch.zeros((), device=err.device)) + err
+        self._error_batches += 1
+
+    def window_values(self) -> dict[str, float]:
+        """This rank's sums since the last window (``flow_matching``/``meanflow`` errors, micro-batches), reset."""
+        values = {f"{name}_error_sum": float(total) for name, total in sorted(self._errors.items())}
+        values["error_batches"] = float(self._error_batches)
+        self._errors, self._error_batches = {}, 0
+        return values
+
+    @staticmethod
+    def window_metrics(summed: dict[str, float]) -> dict[str, float]:
+        """``flow_map/<loss>_sq_error``: the window's mean unweighted squared error per dimension of each loss."""
+        n = max(summed.get("error_batches", 0.0), 1.0)
+        return {f"flow_map/{k.removesuffix('_error_sum')}_sq_error": v / n
+                for k, v in summed.items() if k.endswith("_error_sum")}
 
     # ---------------------------------------------------------------- sampling
 

@@ -240,6 +240,15 @@ class SpineStage(Stage):
     def samples(self, batch: dict[str, Any]) -> int:
         return batch["image"].shape[0] if "image" in batch else self.cfg.data.batch_size
 
+    def window_values(self) -> dict[str, float]:
+        """The objective's own window sums (a flow map's unweighted errors), when it keeps any."""
+        own = getattr(self.ctx.setup.objective, "window_values", None)
+        return own() if own is not None else {}
+
+    def window_metrics(self, summed: dict[str, float], world: int) -> dict[str, float]:
+        own = getattr(self.ctx.setup.objective, "window_metrics", None)
+        return own(summed) if own is not None and summed else {}
+
     def end_epoch(self, state: TrainState, consumed_before: int) -> None:
         if state.batch_in_epoch == consumed_before == 0:
             raise DataError(f"an epoch of {self.cfg.data.shards} gave worker {self.ctx.rank} no full batch of "
