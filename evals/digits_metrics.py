@@ -74,10 +74,14 @@ class DigitsReference:
         return cls(mu=stats.mean, sigma=stats.cov, features=feats.float())
 
 
-def digits_reference(classifier: DigitsClassifier, image_size: int | None, split: str = "train") -> DigitsReference:
-    """Reference statistics of the real digits ``split`` at the run's image size."""
+def digits_reference(classifier: DigitsClassifier, image_size: int | None, split: str = "train",
+                     half: str | None = None) -> DigitsReference:
+    """Reference statistics of the real digits ``split`` at the run's image size; ``half``: only its even-indexed
+    (``select``) or odd-indexed (``gate``) images (:func:`evals.reference.reference_half`)."""
+    from evals.reference import reference_half
+
     images, _ = digits_images(split, image_size)
-    return DigitsReference.from_images(classifier, images)
+    return DigitsReference.from_images(classifier, reference_half(images, half))
 
 
 def digits_metrics(tally: DigitsTally, reference: DigitsReference, k: int = 3) -> dict[str, float]:

@@ -80,17 +80,20 @@ def eval_plan(cfg: Any, want_digits: bool, want_fid: bool, inception_weights: st
                     examples_per_class=cfg.samples.per_class)
 
 
-def run_evaluation(trained: Any, cfg: Any, show_progress: bool = False) -> EvalResult:
+def run_evaluation(trained: Any, cfg: Any, show_progress: bool = False,
+                   reference_split: str | None = None) -> EvalResult:
     """Sample ``cfg.eval.num_samples`` class-balanced samples with ``cfg``'s sampler and compute ``cfg.eval.metrics``.
 
     Returns the metrics plus ``nfe`` (model evaluations per sample), ``eval_samples`` and ``eval_seconds``.
     ``show_progress``: one bar on stderr over the samples, saying what is being done (``flowrail evaluate``).
+    ``reference_split``: the digits metrics against the even (``select``) or odd (``gate``) half of their reference
+    set only, so a sweep's selection and the promotion gate never score against the same real images.
     """
     from pipeline.console import TaskProgress
 
     remote = len(eval_slices(cfg, trained.num_classes)) > 1
     with TaskProgress(cfg.eval.num_samples, "evaluate", "samples", remote, enabled=show_progress) as progress:
-        return _evaluate(trained, cfg, progress)
+        return _evaluate(trained, cfg, progress, reference_split)
 
 
 def chosen_metrics(trained: Any, cfg: Any) -> tuple[list[str], list[str]]:
@@ -110,7 +113,7 @@ def chosen_metrics(trained: Any, cfg: Any) -> tuple[list[str], list[str]]:
     return requested, skipped
 
 
-def _evaluate(trained: Any, cfg: Any, progress: Any) -> EvalResult:
+def _evaluate(trained: Any, cfg: Any, progress: Any, reference_split: str | None = None) -> EvalResult:
     requested, skipped = chosen_metrics(trained, cfg)
     want_digits = any(m in DIGITS_METRICS and m not in skipped for m in requested)
     want_fid = "fid" in requested
@@ -148,7 +151,8 @@ def _evaluate(trained: Any, cfg: Any, progress: Any) -> EvalResult:
         from evals.digits_classifier import load_digits_classifier
         from evals.digits_metrics import digits_metrics, digits_reference
 
-        reference = digits_reference(load_digits_classifier(cfg.eval.cache_dir), trained.data.size)
+        reference = digits_reference(load_digits_classifier(cfg.eval.cache_dir), trained.data.size,
+                                     half=reference_split)
         computed = digits_metrics(total.digits, reference)
         metrics.update({m: computed[m] for m in requested if m in computed and m not in skipped})
     if want_fid and total.inception is not None and fid_reference is not None:
@@ -162,13 +166,13 @@ def _evaluate(trained: Any, cfg: Any, progress: Any) -> EvalResult:
     return EvalResult(metrics=metrics, examples=total.examples, skipped=skipped)
 
 
-def evaluate_checkpoint(trained: Any, cfg: Any) -> dict[str, float]:
+def evaluate_checkpoint(trained: Any, cfg: Any, reference_split: str | None = None) -> dict[str, float]:
     """Metrics of ``trained`` (a :class:`pipeline.train.checkpoint.Trained`) sampled with ``cfg``'s settings.
 
     ``cfg`` is a ``TrainJobConfig``: ``eval.*`` says what to compute (metrics, num_samples, num_workers, seed,
     batch_size, cache_dir, inception_weights, reference_stats), ``sampler``/``guidance`` how to sample.
     """
-    return run_evaluation(trained, cfg).metrics
+    return run_evaluation(trained, cfg, reference_split=reference_split).metrics
 
 
 def examples_grid(examples: dict[int, torch.Tensor], num_classes: int, path: Path) -> Path | None:

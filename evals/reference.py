@@ -18,6 +18,18 @@ from evals.frechet import RunningStats, load_stats
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
+SPLITS = ("select", "gate")
+
+
+def reference_half(images: torch.Tensor, split: str | None) -> torch.Tensor:
+    """The reference images a score is taken against: all (``None``), the even-indexed half (``select``: what a
+    sweep selects on) or the odd-indexed half (``gate``: held out for the promotion gate, never used to select)."""
+    if split is None:
+        return images
+    if split not in SPLITS:
+        raise ValueError(f"reference split {split!r} is unknown (allowed: {', '.join(SPLITS)})")
+    return images[0::2] if split == "select" else images[1::2]
+
 
 def default_cache_dir() -> Path:
     """``$FLOWRAIL_CACHE`` or ``~/.cache/flowrail``."""

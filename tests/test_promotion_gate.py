@@ -150,3 +150,16 @@ def test_the_pair_is_scored_in_one_ray_task_like_in_process(ray_local, digits_sh
     assert len(there["candidate"]) == len(there["champion"]) == 2
     for key in ("candidate", "champion"):
         assert there[key] == pytest.approx(here[key], rel=1e-5)
+
+
+def test_fd_digits_selection_and_gate_score_against_disjoint_halves(digits_shards, tmp_path):
+    """fd_digits (the digits default's metric) compares with its reference set's even half when a sweep selects and
+    its odd half at the gate: the same samples (same seed) score differently against the two halves, and neither
+    equals the score against the whole set."""
+    from pipeline.sweep.metric import evaluate
+    from pipeline.train.checkpoint import load_trained
+
+    trained = load_trained(_checkpoint(tmp_path, digits_shards, "m", _towards_the_data))
+    trained.config.eval.cache_dir = str(tmp_path / "cache")
+    scores = {split: evaluate(trained, ["fd_digits"], 64, 1, split)["fd_digits"] for split in ("select", "gate", None)}
+    assert len(set(scores.values())) == 3, scores
