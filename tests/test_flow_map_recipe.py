@@ -12,14 +12,7 @@ from torch import nn
 from pipeline.config import TrainJobConfig, load_config
 from pipeline.flow_map.identity import adaptive_loss, meanflow_target, u_and_derivative
 from pipeline.models.sit import build_sit
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_flow_map import _one_thread  # noqa: F401  (autouse: one intra-op thread for many tiny ops)
 
 
 def sit(hidden: int = 64, depth: int = 3, seed: int = 0) -> nn.Module:
